@@ -1,0 +1,183 @@
+"""Typed run configuration, read once from ``context.run_config``.
+
+Every knob lives in ``[tool.flwr.app.config]`` of pyproject.toml; ``flwr run . --run-config``
+overrides them. ``RunConfig.from_run_config`` turns that flat dict into one validated object so
+that a typo or an impossible value stops the run *before* any download or training, with one
+line naming the bad value and what is accepted (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+HUB_DATASET = "flwrlabs/celeba"
+
+#: The 40 binary attributes of CelebA, in the hub's column order.
+ATTRIBUTES: tuple[str, ...] = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
+    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair",
+    "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair",
+    "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
+    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings",
+    "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+)
+
+SPLITS = ("iid", "noniid")
+RUNTIMES = ("auto", "torch", "onnx")
+DEVICES = ("auto", "cpu", "cuda")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(ValueError):
+    """A run-config value that cannot work; the message names it and what is accepted."""
+
+
+def _attr_list(key: str, raw: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in str(raw).split(",") if s.strip())
+    for name in names:
+        if name not in ATTRIBUTES:
+            raise ConfigError(
+                f"{key}={name!r} is not a CelebA attribute; accepted: {', '.join(ATTRIBUTES)}"
+            )
+    return names
+
+
+def is_local_path(spec: str) -> bool:
+    """A dataset/weights spec is a local path when it looks like one (not ``owner/name``)."""
+    return spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; field names mirror the pyproject keys (dashes -> underscores)."""
+
+    num_server_rounds: int = 10
+    split: str = "iid"
+    noniid_alpha: float = 0.5
+    noniid_attributes: tuple[str, ...] = ("Male", "Young")
+    val_fraction: float = 0.1
+    dataset: str = HUB_DATASET
+    weights: str = "imagenet"
+    target: str = "Smiling"
+    sensitive_attributes: tuple[str, ...] = ("Male", "Young", "Pale_Skin")
+    image_size: int = 224
+    batch_size: int = 32
+    local_epochs: int = 2
+    learning_rate: float = 0.001
+    head_dropout: float = 0.0
+    augment_hflip: bool = False
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    seed: int = 42
+    results_dir: str = "outputs"
+    run_name: str = ""
+    feature_cache: bool = True
+    cache_dir: str = ".cache/celeba-fl"
+    feature_runtime: str = "auto"
+    extract_batch_size: int = 64
+    device: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build and validate from the flat ``context.run_config`` mapping."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in run_config.items():
+            attr = key.replace("-", "_")
+            if attr in names:
+                kwargs[attr] = value
+            else:
+                extra[key] = value
+        for key in ("noniid_attributes", "sensitive_attributes"):
+            if key in kwargs:
+                kwargs[key] = _attr_list(key.replace("_", "-"), kwargs[key])
+        cfg = cls(**kwargs, extra=extra)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ConfigError for any value that cannot work. Cheap: no I/O beyond stat()."""
+        if self.split not in SPLITS:
+            raise ConfigError(f"split={self.split!r} is not known; accepted: {', '.join(SPLITS)}")
+        if self.target not in ATTRIBUTES:
+            raise ConfigError(
+                f"target={self.target!r} is not a CelebA attribute; accepted: {', '.join(ATTRIBUTES)}"
+            )
+        _attr_list("sensitive-attributes", ",".join(self.sensitive_attributes))
+        _attr_list("noniid-attributes", ",".join(self.noniid_attributes))
+        if self.target in self.sensitive_attributes:
+            raise ConfigError(
+                f"target={self.target!r} is also in sensitive-attributes; accepted: a target "
+                "that is not a sensitive attribute"
+            )
+        if self.feature_runtime not in RUNTIMES:
+            raise ConfigError(
+                f"feature-runtime={self.feature_runtime!r} is not known; accepted: {', '.join(RUNTIMES)}"
+            )
+        if self.device not in DEVICES:
+            raise ConfigError(f"device={self.device!r} is not known; accepted: {', '.join(DEVICES)}")
+        positive = {
+            "num-server-rounds": self.num_server_rounds, "image-size": self.image_size,
+            "batch-size": self.batch_size, "local-epochs": self.local_epochs,
+            "extract-batch-size": self.extract_batch_size,
+        }
+        for key, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{key}={value!r} is not valid; accepted: an integer >= 1")
+        if self.image_size < 32:
+            raise ConfigError(f"image-size={self.image_size} is too small; accepted: >= 32")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning-rate={self.learning_rate!r} is not valid; accepted: > 0")
+        if not self.noniid_alpha > 0:
+            raise ConfigError(f"noniid-alpha={self.noniid_alpha!r} is not valid; accepted: > 0")
+        ranges = (  # key, value, low, high, low inclusive, high inclusive
+            ("val-fraction", self.val_fraction, 0, 1, True, False),
+            ("head-dropout", self.head_dropout, 0, 1, True, False),
+            ("fraction-train", self.fraction_train, 0, 1, False, True),
+            ("fraction-evaluate", self.fraction_evaluate, 0, 1, True, True),
+        )
+        for key, value, low, high, low_in, high_in in ranges:
+            above = value >= low if low_in else value > low
+            below = value <= high if high_in else value < high
+            if not (above and below):
+                accepted = f"{low} {'<=' if low_in else '<'} x {'<=' if high_in else '<'} {high}"
+                raise ConfigError(f"{key}={value!r} is not valid; accepted: {accepted}")
+        if self.run_name and not _RUN_NAME.match(self.run_name):
+            raise ConfigError(
+                f"run-name={self.run_name!r} is not valid; accepted: letters, digits, '.', '_', '-'"
+            )
+        if is_local_path(self.dataset):
+            path = Path(self.dataset).expanduser()
+            if not path.is_dir():
+                raise ConfigError(
+                    f"dataset={self.dataset!r}: no such folder; accepted: {HUB_DATASET!r} or a "
+                    "folder of train/valid/test parquet files in its schema"
+                )
+        if self.weights != "imagenet" and not Path(self.weights).expanduser().is_file():
+            raise ConfigError(
+                f"weights={self.weights!r}: no such file; accepted: 'imagenet' (torchvision's "
+                "IMAGENET1K_V1) or the path of a mobilenet_v2 state_dict file"
+            )
+
+    @property
+    def group_attributes(self) -> tuple[str, ...]:
+        """The attributes whose groups are reported: the sensitive ones (intersections derived)."""
+        return self.sensitive_attributes
+
+    def as_dict(self) -> dict[str, Any]:
+        """The resolved config, with the pyproject key spelling, for config.json."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
+        out.update(self.extra)
+        return out

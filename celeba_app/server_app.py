@@ -1,0 +1,146 @@
+"""ServerApp: validates the run, partitions, federates, selects on ``valid``, tests on ``test``.
+
+Order matters for the user: everything that can be wrong with the configuration or the data
+is checked first (config values, dataset reachability and schema, identity-disjoint splits,
+enough identities for the clients, a fresh run folder), before any embedding is computed or
+any round runs. Then each round logs one line a person can follow, and the run folder gets the
+results contract (results.py).
+"""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from .config import ConfigError, RunConfig
+from .data import check_identity_disjoint, load_federated, partition_summary, server_part
+from .features import feature_store
+from .metrics import report
+from .model import make_head, weights_digest
+from .results import create_run_dir, package_versions, run_dir_for, write_json
+from .strategy import FairFedAvg
+from .task import evaluate_stats, pick_device
+
+app = ServerApp()
+
+
+def _num_nodes(grid: Grid, wait_s: float = 30.0) -> int:
+    """Number of connected supernodes (= partitions), waiting briefly for late joiners."""
+    deadline = time.time() + wait_s
+    seen = len(list(grid.get_node_ids()))
+    while time.time() < deadline:
+        time.sleep(1.0)
+        now = len(list(grid.get_node_ids()))
+        if now == seen and now > 0:
+            break
+        seen = now
+    return seen
+
+
+def prepare(cfg: RunConfig, num_nodes: int):
+    """Every check that can fail before training; returns (run_dir, partitions summary)."""
+    run_dir = run_dir_for(cfg)
+    load_federated(cfg, num_nodes)
+    identities = check_identity_disjoint(cfg, num_nodes)
+    try:
+        partitions = partition_summary(cfg, num_nodes)
+    except ValueError as exc:  # e.g. more clients than identities
+        raise ConfigError(f"{exc} (federation has {num_nodes} supernodes)") from exc
+    return run_dir, identities, partitions
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    t_start = time.time()
+    try:
+        cfg = RunConfig.from_run_config(context.run_config)
+        num_nodes = _num_nodes(grid)
+        run_dir, identities, partitions = prepare(cfg, num_nodes)
+    except ConfigError as exc:
+        log(ERROR, "celeba-fl: %s", exc)
+        raise SystemExit(2) from exc
+
+    device = pick_device(cfg)
+    create_run_dir(run_dir)
+    log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s",
+        run_dir, num_nodes, cfg.split, cfg.target, device)
+    write_json(run_dir / "config.json", {
+        "run_config": cfg.as_dict(), "seed": cfg.seed, "num_clients": num_nodes,
+        "device": str(device), "packages": package_versions(),
+        "dataset": {"spec": cfg.dataset, "identities_per_split": identities},
+        "weights": {"spec": cfg.weights, "digest": weights_digest(cfg.weights)},
+    })
+    write_json(run_dir / "partitions.json", {"split": cfg.split, "num_partitions": num_nodes,
+                                             "partitions": partitions})
+
+    store = feature_store(cfg, device)
+    valid, test = server_part(cfg, "valid", num_nodes), server_part(cfg, "test", num_nodes)
+    valid_reports: dict[int, dict] = {}
+    strategy = FairFedAvg(
+        fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=1, min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
+        min_available_nodes=num_nodes,
+    )
+    round_times: dict[int, float] = {}
+    t_round = [time.time()]
+
+    def evaluate_valid(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        head = make_head(cfg.head_dropout)
+        head.load_state_dict(arrays.to_torch_state_dict())
+        stats = evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device)
+        rep = report(stats, where="valid")
+        valid_reports[server_round] = rep
+        now = time.time()
+        round_times[server_round] = now - t_round[0]
+        t_round[0] = now
+        _log_round(server_round, cfg.num_server_rounds, strategy.history.get(server_round, {}), rep,
+                   round_times[server_round])
+        o = rep["overall"]
+        return MetricRecord({"loss": float(o["loss"]), "accuracy": float(o["accuracy"]),
+                             "auroc": float(o["auroc"] or 0.0)})
+
+    result = strategy.start(
+        grid=grid, initial_arrays=ArrayRecord(make_head(cfg.head_dropout, seed=cfg.seed).state_dict()),
+        num_rounds=cfg.num_server_rounds,
+        train_config=ConfigRecord({"lr": cfg.learning_rate}),
+        evaluate_fn=evaluate_valid,
+    )
+
+    head = make_head(cfg.head_dropout)
+    head.load_state_dict(result.arrays.to_torch_state_dict())
+    torch.save(head.state_dict(), run_dir / "head.pt")
+    test_stats = evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device)
+    test_rep = report(test_stats, where="test")
+    write_json(run_dir / "test.json", {"round": cfg.num_server_rounds, **test_rep})
+    history = []
+    for rnd in sorted(set(valid_reports) | set(strategy.history)):
+        entry = {"round": rnd, "seconds": round_times.get(rnd),
+                 "bytes_sent": strategy.bytes_sent.get(rnd, 0)}
+        entry.update(strategy.history.get(rnd, {}))
+        entry["server_valid"] = valid_reports.get(rnd)
+        history.append(entry)
+    write_json(run_dir / "history.json", history)
+    o = test_rep["overall"]
+    log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %.4f, AUROC %.4f, loss %.4f "
+        "(n=%d); wall time %.0fs; results in %s", o["accuracy"], o["balanced_accuracy"] or 0,
+        o["auroc"] or 0, o["loss"], o["n"], time.time() - t_start, run_dir)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _log_round(rnd: int, total: int, hist: dict, valid: dict, seconds: float) -> None:
+    tr = hist.get("train", {})
+    fe = hist.get("federated_evaluate", {})
+    log(INFO, "celeba-fl: round %d/%d | train loss %s acc %s | fed-eval loss %s acc %s | "
+        "valid loss %s acc %s AUROC %s | %.1fs", rnd, total,
+        _fmt(tr.get("client_means", {}).get("train_loss")), _fmt(tr.get("overall", {}).get("accuracy")),
+        _fmt(fe.get("overall", {}).get("loss")), _fmt(fe.get("overall", {}).get("accuracy")),
+        _fmt(valid["overall"]["loss"]), _fmt(valid["overall"]["accuracy"]),
+        _fmt(valid["overall"]["auroc"]), seconds)

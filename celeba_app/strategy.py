@@ -1,0 +1,91 @@
+"""FedAvg that aggregates metrics from sufficient statistics and keeps a per-round history.
+
+The arrays are averaged exactly as flwr's FedAvg does (weighted by ``num-examples``). The
+metrics are not: clients send confusion counts and score histograms per slice (metrics.py),
+which this strategy sums before deriving accuracy, F1, AUROC, group metrics and gaps; a
+weighted mean of per-client ratios would not be the global value. It also records each
+client's own accuracy, whose spread is the client-level fairness view.
+
+What flwr logs as the "Aggregated MetricRecord" is a compact headline; the full reports land
+in ``self.history`` (round -> {"train": ..., "federated_evaluate": ...}).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from .metrics import ALL, client_distribution, report, sum_stats, unflatten
+
+NOT_SUMMED = ("num-examples", "partition_id")
+HEADLINE = ("loss", "accuracy", "balanced_accuracy", "f1", "auroc")
+
+
+def headline(rep: dict) -> MetricRecord:
+    """The few numbers worth a log line, from a metrics.report()."""
+    return MetricRecord({k: float(v) for k, v in rep["overall"].items() if k in HEADLINE and v is not None})
+
+
+def aggregate_reports(contents: list[RecordDict], where: str) -> dict:
+    """Sum the clients' slice statistics; report globally and per client."""
+    per_client = []
+    extra: dict[str, float] = {}
+    for content in contents:
+        metrics = next(iter(content.metric_records.values()))
+        stats = unflatten(metrics)
+        per_client.append(stats)
+        for key, value in metrics.items():
+            if "|" not in key and not isinstance(value, list) and key not in NOT_SUMMED:
+                extra[key] = extra.get(key, 0.0) + float(value) * float(metrics["num-examples"])
+    total = sum(float(next(iter(c.metric_records.values()))["num-examples"]) for c in contents)
+    rep = report(sum_stats(per_client), where=where)
+    rep["num_clients"] = len(contents)
+    # Example-weighted means of the clients' scalar extras (e.g. the running training loss).
+    rep["client_means"] = {k: v / total for k, v in extra.items()} if total else {}
+    accs = [s[ALL].tp + s[ALL].tn for s in per_client]
+    ns = [s[ALL].n for s in per_client]
+    rep["clients"] = {
+        "accuracy": client_distribution([a / n for a, n in zip(accs, ns) if n]),
+        "num_examples": client_distribution([n for n in ns]),
+    }
+    return rep
+
+
+class FairFedAvg(FedAvg):
+    """FedAvg with sufficient-statistic metric aggregation and a per-round history."""
+
+    def __init__(self, **kwargs) -> None:
+        # Metrics are summed in aggregate_*; skip FedAvg's weighted mean of every key.
+        kwargs.setdefault("train_metrics_aggr_fn", lambda records, key: MetricRecord())
+        kwargs.setdefault("evaluate_metrics_aggr_fn", lambda records, key: MetricRecord())
+        super().__init__(**kwargs)
+        self.history: dict[int, dict] = {}
+        self.bytes_sent: dict[int, int] = {}
+
+    def configure_train(self, server_round, arrays: ArrayRecord, config, grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        head_bytes = sum(a.numpy().nbytes for a in arrays.values())
+        self.bytes_sent[server_round] = head_bytes * len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        arrays, _ = super().aggregate_train(server_round, replies)
+        contents = [m.content for m in replies if not m.has_error()]
+        if not contents:
+            return arrays, None
+        rep = aggregate_reports(contents, "clients' training data")
+        self.history.setdefault(server_round, {})["train"] = rep
+        return arrays, headline(rep)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        valid, _ = self._check_and_log_replies(replies, is_train=False)
+        contents = [m.content for m in valid]
+        contents = [c for c in contents if next(iter(c.metric_records.values()))["num-examples"] > 0]
+        if not contents:
+            return None
+        rep = aggregate_reports(contents, "clients' validation data")
+        self.history.setdefault(server_round, {})["federated_evaluate"] = rep
+        return headline(rep)

@@ -1,0 +1,98 @@
+"""Training and evaluating the head, on cached embeddings (or through the backbone).
+
+Training on embeddings is exact, not an approximation: the backbone is frozen and in eval
+mode, so ``head(backbone(x))`` trains the same head whether ``backbone(x)`` is computed now or
+was cached. ``train_head`` accepts an ``encoder`` to run the backbone per batch, which is how
+the tests prove it (same seed, same batch order, same head).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .metrics import Stats, slice_stats
+
+
+def pick_device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def train_head(
+    head: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Local training with Adam and BCEWithLogitsLoss; returns mean loss and step count.
+
+    ``x``: embeddings (N, D), or (V, N, D) for V cached views (a random view per row and
+    step, e.g. original / horizontally flipped), or raw inputs when ``encoder`` is given.
+    Batches come from a generator seeded with ``seed``, so the order is reproducible.
+    """
+    device = torch.device(device)
+    head.to(device).train()
+    views = None if encoder is not None else (x if x.dim() == 3 else x.unsqueeze(0))
+    n = len(y)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    loss_fn = nn.BCEWithLogitsLoss()
+    y = y.float()
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            if encoder is not None:
+                with torch.no_grad():
+                    feats = encoder(x[idx])
+            else:
+                v = torch.randint(len(views), (len(idx),), generator=gen) if len(views) > 1 else None
+                feats = views[0, idx] if v is None else views[v, idx]
+            opt.zero_grad()
+            loss = loss_fn(head(feats.to(device)).squeeze(-1), y[idx].to(device))
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            steps += 1
+    head.eval()
+    return {"loss": total / max(1, n * epochs), "steps": steps}
+
+
+@torch.inference_mode()
+def predict(head: nn.Module, feats: torch.Tensor, device: torch.device | str = "cpu",
+            batch_size: int = 8192) -> np.ndarray:
+    """Probabilities of the positive class for every row of ``feats``."""
+    head.to(device).eval()
+    out = [torch.sigmoid(head(feats[i:i + batch_size].to(device)).squeeze(-1)).float().cpu()
+           for i in range(0, len(feats), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def bce_per_row(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Binary cross-entropy of each row (clipped like torch's BCELoss, at log >= -100)."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    log_p = np.maximum(np.log(np.clip(p, 1e-300, 1)), -100)
+    log_q = np.maximum(np.log(np.clip(1 - p, 1e-300, 1)), -100)
+    return -(y * log_p + (1 - y) * log_q)
+
+
+def evaluate_stats(head: nn.Module, feats: torch.Tensor, labels: np.ndarray,
+                   attributes: dict[str, np.ndarray], device: torch.device | str = "cpu",
+                   threshold: float = 0.5) -> dict[str, Stats]:
+    """Slice statistics (overall, groups, intersections) of ``head`` on these embeddings."""
+    probs = predict(head, feats, device)
+    return slice_stats(probs, labels, bce_per_row(probs, labels), attributes, threshold)
