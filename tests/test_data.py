@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from celeba_app import data
+from celeba_app.config import ConfigError, RunConfig
+from celeba_app.data import check_identity_disjoint, client_parts, load_federated, server_part
+from conftest import make_celeba
+
+
+def cfg_for(path, **kw):
+    return RunConfig.from_run_config({"dataset": str(path), **kw})
+
+
+@pytest.mark.parametrize("split", ["iid", "noniid"])
+def test_clients_cover_train_once_and_never_see_valid_or_test(celeba_dir, split):
+    cfg = cfg_for(celeba_dir, split=split, **{"noniid-alpha": 0.5})
+    n = 6
+    ids_train = set()
+    for pid in range(n):
+        train, val = client_parts(cfg, pid, n)
+        assert len(train) > 0
+        ids_train |= set(train.celeb_ids) | set(val.celeb_ids)
+        if split == "noniid":
+            assert not set(train.celeb_ids) & set(val.celeb_ids)
+    total = sum(len(p) for pid in range(n) for p in client_parts(cfg, pid, n))
+    assert total == len(load_federated(cfg, n).load_split("train"))
+    for s in ("valid", "test"):
+        assert not ids_train & set(server_part(cfg, s, n).celeb_ids)
+    assert check_identity_disjoint(cfg, n)["train"] == 60
+
+
+def test_noniid_clients_hold_whole_identities(celeba_dir):
+    cfg = cfg_for(celeba_dir, split="noniid")
+    owner = {}
+    for pid in range(5):
+        for part in client_parts(cfg, pid, 5):
+            for ident in set(part.celeb_ids.tolist()):
+                assert owner.setdefault(ident, pid) == pid
+
+
+def test_identity_leak_between_splits_is_refused(tmp_path):
+    import shutil
+    root = make_celeba(tmp_path / "leaky", n_train_ids=10, n_eval_ids=3)
+    # Make valid a copy of train: every identity leaks.
+    shutil.copy(root / "train-00000-of-00001.parquet", root / "valid-00000-of-00001.parquet")
+    with pytest.raises(ConfigError, match="identities are in both train and valid"):
+        check_identity_disjoint(cfg_for(root), 2)
+
+
+def test_unreachable_hub_dataset_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConfigError) as info:
+        load_federated(RunConfig(dataset="nobody/no-such-celeba"), 3)
+    assert "dataset='nobody/no-such-celeba' could not be loaded from the Hugging Face hub" in str(info.value)
+
+
+def test_rows_identity_differs_by_client_and_is_stable(celeba_dir):
+    cfg = cfg_for(celeba_dir)
+    a0, _ = client_parts(cfg, 0, 4)
+    a1, _ = client_parts(cfg, 1, 4)
+    data._FDS.clear()
+    again, _ = client_parts(cfg, 0, 4)
+    assert a0.rows_id != a1.rows_id
+    assert again.rows_id == a0.rows_id
+    other_partitioning, _ = client_parts(cfg, 0, 5)
+    assert other_partitioning.rows_id != a0.rows_id
+
+
+def test_blobs_yield_every_image_in_order(celeba_dir):
+    part = server_part(cfg_for(celeba_dir), "valid", 2)
+    blobs = [b for batch in part.blobs(7) for b in batch]
+    assert len(blobs) == len(part) and all(b[:2] == b"\xff\xd8" for b in blobs)
+    assert np.isin(part.labels, [0, 1]).all()

@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+
+from celeba_app import features as F
+from celeba_app.config import RunConfig
+from celeba_app.data import client_parts, server_part
+from celeba_app.model import Backbone, load_mobilenet, make_head
+from celeba_app.task import train_head
+
+
+@pytest.fixture
+def backbone(weights_file):
+    return Backbone(load_mobilenet(str(weights_file)))
+
+
+@pytest.fixture
+def part(celeba_dir):
+    return server_part(RunConfig(dataset=str(celeba_dir)), "valid", 2)
+
+
+def store_for(backbone, cache_dir, runtime="torch", size=32, weights_id="w1"):
+    ex = F.Extractor(backbone, runtime, torch.device("cpu"), size, onnx_dir=cache_dir / "onnx",
+                     weights_id=weights_id)
+    return F.FeatureStore(ex, weights_id, str(cache_dir), batch_size=8)
+
+
+def test_decode_resize_is_square_and_flip_is_a_mirror(part):
+    blobs = next(part.blobs(4))
+    x = F.decode_resize(blobs, 40)
+    assert x.shape == (4, 3, 40, 40) and x.dtype == torch.uint8
+    assert torch.equal(F.decode_resize(blobs, 40, hflip=True), x.flip(-1))
+
+
+def test_cache_hits_in_memory_and_on_disk_and_misses_on_any_key_change(backbone, part, tmp_path):
+    F.clear_memory_cache()
+    store = store_for(backbone, tmp_path)
+    a = store.for_part(part)
+    assert store.stats["computed"] == 1
+    assert torch.equal(store.for_part(part), a) and store.stats["memory_hits"] == 1
+    F.clear_memory_cache()
+    assert torch.equal(store.for_part(part), a) and store.stats["disk_hits"] == 1
+    # Anything that changes an embedding misses: other rows, weights, size, view.
+    other = store_for(backbone, tmp_path, weights_id="w2")
+    other.for_part(part)
+    assert other.stats["computed"] == 1
+    bigger = store_for(backbone, tmp_path, size=48)
+    bigger.for_part(part)
+    assert bigger.stats["computed"] == 1
+    both = store.for_part(part, hflip=True)
+    assert both.shape == (2, len(part), 1280) and store.stats["computed"] == 2
+    assert not torch.equal(both[0], both[1])
+    keys = {store.key(part.rows_id, "orig").digest(), store.key("other-rows", "orig").digest(),
+            store.key(part.rows_id, "hflip").digest(), bigger.key(part.rows_id, "orig").digest()}
+    assert len(keys) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_checksum"])
+def test_corrupt_cache_file_is_detected_and_rebuilt(backbone, part, tmp_path, damage):
+    F.clear_memory_cache()
+    store = store_for(backbone, tmp_path)
+    good = store.for_part(part)
+    [path] = list((tmp_path / "features").rglob("*.pt"))
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "garbage":
+        path.write_bytes(b"not a tensor file")
+    else:
+        blob = torch.load(path, weights_only=True)
+        blob["features"][0, 0] += 1.0
+        torch.save(blob, path)
+    F.clear_memory_cache()
+    again = store.for_part(part)
+    assert store.stats["computed"] == 2 and torch.equal(again, good)
+    assert F.load_cached(path, len(part)) is not None  # rewritten whole
+
+
+def test_cache_off_recomputes_every_time(backbone, part, tmp_path):
+    ex = F.Extractor(backbone, "torch", torch.device("cpu"), 32)
+    store = F.FeatureStore(ex, "w", None, batch_size=8)
+    store.for_part(part)
+    store.for_part(part)
+    assert store.stats["computed"] == 2 and not (tmp_path / "features").exists()
+
+
+def test_write_then_rename_leaves_no_temporary_files(backbone, part, tmp_path):
+    F.clear_memory_cache()
+    store_for(backbone, tmp_path).for_part(part)
+    files = [p.name for p in (tmp_path / "features").rglob("*") if p.is_file()]
+    assert len(files) == 1 and files[0].endswith(".pt")
+
+
+def test_onnx_features_match_pytorch(backbone, part, tmp_path):
+    pytest.importorskip("onnxruntime")
+    F.clear_memory_cache()
+    t = store_for(backbone, tmp_path / "t", runtime="torch").for_part(part)
+    o = store_for(backbone, tmp_path / "o", runtime="onnx").for_part(part)
+    assert torch.allclose(t, o, atol=1e-4, rtol=1e-4), (t - o).abs().max()
+
+
+def test_training_on_cached_features_equals_training_through_the_backbone(backbone, celeba_dir, tmp_path):
+    cfg = RunConfig(dataset=str(celeba_dir))
+    train, _ = client_parts(cfg, 0, 2)
+    images = torch.cat([F.decode_resize(b, 32) for b in train.blobs(16)])
+    labels = torch.as_tensor(train.labels)
+    F.clear_memory_cache()
+    feats = store_for(backbone, tmp_path).for_part(train)
+    kw = dict(epochs=3, lr=0.01, batch_size=8, seed=11)
+    cached, through = make_head(seed=1), make_head(seed=1)
+    train_head(cached, feats, labels, **kw)
+    train_head(through, images, labels, encoder=lambda x: backbone(F.normalize(x)), **kw)
+    for k, v in cached.state_dict().items():
+        assert torch.allclose(v, through.state_dict()[k], atol=1e-5), k
+    assert not torch.equal(cached.state_dict()["1.weight"], make_head(seed=1).state_dict()["1.weight"])
