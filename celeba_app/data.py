@@ -68,14 +68,15 @@ def load_federated(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
     """The FederatedDataset for this config (cached per process); clear errors on failure."""
     key = _fds_key(cfg, num_partitions)
     if key not in _FDS:
-        fds = FederatedDataset(
-            dataset=cfg.dataset,
-            partitioners={"train": build_partitioner(cfg, num_partitions)},
-            shuffle=True,
-            seed=cfg.seed,
-        )
         with warnings.catch_warnings():
+            # flwr-datasets warns about any dataset outside its tested list; ours is known.
             warnings.filterwarnings("ignore", message="The currently tested dataset")
+            fds = FederatedDataset(
+                dataset=cfg.dataset,
+                partitioners={"train": build_partitioner(cfg, num_partitions)},
+                shuffle=True,
+                seed=cfg.seed,
+            )
             try:
                 fds.load_split("train")
             except Exception as exc:

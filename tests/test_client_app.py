@@ -1,0 +1,45 @@
+"""The ClientApp's train/evaluate handlers, called as Flower calls them."""
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from celeba_app import client_app
+from celeba_app.metrics import unflatten
+from celeba_app.model import make_head
+
+
+def call(handler, run_config, pid=0, num=3, message_type="train"):
+    head = make_head(seed=0)
+    content = RecordDict({"arrays": ArrayRecord(head.state_dict()),
+                          "config": ConfigRecord({"server-round": 1, "lr": 0.01})})
+    msg = Message(content=content, dst_node_id=1, message_type=message_type)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": pid, "num-partitions": num},
+                  state=RecordDict(), run_config=run_config)
+    return handler(msg, ctx), head
+
+
+def test_train_sends_back_only_the_head_and_summable_metrics(run_config, monkeypatch):
+    replies = []
+    monkeypatch.setattr(client_app, "Message", lambda content, reply_to: replies.append(content) or content)
+    content, sent = call(client_app.train, run_config)
+    arrays = content["arrays"].to_torch_state_dict()
+    assert set(arrays) == {"1.weight", "1.bias"}  # head only: no backbone tensor travels
+    assert arrays["1.weight"].shape == (1, 1280)
+    assert not torch.equal(arrays["1.weight"], sent.state_dict()["1.weight"])  # it trained
+    metrics = content["metrics"]
+    assert metrics["num-examples"] > 0 and metrics["train_loss"] > 0
+    stats = unflatten(metrics)
+    assert stats["all"].n == metrics["num-examples"]
+    assert {"Male=0", "Male=1", "Male=0&Young=1", "Young=1&Pale_Skin=0"} <= set(stats)
+
+
+def test_evaluate_reports_local_validation_counts(run_config, monkeypatch):
+    monkeypatch.setattr(client_app, "Message", lambda content, reply_to: content)
+    content, _ = call(client_app.evaluate, run_config, pid=1, message_type="evaluate")
+    assert "arrays" not in content
+    metrics = content["metrics"]
+    stats = unflatten(metrics)
+    assert stats["all"].n == metrics["num-examples"]
+    assert stats["all"].tp + stats["all"].fp + stats["all"].tn + stats["all"].fn == stats["all"].n
+    assert np.sum(stats["all"].hist_pos) == stats["all"].pos
