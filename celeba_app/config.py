@@ -67,8 +67,8 @@ class RunConfig:
     sensitive_attributes: tuple[str, ...] = ("Male", "Young", "Pale_Skin")
     image_size: int = 224
     batch_size: int = 32
-    local_epochs: int = 2
-    learning_rate: float = 0.001
+    local_epochs: int = 5
+    learning_rate: float = 0.005
     head_dropout: float = 0.0
     augment_hflip: bool = False
     fraction_train: float = 1.0

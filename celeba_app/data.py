@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "valid", "test")
 
-#: Per-process cache of FederatedDataset objects, keyed by what shapes the partitioning.
+#: Per-process caches: FederatedDataset objects keyed by what shapes the partitioning, and
+#: each client's parts (so a message costs no re-reading of labels or row identities).
 _FDS: dict[tuple, FederatedDataset] = {}
+_PARTS: dict[tuple, tuple["Part", "Part"]] = {}
 
 
 @dataclass
@@ -58,6 +60,12 @@ class Part:
                 else:
                     out.append(item["bytes"])
             yield out
+
+
+def clear_caches() -> None:
+    """Forget this process's datasets and parts (tests)."""
+    _FDS.clear()
+    _PARTS.clear()
 
 
 def _fds_key(cfg: RunConfig, num_partitions: int) -> tuple:
@@ -138,6 +146,14 @@ def make_part(cfg: RunConfig, name: str, rows: Dataset) -> Part:
 
 def client_parts(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[Part, Part]:
     """A client's local (train, validation) parts of its partition of the train split."""
+    key = (*_fds_key(cfg, num_partitions), partition_id, cfg.val_fraction, cfg.target,
+           cfg.sensitive_attributes)
+    if key not in _PARTS:
+        _PARTS[key] = _client_parts(cfg, partition_id, num_partitions)
+    return _PARTS[key]
+
+
+def _client_parts(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[Part, Part]:
     fds = load_federated(cfg, num_partitions)
     partition = fds.load_partition(partition_id, "train")
     train_idx, val_idx = local_split(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from logging import INFO
 import os
 import tempfile
 import time
@@ -33,6 +34,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from flwr.common.logger import log as flwr_log
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
@@ -259,7 +261,7 @@ class FeatureStore:
             dt = time.perf_counter() - t0
             self.stats["computed"] += 1
             self.stats["extract_seconds"] += dt
-            log.info("Extracted %d embeddings for %s (%s) in %.1fs (%.0f img/s, %s)", n,
+            flwr_log(INFO, "celeba-fl: embedded %d images of %s (%s) in %.1fs, %.0f img/s, %s", n,
                      label or rows_id[:12], view, dt, n / max(dt, 1e-9), self.extractor.runtime_id)
             if len(feats) != n:
                 raise RuntimeError(f"expected {n} embeddings for {label}, got {len(feats)}")

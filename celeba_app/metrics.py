@@ -139,7 +139,8 @@ def wilson(successes: float, total: float, z: float = Z95) -> list[float] | None
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # The interval always contains p; clamp so rounding never puts p outside it.
+    return [max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))]
 
 
 def binned_auroc(hist_pos: np.ndarray, hist_neg: np.ndarray) -> float | None:

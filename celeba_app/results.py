@@ -66,3 +66,30 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
     tmp.replace(path)
+
+
+def write_run_start(run_dir: Path, cfg: RunConfig, *, kind: str, num_clients: int, device: str,
+                    identities: dict, partitions: list[dict], weights_id: str) -> None:
+    """config.json and partitions.json: what this run is, written before it trains."""
+    write_json(run_dir / "config.json", {
+        "kind": kind, "run_config": cfg.as_dict(), "seed": cfg.seed, "num_clients": num_clients,
+        "device": device, "packages": package_versions(),
+        "dataset": {"spec": cfg.dataset, "identities_per_split": identities},
+        "weights": {"spec": cfg.weights, "digest": weights_id},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    write_json(run_dir / "partitions.json", {"split": cfg.split, "num_partitions": num_clients,
+                                             "partitions": partitions})
+
+
+def write_run_end(run_dir: Path, head_state: dict, history: list[dict], test: dict,
+                  extra: dict | None = None) -> None:
+    """head.pt, history.json, test.json, then the plots and report.md."""
+    import torch
+
+    from .report import write_report
+
+    torch.save(head_state, run_dir / "head.pt")
+    write_json(run_dir / "history.json", history)
+    write_json(run_dir / "test.json", {**test, **(extra or {})})
+    write_report(run_dir)

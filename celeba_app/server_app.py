@@ -22,7 +22,7 @@ from .data import check_identity_disjoint, load_federated, partition_summary, se
 from .features import feature_store
 from .metrics import report
 from .model import make_head, weights_digest
-from .results import create_run_dir, package_versions, run_dir_for, write_json
+from .results import create_run_dir, run_dir_for, write_run_end, write_run_start
 from .strategy import FairFedAvg
 from .task import evaluate_stats, pick_device
 
@@ -69,14 +69,8 @@ def main(grid: Grid, context: Context) -> None:
     create_run_dir(run_dir)
     log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s",
         run_dir, num_nodes, cfg.split, cfg.target, device)
-    write_json(run_dir / "config.json", {
-        "run_config": cfg.as_dict(), "seed": cfg.seed, "num_clients": num_nodes,
-        "device": str(device), "packages": package_versions(),
-        "dataset": {"spec": cfg.dataset, "identities_per_split": identities},
-        "weights": {"spec": cfg.weights, "digest": weights_digest(cfg.weights)},
-    })
-    write_json(run_dir / "partitions.json", {"split": cfg.split, "num_partitions": num_nodes,
-                                             "partitions": partitions})
+    write_run_start(run_dir, cfg, kind="federated", num_clients=num_nodes, device=str(device),
+                    identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
 
     store = feature_store(cfg, device)
     valid, test = server_part(cfg, "valid", num_nodes), server_part(cfg, "test", num_nodes)
@@ -113,10 +107,8 @@ def main(grid: Grid, context: Context) -> None:
 
     head = make_head(cfg.head_dropout)
     head.load_state_dict(result.arrays.to_torch_state_dict())
-    torch.save(head.state_dict(), run_dir / "head.pt")
     test_stats = evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device)
     test_rep = report(test_stats, where="test")
-    write_json(run_dir / "test.json", {"round": cfg.num_server_rounds, **test_rep})
     history = []
     for rnd in sorted(set(valid_reports) | set(strategy.history)):
         entry = {"round": rnd, "seconds": round_times.get(rnd),
@@ -124,7 +116,9 @@ def main(grid: Grid, context: Context) -> None:
         entry.update(strategy.history.get(rnd, {}))
         entry["server_valid"] = valid_reports.get(rnd)
         history.append(entry)
-    write_json(run_dir / "history.json", history)
+    write_run_end(run_dir, head.state_dict(), history, test_rep,
+                  {"round": cfg.num_server_rounds, "wall_seconds": time.time() - t_start,
+                   "feature_cache": store.stats})
     o = test_rep["overall"]
     log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %.4f, AUROC %.4f, loss %.4f "
         "(n=%d); wall time %.0fs; results in %s", o["accuracy"], o["balanced_accuracy"] or 0,

@@ -44,11 +44,12 @@ def aggregate_reports(contents: list[RecordDict], where: str) -> dict:
     rep["num_clients"] = len(contents)
     # Example-weighted means of the clients' scalar extras (e.g. the running training loss).
     rep["client_means"] = {k: v / total for k, v in extra.items()} if total else {}
-    accs = [s[ALL].tp + s[ALL].tn for s in per_client]
-    ns = [s[ALL].n for s in per_client]
+    pids = [int(next(iter(c.metric_records.values())).get("partition_id", -1)) for c in contents]
+    acc = {pid: (s[ALL].tp + s[ALL].tn) / s[ALL].n for pid, s in zip(pids, per_client) if s[ALL].n}
     rep["clients"] = {
-        "accuracy": client_distribution([a / n for a, n in zip(accs, ns) if n]),
-        "num_examples": client_distribution([n for n in ns]),
+        "accuracy": client_distribution(list(acc.values())),
+        "num_examples": client_distribution([s[ALL].n for s in per_client]),
+        "accuracy_by_partition": {str(pid): acc[pid] for pid in sorted(acc)},
     }
     return rep
 

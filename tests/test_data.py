@@ -59,7 +59,7 @@ def test_rows_identity_differs_by_client_and_is_stable(celeba_dir):
     cfg = cfg_for(celeba_dir)
     a0, _ = client_parts(cfg, 0, 4)
     a1, _ = client_parts(cfg, 1, 4)
-    data._FDS.clear()
+    data.clear_caches()
     again, _ = client_parts(cfg, 0, 4)
     assert a0.rows_id != a1.rows_id
     assert again.rows_id == a0.rows_id

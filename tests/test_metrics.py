@@ -106,6 +106,9 @@ def test_wilson_interval_hand_computed():
     lo, hi = wilson(8, 10)
     assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
     assert wilson(0, 0) is None
+    for k, n in ((0, 7), (7, 7), (0, 1), (3, 3)):  # the interval always holds the estimate
+        lo, hi = wilson(k, n)
+        assert 0 <= lo <= k / n <= hi <= 1
 
 
 def test_undefined_metrics_are_none():

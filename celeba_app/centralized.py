@@ -1,0 +1,116 @@
+"""The yardstick: the same frozen backbone and head, trained without federation.
+
+``python -m celeba_app.centralized [--run-config "k=v ..."] [--num-partitions 50]`` reads the
+same ``[tool.flwr.app.config]`` of pyproject.toml and the same overrides as ``flwr run``. It
+trains on the union of the clients' local training parts (the same partitioning, so exactly
+the images the federation trained on, without the clients' held-out parts), for
+``num-server-rounds`` x ``local-epochs`` epochs with the same optimiser, learning rate and batch
+size; one "round" here is ``local-epochs`` passes over the union. It writes the same run folder
+(config.json, partitions.json, history.json, test.json, head.pt, report.md, plots), with
+``kind: "centralized"``: ``train`` is the head on the union of training parts,
+``local_validation`` on the union of the clients' held-out parts, ``server_valid`` on ``valid``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.common.config import flatten_dict, get_project_config, parse_config_args
+
+from .config import ConfigError, RunConfig
+from .data import Part, client_parts, server_part
+from .features import feature_store
+from .metrics import report
+from .model import make_head, weights_digest
+from .results import create_run_dir, write_run_end, write_run_start
+from .server_app import prepare
+from .task import evaluate_stats, pick_device, train_head
+
+
+def load_run_config(project_dir: Path, overrides: list[str]) -> dict:
+    """pyproject's app config, fused with ``--run-config`` strings as ``flwr run`` does."""
+    conf = get_project_config(project_dir)
+    run_config = flatten_dict(conf["tool"]["flwr"]["app"]["config"])
+    run_config.update(parse_config_args(overrides))
+    return run_config
+
+
+def _union(parts: list[Part], feats: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray, dict]:
+    labels = np.concatenate([p.labels for p in parts])
+    attrs = {a: np.concatenate([p.attributes[a] for p in parts]) for a in parts[0].attributes}
+    return torch.cat(feats, dim=-2), labels, attrs
+
+
+def run(cfg: RunConfig, num_partitions: int) -> Path:
+    t_start = time.time()
+    if not cfg.run_name:
+        cfg = dataclasses.replace(cfg, run_name=f"{time.strftime('%Y%m%d-%H%M%S')}-central-{cfg.split}")
+    run_dir, identities, partitions = prepare(cfg, num_partitions)
+    device = pick_device(cfg)
+    create_run_dir(run_dir)
+    write_run_start(run_dir, cfg, kind="centralized", num_clients=num_partitions, device=str(device),
+                    identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
+    store = feature_store(cfg, device)
+    trains, vals = zip(*(client_parts(cfg, pid, num_partitions) for pid in range(num_partitions)))
+    print(f"celeba-fl centralized: embedding {sum(map(len, trains))} training images "
+          f"({num_partitions} clients' parts) ...", flush=True)
+    x_train, y_train, a_train = _union(list(trains), [store.for_part(p, cfg.augment_hflip) for p in trains])
+    x_val, y_val, a_val = _union(list(vals), [store.for_part(p) for p in vals])
+    valid, test = server_part(cfg, "valid", num_partitions), server_part(cfg, "test", num_partitions)
+    f_valid, f_test = store.for_part(valid), store.for_part(test)
+    plain_train = x_train[0] if cfg.augment_hflip else x_train
+
+    head = make_head(cfg.head_dropout, seed=cfg.seed)
+    history = []
+    for rnd in range(cfg.num_server_rounds + 1):
+        t0 = time.time()
+        entry: dict = {"round": rnd}
+        if rnd > 0:
+            res = train_head(head, x_train, torch.as_tensor(y_train), epochs=cfg.local_epochs,
+                             lr=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed + rnd,
+                             device=device)
+            entry["train"] = report(evaluate_stats(head, plain_train, y_train, a_train, device), "train")
+            entry["train"]["client_means"] = {"train_loss": res["loss"]}
+            if len(y_val):
+                entry["local_validation"] = report(evaluate_stats(head, x_val, y_val, a_val, device), "local val")
+        entry["server_valid"] = report(evaluate_stats(head, f_valid, valid.labels, valid.attributes, device), "valid")
+        entry["seconds"] = time.time() - t0
+        history.append(entry)
+        v = entry["server_valid"]["overall"]
+        print(f"celeba-fl centralized: round {rnd}/{cfg.num_server_rounds} | valid loss {v['loss']:.4f} "
+              f"acc {v['accuracy']:.4f} AUROC {v['auroc']:.4f}", flush=True)
+    test_rep = report(evaluate_stats(head, f_test, test.labels, test.attributes, device), "test")
+    write_run_end(run_dir, head.state_dict(), history, test_rep,
+                  {"round": cfg.num_server_rounds, "wall_seconds": time.time() - t_start,
+                   "feature_cache": store.stats})
+    o = test_rep["overall"]
+    print(f"celeba-fl centralized: test accuracy {o['accuracy']:.4f}, balanced accuracy "
+          f"{o['balanced_accuracy']:.4f}, AUROC {o['auroc']:.4f}; results in {run_dir}", flush=True)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-config", action="append", default=[],
+                        help='overrides, as for flwr run: "key=value key=value"')
+    parser.add_argument("--num-partitions", type=int, default=50,
+                        help="clients whose training parts are pooled (default 50, as the federation)")
+    parser.add_argument("--project", type=Path, default=Path("."), help="folder of pyproject.toml")
+    args = parser.parse_args(argv)
+    try:
+        cfg = RunConfig.from_run_config(load_run_config(args.project, args.run_config))
+        run(cfg, args.num_partitions)
+    except ConfigError as exc:
+        print(f"celeba-fl: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Runs side by side: ``celeba-compare RUN_DIR RUN_DIR ... [--out DIR]``.
+
+Works for any run folders, federated or centralized. Writes ``comparison.md`` (test metrics,
+worst-group accuracy and gaps per run, final train-minus-validation gap) and overlaid plots of
+validation loss/accuracy/AUROC per round and of the equalized-odds gap per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .report import _f, _series, load_run, overall_table  # noqa: E402
+
+
+def _label(run: dict) -> str:
+    cfg = run["config"] or {}
+    rc = cfg.get("run_config", {})
+    return f"{run['name']} ({cfg.get('kind', 'federated')}, {rc.get('split', '?')})"
+
+
+def overlay(runs: list[dict], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key in zip(axes, ("loss", "accuracy", "auroc")):
+        for run in runs:
+            xs, ys = _series(run["history"] or [], "server_valid", key)
+            ax.plot(xs, ys, marker="o", ms=3, label=_label(run))
+        ax.set_title(f"server valid {key}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def overlay_gaps(runs: list[dict], path: Path, attrs=("Male", "Young", "Pale_Skin")) -> Path:
+    fig, axes = plt.subplots(1, len(attrs), figsize=(13, 3.4))
+    for ax, attr in zip(axes, attrs):
+        for run in runs:
+            hist = [h for h in (run["history"] or []) if h.get("server_valid")]
+            xs = [h["round"] for h in hist]
+            ys = [(h["server_valid"]["gaps"].get(attr) or {}).get("equalized_odds_difference") for h in hist]
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", ms=3, label=_label(run))
+        ax.set_title(f"equalized odds diff. ({attr}, valid)")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def train_val_gap(run: dict) -> float | None:
+    """Final round's train accuracy minus server-valid accuracy (overfitting)."""
+    last = (run["history"] or [{}])[-1]
+    tr = (last.get("train") or {}).get("overall", {}).get("accuracy")
+    va = (last.get("server_valid") or {}).get("overall", {}).get("accuracy")
+    return None if tr is None or va is None else tr - va
+
+
+def fairness_table(runs: list[dict], attrs=("Male", "Young", "Pale_Skin", "Male&Young")) -> str:
+    head = "| run | train-valid acc. gap | " + " | ".join(
+        f"{a}: worst-group acc. / EOdds diff." for a in attrs) + " |"
+    lines = [head, "|---" * (len(attrs) + 2) + "|"]
+    for run in runs:
+        gaps = run["test"]["gaps"]
+        cells = [f"{_f((gaps.get(a) or {}).get('worst_group_accuracy'), 3)} / "
+                 f"{_f((gaps.get(a) or {}).get('equalized_odds_difference'), 3)}" for a in attrs]
+        lines.append(f"| {_label(run)} | {_f(train_val_gap(run), 3)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(run_dirs: list[Path], out: Path) -> Path:
+    runs = [load_run(d) for d in run_dirs]
+    missing = [str(r["dir"]) for r in runs if r["test"] is None]
+    if missing:
+        raise SystemExit(f"celeba-compare: no test.json in {', '.join(missing)}; accepted: finished run folders")
+    out.mkdir(parents=True, exist_ok=True)
+    overlay(runs, out / "compare_valid.png")
+    overlay_gaps(runs, out / "compare_gaps.png")
+    text = ["# Comparison", "", "Test split, final round.", "",
+            overall_table({_label(r): r["test"] for r in runs}), "",
+            "## Fairness (test) and overfitting", "", fairness_table(runs), "",
+            "![validation curves](compare_valid.png)", "", "![gaps](compare_gaps.png)", ""]
+    path = out / "comparison.md"
+    path.write_text("\n".join(text))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Compare finished run folders side by side.")
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: outputs/compare-<timestamp>)")
+    args = parser.parse_args(argv)
+    out = args.out or Path("outputs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(compare(args.run_dirs, out))
+
+
+if __name__ == "__main__":
+    main()
