@@ -34,13 +34,15 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from flwr.common.logger import log as flwr_log
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from .model import FEATURE_DIM, Backbone
 
 log = logging.getLogger(__name__)
+#: Flower's logger: its console handler shows progress lines next to the round lines (and
+#: nothing breaks where flwr is not installed, e.g. the benchmark on a bare GPU machine).
+progress_log = logging.getLogger("flwr")
 
 #: Bump when preprocessing, pooling or the export changes: every cached embedding then misses.
 EXTRACTOR_VERSION = "1"
@@ -53,18 +55,24 @@ _MEMORY: dict[str, torch.Tensor] = {}
 
 
 # --------------------------------------------------------------------------- preprocessing
-def decode_resize(blobs: Sequence[bytes], image_size: int, hflip: bool = False) -> torch.Tensor:
-    """Encoded images -> uint8 (N, 3, S, S): decode, resize shorter side to S, centre crop."""
+def decode_resize(blobs: Sequence[bytes], image_size: int, hflip: bool = False,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Encoded images -> uint8 (N, 3, S, S): decode, resize shorter side to S, centre crop.
+
+    On a CUDA ``device``, JPEGs are decoded by nvJPEG and resized on the GPU, so the CPU
+    is not the bottleneck of a fast GPU backbone.
+    """
+    device = torch.device(device)
     raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     with warnings.catch_warnings():
         # torchvision 0.29 flags its decoders for a future move to torchcodec; they still
         # are the fastest batched JPEG decoders that install everywhere.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
         if all(len(b) > 2 and b[0] == 0xFF and b[1] == 0xD8 for b in blobs):
-            images = decode_jpeg(raw, mode=ImageReadMode.RGB)
+            images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
         else:
-            images = [decode_image(r, mode=ImageReadMode.RGB) for r in raw]
-    out = torch.empty((len(images), 3, image_size, image_size), dtype=torch.uint8)
+            images = [decode_image(r, mode=ImageReadMode.RGB).to(device) for r in raw]
+    out = torch.empty((len(images), 3, image_size, image_size), dtype=torch.uint8, device=device)
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
         by_shape.setdefault(tuple(img.shape[-2:]), []).append(i)
@@ -94,6 +102,9 @@ class Extractor:
             runtime = "torch" if device.type == "cuda" else ("onnx" if _has_onnxruntime() else "torch")
         self.runtime = runtime
         self._session = None
+        #: Where images are decoded and resized: on the GPU when the backbone runs there.
+        on_gpu = device.type == "cuda" and runtime == "torch"
+        self.decode_device = device if on_gpu else torch.device("cpu")
         if runtime == "onnx":
             self._session = self._onnx_session(onnx_dir, weights_id)
         elif device.type == "cuda":
@@ -161,7 +172,8 @@ def extract(extractor: Extractor, blobs: Iterable[Sequence[bytes]], hflip: bool 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for batch in blobs:
-            fut = pool.submit(lambda b=batch: normalize(decode_resize(b, extractor.image_size, hflip)))
+            fut = pool.submit(lambda b=batch: normalize(
+                decode_resize(b, extractor.image_size, hflip, extractor.decode_device)))
             if pending is not None:
                 outs.append(extractor(pending.result()))
                 if progress:
@@ -261,7 +273,7 @@ class FeatureStore:
             dt = time.perf_counter() - t0
             self.stats["computed"] += 1
             self.stats["extract_seconds"] += dt
-            flwr_log(INFO, "celeba-fl: embedded %d images of %s (%s) in %.1fs, %.0f img/s, %s", n,
+            progress_log.log(INFO, "celeba-fl: embedded %d images of %s (%s) in %.1fs, %.0f img/s, %s", n,
                      label or rows_id[:12], view, dt, n / max(dt, 1e-9), self.extractor.runtime_id)
             if len(feats) != n:
                 raise RuntimeError(f"expected {n} embeddings for {label}, got {len(feats)}")

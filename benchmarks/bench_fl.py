@@ -1,0 +1,201 @@
+"""Speed benchmark: backbone, extraction pipeline, and whole federated runs with/without cache.
+
+Run from the project root (figures in docs/SPEED.md):
+
+    python benchmarks/bench_fl.py --data ../shared/data/celeba-10k \
+        --weights ../shared/weights/mobilenet_v2_imagenet.pth            # everything
+    python benchmarks/bench_fl.py --data ... --weights ... --skip-runs   # throughput only
+
+Prints, on one machine in one process:
+  1. raw backbone throughput on random tensors of the run's shape (batch, 3, S, S), for every
+     runtime available on this device (PyTorch fp32, channels_last, bf16 autocast on CUDA,
+     ONNX Runtime on CPU);
+  2. the app's end-to-end extraction throughput on real JPEGs (decode, resize, normalise,
+     backbone: celeba_app.features.extract with the runtime the app picks), and decoding +
+     resizing alone;
+  3. (unless --skip-runs) wall time of `flwr run .` with the feature cache on (fresh cache)
+     and off: total, round 1, rounds 2..R, and bytes sent per round;
+  4. projections for full CelebA from the measured per-image costs.
+Throughput parts need only torch/torchvision/pyarrow (they run on a bare GPU machine);
+part 3 needs the installed app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from celeba_app.features import Extractor, decode_resize, extract, normalize  # noqa: E402
+from celeba_app.model import Backbone, load_mobilenet  # noqa: E402
+
+FULL_TRAIN, FULL_VALID, FULL_TEST = 162_770, 19_867, 19_962
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, n_items: int, device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
+    """Median items/s over ``repeats`` timed calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        rates.append(n_items / (time.perf_counter() - t0))
+    return float(np.median(rates))
+
+
+def raw_backbone(backbone: Backbone, device: torch.device, batch: int, size: int, onnx_dir: Path) -> dict:
+    x = torch.randn(batch, 3, size, size)
+    out = {}
+    bb = backbone.to(device)
+    xd = x.to(device)
+    with torch.inference_mode():
+        out["torch fp32"] = timed(lambda: bb(xd), batch, device)
+        bb_cl = bb.to(memory_format=torch.channels_last)
+        xcl = xd.contiguous(memory_format=torch.channels_last)
+        out["torch fp32 channels_last"] = timed(lambda: bb_cl(xcl), batch, device)
+        if device.type == "cuda":
+            def bf16():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return bb_cl(xcl)
+            out["torch bf16 channels_last"] = timed(bf16, batch, device, repeats=10, warmup=3)
+    bb.to(memory_format=torch.contiguous_format)
+    if device.type == "cpu":
+        try:
+            ex = Extractor(backbone.cpu(), "onnx", torch.device("cpu"), size, onnx_dir=onnx_dir, weights_id="bench")
+            out["onnxruntime"] = timed(lambda: ex(x), batch, device)
+        except ImportError:
+            out["onnxruntime"] = None
+    return out
+
+
+def read_blobs(data: Path, split: str, n: int) -> list[bytes]:
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(data).glob(f"{split}-*.parquet"))
+    table = pq.read_table(files[0], columns=["image"])
+    col = table.column("image").to_pylist()[:n]
+    return [c["bytes"] for c in col]
+
+
+def pipeline(backbone: Backbone, device: torch.device, blobs: list[bytes], batch: int, size: int,
+             onnx_dir: Path, runtime: str) -> dict:
+    ex = Extractor(backbone, runtime, device, size, onnx_dir=onnx_dir, weights_id="bench")
+    batches = [blobs[i:i + batch] for i in range(0, len(blobs), batch)]
+    n = len(blobs)
+    out = {"runtime": ex.runtime_id, "images": n}
+    out["decode+resize+normalise only"] = timed(
+        lambda: [normalize(decode_resize(b, size, device=ex.decode_device)) for b in batches], n, device, repeats=2)
+    out["end-to-end extraction"] = timed(lambda: extract(ex, iter(batches)), n, device, repeats=2)
+    if device.type == "cuda":
+        cpu_ex = Extractor(backbone, runtime, device, size, onnx_dir=onnx_dir, weights_id="bench")
+        cpu_ex.decode_device = torch.device("cpu")
+        out["end-to-end, decode on CPU"] = timed(lambda: extract(cpu_ex, iter(batches)), n, device, repeats=2)
+    return out
+
+
+def flwr_run(args, cache: bool, cache_dir: Path, results: Path, name: str) -> dict:
+    rc = (f"dataset='{args.data}' weights='{args.weights}' num-server-rounds={args.rounds} "
+          f"feature-cache={'true' if cache else 'false'} cache-dir='{cache_dir}' "
+          f"results-dir='{results}' run-name='{name}' image-size={args.size} split='{args.split}'")
+    cmd = [str(Path(sys.executable).with_name("flwr")), "run", ".", "local-simulation",
+           "--federation-config", f"options.num-supernodes={args.clients}", "--run-config", rc]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    run = results / name
+    if not (run / "history.json").exists():
+        raise SystemExit(f"flwr run failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    hist = json.loads((run / "history.json").read_text())
+    secs = {h["round"]: h["seconds"] for h in hist}
+    test = json.loads((run / "test.json").read_text())
+    return {"wall_s": wall, "round0_s": secs.get(0), "round1_s": secs.get(1),
+            "rounds_2_to_R_s": sum(v for r, v in secs.items() if r >= 2),
+            "bytes_sent_per_round": hist[-1]["bytes_sent"], "test_accuracy": test["overall"]["accuracy"],
+            "cache": test.get("feature_cache")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="folder of CelebA-schema parquet files")
+    p.add_argument("--weights", default="imagenet")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--images", type=int, default=1024, help="real images for the pipeline part")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip-runs", action="store_true")
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--split", default="iid")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    tmp = Path(tempfile.mkdtemp(prefix="celeba-bench-"))
+    report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{os.cpu_count()}",
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
+                    "size": args.size}
+    backbone = Backbone(load_mobilenet(args.weights))
+    print(f"# device {report['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch}, {args.size}px", flush=True)
+
+    raw = raw_backbone(backbone, device, args.batch, args.size, tmp / "onnx")
+    report["raw_backbone_img_s"] = raw
+    for k, v in raw.items():
+        print(f"raw backbone  {k:28s} {v:8.1f} img/s" if v else f"raw backbone  {k:28s}      n/a", flush=True)
+    blobs = read_blobs(args.data, "train", args.images)
+    runtime = "auto"
+    pipe = pipeline(backbone, device, blobs, args.batch, args.size, tmp / "onnx", runtime)
+    report["pipeline"] = pipe
+    print(f"pipeline      runtime {pipe['runtime']}, {pipe['images']} real JPEGs", flush=True)
+    for k in [k for k in pipe if k not in ("runtime", "images")]:
+        print(f"pipeline      {k:28s} {pipe[k]:8.1f} img/s", flush=True)
+    best_raw = max(v for v in raw.values() if v)
+    ratio = pipe["end-to-end extraction"] / best_raw
+    report["pipeline_over_best_raw"] = ratio
+    print(f"pipeline / fastest raw backbone = {ratio:.2f}", flush=True)
+
+    if not args.skip_runs:
+        on = flwr_run(args, True, tmp / "cache", tmp / "runs", "cache-on")
+        off = flwr_run(args, False, tmp / "cache-unused", tmp / "runs", "cache-off")
+        report["runs"] = {"cache_on": on, "cache_off": off}
+        for name, r in (("cache on ", on), ("cache off", off)):
+            print(f"flwr run {args.clients} clients x {args.rounds} rounds, {name}: wall {r['wall_s']:.0f}s | "
+                  f"round 0 (server valid) {r['round0_s']:.1f}s | round 1 {r['round1_s']:.1f}s | rounds 2-"
+                  f"{args.rounds} {r['rounds_2_to_R_s']:.1f}s | {r['bytes_sent_per_round']} B sent/round | "
+                  f"test acc {r['test_accuracy']:.4f}", flush=True)
+        print(f"speed-up of the cache over {args.rounds} rounds: {off['wall_s'] / on['wall_s']:.1f}x "
+              f"(wall time of the whole command)", flush=True)
+
+    per_img = 1.0 / pipe["end-to-end extraction"]
+    total_imgs = FULL_TRAIN + FULL_VALID + FULL_TEST
+    report["projection_full_celeba_s"] = {"extract_once": total_imgs * per_img,
+                                          "extract_every_round_10": (FULL_TRAIN * 10 + FULL_VALID * 11 + FULL_TEST) * per_img}
+    print(f"full CelebA ({total_imgs} images) at {pipe['end-to-end extraction']:.0f} img/s: embeddings once "
+          f"{total_imgs * per_img / 60:.1f} min; recomputed every round of 10 "
+          f"{report['projection_full_celeba_s']['extract_every_round_10'] / 60:.1f} min", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

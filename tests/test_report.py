@@ -1,0 +1,90 @@
+"""report.md, plots, the centralized baseline and celeba-compare on tiny runs."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from celeba_app import centralized, compare, report
+from celeba_app.config import RunConfig
+
+PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, celeba_dir, weights_file):
+    out = tmp_path_factory.mktemp("runs")
+    base = {"dataset": str(celeba_dir), "weights": str(weights_file), "image-size": 32,
+            "num-server-rounds": 2, "local-epochs": 1, "batch-size": 16,
+            "results-dir": str(out), "cache-dir": str(out / "cache")}
+    runs = []
+    for split in ("iid", "noniid"):
+        cfg = RunConfig.from_run_config({**base, "split": split, "run-name": f"central-{split}"})
+        runs.append(centralized.run(cfg, num_partitions=4))
+    return runs
+
+
+def test_centralized_run_writes_the_same_contract(two_runs):
+    run = two_runs[0]
+    for name in ("config.json", "partitions.json", "history.json", "test.json", "head.pt", "report.md"):
+        assert (run / name).exists(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["kind"] == "centralized" and config["num_clients"] == 4
+    history = json.loads((run / "history.json").read_text())
+    assert [h["round"] for h in history] == [0, 1, 2]
+    assert {"train", "local_validation", "server_valid"} <= set(history[-1])
+
+
+def test_report_plots_are_pngs_and_tables_hold_the_json_numbers(two_runs):
+    run = two_runs[1]
+    text = (run / "report.md").read_text()
+    for png in re.findall(r"\]\(([^)]+\.png)\)", text):
+        assert (run / png).read_bytes()[:8] == PNG, png
+    assert {"learning_curves.png", "groups_test.png", "fairness_gaps.png", "partitions.png"} <= set(
+        re.findall(r"\]\(([^)]+\.png)\)", text))
+    test = json.loads((run / "test.json").read_text())
+    assert f"{test['overall']['accuracy']:.4f}" in text
+    male = test["groups"]["Male"]["1"]
+    assert f"| Male=1 | {male['n']} |" in text
+    assert f"{male['accuracy']:.3f} [{male['accuracy_ci'][0]:.3f}, {male['accuracy_ci'][1]:.3f}]" in text
+    eo = test["gaps"]["Young"]["equalized_odds_difference"]
+    assert f"{eo:.3f}" in text
+
+
+def test_report_can_be_rebuilt_from_the_json_alone(two_runs, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(two_runs[0], copy)
+    for png in copy.glob("*.png"):
+        png.unlink()
+    (copy / "report.md").unlink()
+    report.main([str(copy)])
+    assert (copy / "report.md").exists() and (copy / "learning_curves.png").read_bytes()[:8] == PNG
+
+
+def test_compare_puts_runs_side_by_side(two_runs, tmp_path):
+    compare.main([*map(str, two_runs), "--out", str(tmp_path / "cmp")])
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    for run in two_runs:
+        acc = json.loads((run / "test.json").read_text())["overall"]["accuracy"]
+        assert run.name in text and f"{acc:.4f}" in text
+    assert (tmp_path / "cmp" / "compare_valid.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "cmp" / "compare_gaps.png").read_bytes()[:8] == PNG
+
+
+def test_compare_refuses_an_unfinished_run(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(SystemExit, match="no test.json"):
+        compare.main([str(tmp_path / "half"), "--out", str(tmp_path / "cmp")])
+
+
+def test_centralized_cli_reads_pyproject_and_overrides(tmp_path, celeba_dir, weights_file, capsys):
+    rc = (f"dataset='{celeba_dir}' weights='{weights_file}' image-size=32 num-server-rounds=1 "
+          f"local-epochs=1 results-dir='{tmp_path}' cache-dir='{tmp_path / 'c'}' run-name='cli' target='Bald'")
+    assert centralized.main(["--project", str(ROOT), "--run-config", rc, "--num-partitions", "3"]) == 0
+    config = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert config["run_config"]["target"] == "Bald" and config["run_config"]["batch-size"] == 32
+    assert centralized.main(["--project", str(ROOT), "--run-config", "split='bogus'"]) == 2
+    assert "split='bogus' is not known" in capsys.readouterr().err
