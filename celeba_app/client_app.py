@@ -17,7 +17,7 @@ from .data import client_parts
 from .features import feature_store
 from .metrics import flatten
 from .model import head_state, make_head
-from .task import evaluate_stats, pick_device, train_head
+from .task import evaluate_stats, group_balance_weights, pick_device, train_head
 
 app = ClientApp()
 
@@ -37,16 +37,23 @@ def _setup(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     """Train the received head on this client's local training part."""
     cfg, pid, device, head, train_part, _, store = _setup(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))
     feats = store.for_part(train_part, hflip=cfg.augment_hflip)
+    plain = feats[0] if cfg.augment_hflip else feats
+    # The received (global) head's loss on this client's data: q-FedAvg's F_k(w_t).
+    before = evaluate_stats(head, plain, train_part.labels, {}, device)["all"]
     result = train_head(
         head, feats, torch.as_tensor(train_part.labels), epochs=cfg.local_epochs,
-        lr=float(msg.content["config"].get("lr", cfg.learning_rate)), batch_size=cfg.batch_size,
+        lr=float(config.get("lr", cfg.learning_rate)), batch_size=cfg.batch_size,
         seed=cfg.seed + 100_003 * server_round + pid, device=device,
+        weight_decay=cfg.weight_decay, proximal_mu=float(config.get("proximal-mu", 0.0)),
+        sample_weight=group_balance_weights(train_part.attributes, cfg.balance_groups)
+        if cfg.balance_groups else None,
     )
-    plain = feats[0] if cfg.augment_hflip else feats
     stats = evaluate_stats(head, plain, train_part.labels, train_part.attributes, device)
     metrics = {"num-examples": len(train_part), "train_loss": result["loss"],
+               "global_loss": before.loss_sum / max(1, before.n),
                "partition_id": pid, **flatten(stats)}
     content = RecordDict({"arrays": ArrayRecord(head_state(head)), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

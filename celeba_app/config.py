@@ -28,6 +28,11 @@ ATTRIBUTES: tuple[str, ...] = (
 )
 
 SPLITS = ("iid", "noniid")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "qfedavg")
+SELECTION_METRICS = {  # name -> True when larger is better
+    "loss": False, "accuracy": True, "balanced_accuracy": True, "auroc": True,
+    "worst_group_accuracy": True,
+}
 RUNTIMES = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -70,6 +75,16 @@ class RunConfig:
     local_epochs: int = 5
     learning_rate: float = 0.005
     head_dropout: float = 0.0
+    weight_decay: float = 0.0
+    lr_decay: float = 1.0
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
+    qfedavg_q: float = 0.1
+    balance_groups: tuple[str, ...] = ()
+    selection_metric: str = "loss"
+    early_stopping_patience: int = 0
     augment_hflip: bool = False
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
@@ -95,7 +110,7 @@ class RunConfig:
                 kwargs[attr] = value
             else:
                 extra[key] = value
-        for key in ("noniid_attributes", "sensitive_attributes"):
+        for key in ("noniid_attributes", "sensitive_attributes", "balance_groups"):
             if key in kwargs:
                 kwargs[key] = _attr_list(key.replace("_", "-"), kwargs[key])
         cfg = cls(**kwargs, extra=extra)
@@ -117,6 +132,26 @@ class RunConfig:
                 f"target={self.target!r} is also in sensitive-attributes; accepted: a target "
                 "that is not a sensitive attribute"
             )
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"strategy={self.strategy!r} is not known; accepted: {', '.join(STRATEGIES)}"
+            )
+        if self.selection_metric not in SELECTION_METRICS:
+            raise ConfigError(
+                f"selection-metric={self.selection_metric!r} is not known; accepted: "
+                f"{', '.join(SELECTION_METRICS)}"
+            )
+        if self.proximal_mu and self.strategy != "fedprox":
+            raise ConfigError(
+                f"proximal-mu={self.proximal_mu} needs strategy='fedprox' (got {self.strategy!r}); "
+                "accepted: proximal-mu=0 or strategy='fedprox'"
+            )
+        stray = [a for a in self.balance_groups if a not in self.sensitive_attributes]
+        if stray:
+            raise ConfigError(
+                f"balance-groups={','.join(stray)!r} is not among sensitive-attributes; accepted: "
+                f"attributes of {','.join(self.sensitive_attributes)!r}"
+            )
         if self.feature_runtime not in RUNTIMES:
             raise ConfigError(
                 f"feature-runtime={self.feature_runtime!r} is not known; accepted: {', '.join(RUNTIMES)}"
@@ -128,6 +163,16 @@ class RunConfig:
             "batch-size": self.batch_size, "local-epochs": self.local_epochs,
             "extract-batch-size": self.extract_batch_size,
         }
+        if not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 0:
+            raise ConfigError(f"early-stopping-patience={self.early_stopping_patience!r} is not valid; "
+                              "accepted: an integer >= 0 (0 = off)")
+        for key, value in (("weight-decay", self.weight_decay), ("proximal-mu", self.proximal_mu),
+                           ("qfedavg-q", self.qfedavg_q), ("server-momentum", self.server_momentum)):
+            if not value >= 0:
+                raise ConfigError(f"{key}={value!r} is not valid; accepted: >= 0")
+        for key, value in (("lr-decay", self.lr_decay), ("server-learning-rate", self.server_learning_rate)):
+            if not value > 0:
+                raise ConfigError(f"{key}={value!r} is not valid; accepted: > 0")
         for key, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key}={value!r} is not valid; accepted: an integer >= 1")

@@ -222,7 +222,10 @@ def write_report(run_dir: Path) -> Path:
                  f"{cfg.get('num-server-rounds')} rounds, seed {cfg.get('seed')}.")
     lines.append("")
     if test:
-        finals = {"test": test}
+        finals = {f"test, last round ({test.get('round', '?')})": test}
+        best = run["best"]
+        if best:
+            finals[f"test, best round ({best['round']}, by valid {best['selection_metric']})"] = best
         last = history[-1] if history else {}
         for source, label in SOURCES:
             if last.get(source):

@@ -22,8 +22,9 @@ from .data import check_identity_disjoint, load_federated, partition_summary, se
 from .features import feature_store
 from .metrics import report
 from .model import make_head, weights_digest
-from .results import create_run_dir, run_dir_for, write_run_end, write_run_start
-from .strategy import FairFedAvg
+from .results import create_run_dir, run_dir_for, write_json, write_run_end, write_run_start
+from .selection import BestRound
+from .strategy import make_strategy
 from .task import evaluate_stats, pick_device
 
 app = ServerApp()
@@ -75,11 +76,8 @@ def main(grid: Grid, context: Context) -> None:
     store = feature_store(cfg, device)
     valid, test = server_part(cfg, "valid", num_nodes), server_part(cfg, "test", num_nodes)
     valid_reports: dict[int, dict] = {}
-    strategy = FairFedAvg(
-        fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=1, min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
-        min_available_nodes=num_nodes,
-    )
+    strategy = make_strategy(cfg, num_nodes)
+    best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
     round_times: dict[int, float] = {}
     t_round = [time.time()]
 
@@ -89,6 +87,12 @@ def main(grid: Grid, context: Context) -> None:
         stats = evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device)
         rep = report(stats, where="valid")
         valid_reports[server_round] = rep
+        if strategy.stopped_after is None:
+            best.update(server_round, rep, {k: v.clone() for k, v in head.state_dict().items()})
+            if best.should_stop:
+                strategy.stop(server_round)
+                log(INFO, "celeba-fl: early stopping after round %d: no better validation %s for %d "
+                    "rounds (best: round %d)", server_round, cfg.selection_metric, best.patience, best.round)
         now = time.time()
         round_times[server_round] = now - t_round[0]
         t_round[0] = now
@@ -101,28 +105,51 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(
         grid=grid, initial_arrays=ArrayRecord(make_head(cfg.head_dropout, seed=cfg.seed).state_dict()),
         num_rounds=cfg.num_server_rounds,
-        train_config=ConfigRecord({"lr": cfg.learning_rate}),
+        train_config=ConfigRecord({"lr": cfg.learning_rate}),  # per round: lr * lr-decay^(r-1)
         evaluate_fn=evaluate_valid,
     )
 
-    head = make_head(cfg.head_dropout)
-    head.load_state_dict(result.arrays.to_torch_state_dict())
-    test_stats = evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device)
-    test_rep = report(test_stats, where="test")
+    def test_report(state: dict) -> dict:
+        head = make_head(cfg.head_dropout)
+        head.load_state_dict(state)
+        return report(evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device), "test")
+
+    last_state = result.arrays.to_torch_state_dict()
+    test_rep = test_report(last_state)
+    last_round = strategy.stopped_after or cfg.num_server_rounds
     history = []
     for rnd in sorted(set(valid_reports) | set(strategy.history)):
         entry = {"round": rnd, "seconds": round_times.get(rnd),
                  "bytes_sent": strategy.bytes_sent.get(rnd, 0)}
         entry.update(strategy.history.get(rnd, {}))
         entry["server_valid"] = valid_reports.get(rnd)
+        entry["gap_train_minus_valid"] = _gaps(entry)
+        if strategy.stopped_after is not None and rnd > strategy.stopped_after:
+            entry["early_stopped"] = True
         history.append(entry)
-    write_run_end(run_dir, head.state_dict(), history, test_rep,
-                  {"round": cfg.num_server_rounds, "wall_seconds": time.time() - t_start,
+    if best.state is not None:
+        write_json(run_dir / "best.json", {"round": best.round, "selection_metric": cfg.selection_metric,
+                                           "validation_value": best.value, **test_report(best.state)})
+        torch.save(best.state, run_dir / "head_best.pt")
+    write_run_end(run_dir, last_state, history, test_rep,
+                  {"round": last_round, "wall_seconds": time.time() - t_start,
                    "feature_cache": store.stats})
     o = test_rep["overall"]
     log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %.4f, AUROC %.4f, loss %.4f "
         "(n=%d); wall time %.0fs; results in %s", o["accuracy"], o["balanced_accuracy"] or 0,
         o["auroc"] or 0, o["loss"], o["n"], time.time() - t_start, run_dir)
+
+
+def _gaps(entry: dict) -> dict | None:
+    """Train minus server-validation loss, accuracy and AUROC: the overfitting gap."""
+    tr, va = entry.get("train"), entry.get("server_valid")
+    if not tr or not va:
+        return None
+    out = {}
+    for key in ("loss", "accuracy", "auroc"):
+        a, b = tr["overall"].get(key), va["overall"].get(key)
+        out[key] = None if a is None or b is None else a - b
+    return out
 
 
 def _fmt(value) -> str:

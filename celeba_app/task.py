@@ -35,8 +35,15 @@ def train_head(
     seed: int,
     device: torch.device | str = "cpu",
     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
+    sample_weight: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Local training with Adam and BCEWithLogitsLoss; returns mean loss and step count.
+    """Local training with AdamW and BCEWithLogitsLoss; returns mean loss and step count.
+
+    ``weight_decay`` is AdamW's decoupled decay (0 = plain Adam). ``proximal_mu`` adds
+    FedProx's (mu/2)||w - w_received||^2. ``sample_weight`` weights each row's loss (e.g.
+    equal total weight per demographic group); the reported loss is the unweighted BCE.
 
     ``x``: embeddings (N, D), or (V, N, D) for V cached views (a random view per row and
     step, e.g. original / horizontally flipped), or raw inputs when ``encoder`` is given.
@@ -47,8 +54,8 @@ def train_head(
     views = None if encoder is not None else (x if x.dim() == 3 else x.unsqueeze(0))
     n = len(y)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    loss_fn = nn.BCEWithLogitsLoss()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    anchor = [p.detach().clone() for p in head.parameters()] if proximal_mu else None
     y = y.float()
     total, steps = 0.0, 0
     for _ in range(epochs):
@@ -62,10 +69,15 @@ def train_head(
                 v = torch.randint(len(views), (len(idx),), generator=gen) if len(views) > 1 else None
                 feats = views[0, idx] if v is None else views[v, idx]
             opt.zero_grad()
-            loss = loss_fn(head(feats.to(device)).squeeze(-1), y[idx].to(device))
+            rows = nn.functional.binary_cross_entropy_with_logits(
+                head(feats.to(device)).squeeze(-1), y[idx].to(device), reduction="none")
+            loss = rows.mean() if sample_weight is None else (rows * sample_weight[idx].to(device)).mean()
+            if anchor is not None:
+                loss = loss + proximal_mu / 2 * sum(
+                    (p - a).pow(2).sum() for p, a in zip(head.parameters(), anchor))
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            total += float(rows.detach().sum())
             steps += 1
     head.eval()
     return {"loss": total / max(1, n * epochs), "steps": steps}
@@ -79,6 +91,20 @@ def predict(head: nn.Module, feats: torch.Tensor, device: torch.device | str = "
     out = [torch.sigmoid(head(feats[i:i + batch_size].to(device)).squeeze(-1)).float().cpu()
            for i in range(0, len(feats), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def group_balance_weights(attributes: dict[str, np.ndarray], names: tuple[str, ...]) -> torch.Tensor:
+    """Per-row weights giving every group (cell of ``names``) present the same total weight,
+    normalised to mean 1; all ones when ``names`` is empty."""
+    n = len(next(iter(attributes.values()))) if attributes else 0
+    if not names or n == 0:
+        return torch.ones(n)
+    codes = np.zeros(n, dtype=np.int64)
+    for a in names:
+        codes = codes * 2 + np.asarray(attributes[a], dtype=np.int64)
+    _, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
+    w = n / (len(counts) * counts[inverse])
+    return torch.as_tensor(w, dtype=torch.float32)
 
 
 def bce_per_row(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

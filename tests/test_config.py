@@ -53,3 +53,17 @@ def test_clashing_run_name_is_refused_and_nothing_is_lost(tmp_path):
     with pytest.raises(ConfigError, match="run-name='mine' already exists"):
         run_dir_for(cfg)
     assert (run / "test.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"strategy": "scaffold"}, "strategy='scaffold' is not known; accepted: fedavg, fedprox, fedavgm, fedadam, qfedavg"),
+    ({"selection-metric": "f1"}, "selection-metric='f1' is not known; accepted: loss, accuracy"),
+    ({"proximal-mu": 0.1}, "proximal-mu=0.1 needs strategy='fedprox'"),
+    ({"balance-groups": "Male,Bald"}, "balance-groups='Bald' is not among sensitive-attributes"),
+    ({"early-stopping-patience": -1}, "early-stopping-patience=-1 is not valid"),
+    ({"lr-decay": 0}, "lr-decay=0 is not valid; accepted: > 0"),
+])
+def test_remedy_switches_are_validated(override, message):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config(override)
+    assert message in str(info.value)

@@ -54,6 +54,7 @@ def test_flwr_run_writes_the_results_contract(run_config, tmp_path, split):
     assert test["groups"]["Male"]["1"]["accuracy_ci"][0] <= test["groups"]["Male"]["1"]["accuracy"]
     assert "equalized_odds_difference" in test["gaps"]["Male"]
     assert (run / "head.pt").stat().st_size > 0
+    assert (run / "report.md").exists() and (run / "best.json").exists()
 
 
 def test_flwr_run_refuses_bad_input_before_training(run_config):
@@ -63,3 +64,23 @@ def test_flwr_run_refuses_bad_input_before_training(run_config):
     assert "celeba-fl: num_partitions=61 is more than the 60 identities" in out, out[-3000:]
     assert "[ROUND 1" not in out
     assert not (Path(run_config["results-dir"]) / "too-many").exists()
+
+
+def test_flwr_run_with_every_remedy_switch(run_config):
+    run_config.update({"split": "noniid", "run-name": "remedies", "num-server-rounds": 3,
+                       "strategy": "qfedavg", "balance-groups": "Male,Young", "augment-hflip": True,
+                       "head-dropout": 0.2, "weight-decay": 0.01, "lr-decay": 0.8,
+                       "selection-metric": "worst_group_accuracy", "early-stopping-patience": 1})
+    proc = flwr_run(run_config, supernodes=3)
+    out = proc.stdout + proc.stderr
+    run = Path(run_config["results-dir"]) / "remedies"
+    assert (run / "test.json").exists(), out[-4000:]
+    history = json.loads((run / "history.json").read_text())
+    assert history[1]["lr"] == pytest.approx(0.005) and history[2]["lr"] == pytest.approx(0.004)
+    assert history[1]["gap_train_minus_valid"]["accuracy"] is not None
+    best = json.loads((run / "best.json").read_text())
+    assert best["selection_metric"] == "worst_group_accuracy" and 1 <= best["round"] <= 3
+    assert best["overall"]["n"] == json.loads((run / "test.json").read_text())["overall"]["n"]
+    assert (run / "head_best.pt").exists()
+    stopped = [h["round"] for h in history if h.get("early_stopped")]
+    assert "early stopping after round" in out or not stopped

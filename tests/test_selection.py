@@ -1,0 +1,31 @@
+from celeba_app.selection import BestRound, metric_value
+
+
+def rep(loss, acc, worst):
+    return {"overall": {"loss": loss, "accuracy": acc},
+            "gaps": {"Male": {"worst_group_accuracy": worst}, "Young": {"worst_group_accuracy": worst + 0.05}}}
+
+
+def test_best_round_by_loss_ignores_round_zero_and_keeps_its_state():
+    best = BestRound("loss")
+    assert not best.update(0, rep(0.1, 0.9, 0.8), {"w": 0})
+    assert best.update(1, rep(0.6, 0.7, 0.6), {"w": 1})
+    assert best.update(2, rep(0.5, 0.75, 0.6), {"w": 2})
+    assert not best.update(3, rep(0.55, 0.8, 0.7), {"w": 3})
+    assert best.round == 2 and best.state == {"w": 2} and best.value == 0.5
+
+
+def test_larger_is_better_metrics_and_worst_group():
+    best = BestRound("worst_group_accuracy")
+    best.update(1, rep(0.6, 0.7, 0.6), {})
+    best.update(2, rep(0.5, 0.8, 0.55), {})
+    assert best.round == 1
+    assert metric_value(rep(0.5, 0.8, 0.55), "worst_group_accuracy") == 0.55
+
+
+def test_early_stopping_after_patience_rounds_without_improvement():
+    best = BestRound("loss", patience=2)
+    for r, loss in enumerate([0.5, 0.4, 0.45, 0.41], start=1):
+        best.update(r, rep(loss, 0, 0), {})
+    assert best.should_stop and best.round == 2
+    assert not BestRound("loss", patience=0).should_stop
