@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .report import _f, _series, load_run, overall_table  # noqa: E402
+from .report import _f, _series, load_run, overall_table, per_round, save  # noqa: E402
 
 
 def _label(run: dict) -> str:
@@ -31,14 +31,9 @@ def overlay(runs: list[dict], path: Path) -> Path:
         for run in runs:
             xs, ys = _series(run["history"] or [], "server_valid", key)
             ax.plot(xs, ys, marker="o", ms=3, label=_label(run))
-        ax.set_title(f"server valid {key}")
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
+        per_round(ax, f"server valid {key}")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def overlay_gaps(runs: list[dict], path: Path, attrs=("Male", "Young", "Pale_Skin")) -> Path:
@@ -49,14 +44,9 @@ def overlay_gaps(runs: list[dict], path: Path, attrs=("Male", "Young", "Pale_Ski
             xs = [h["round"] for h in hist]
             ys = [(h["server_valid"]["gaps"].get(attr) or {}).get("equalized_odds_difference") for h in hist]
             ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", ms=3, label=_label(run))
-        ax.set_title(f"equalized odds diff. ({attr}, valid)")
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
+        per_round(ax, f"equalized odds diff. ({attr}, valid)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def train_val_gap(run: dict) -> float | None:

@@ -24,6 +24,21 @@ GAP_KEYS = (("equalized_odds_difference", "equalized odds diff."),
             ("accuracy_gap", "accuracy gap"))
 
 
+def save(fig, path: Path) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def per_round(ax, title: str) -> None:
+    """Title, x label and grid of a per-round axis."""
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.grid(alpha=0.3)
+
+
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     out = {"dir": run_dir, "name": run_dir.name}
@@ -51,15 +66,10 @@ def plot_learning_curves(history: list[dict], path: Path) -> Path:
             xs, ys = _series(history, source, key)
             if xs:
                 ax.plot(xs, ys, marker="o", ms=3, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
+        per_round(ax, title)
     axes[0].legend(fontsize=8)
     fig.suptitle("Learning curves (train above validation = overfitting)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _group_rows(test: dict) -> list[tuple[str, dict]]:
@@ -88,10 +98,7 @@ def plot_groups(test: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_yticks(ys, labels, fontsize=7)
     axes[0].invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_gaps(history: list[dict], path: Path, source: str = "server_valid") -> Path:
@@ -102,15 +109,10 @@ def plot_gaps(history: list[dict], path: Path, source: str = "server_valid") -> 
             xs = [h["round"] for h in history if h.get(source)]
             ys = [h[source]["gaps"][attr][key] for h in history if h.get(source)]
             ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", ms=3, label=attr)
-        ax.set_title(title)
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
+        per_round(ax, title)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Fairness gaps per round ({source})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_client_accuracy(history: list[dict], path: Path, source: str = "federated_evaluate") -> Path | None:
@@ -131,10 +133,7 @@ def plot_client_accuracy(history: list[dict], path: Path, source: str = "federat
     ax2.hist(last, bins=20)
     ax2.set_title(f"per-client accuracy, round {rounds[-1]['round']}")
     ax2.set_xlabel("accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_partitions(partitions: dict, path: Path) -> Path | None:
@@ -158,10 +157,7 @@ def plot_partitions(partitions: dict, path: Path) -> Path | None:
     axes[2].set_xlabel("client (partition id)")
     axes[2].legend(fontsize=8, ncol=len(attrs))
     fig.suptitle(f"Partition composition ({partitions['split']}, {len(parts)} clients)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _f(v, digits: int = 4) -> str:
