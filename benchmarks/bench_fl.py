@@ -9,7 +9,7 @@ Run from the project root (figures in docs/SPEED.md):
 Prints, on one machine in one process:
   1. raw backbone throughput on random tensors of the run's shape (batch, 3, S, S), for every
      runtime available on this device (PyTorch fp32, channels_last, bf16 autocast on CUDA,
-     ONNX Runtime on CPU);
+     ONNX Runtime on CPU, whose model also normalises its uint8 input);
   2. the app's end-to-end extraction throughput on real JPEGs (decode, resize, normalise,
      backbone: celeba_app.features.extract with the runtime the app picks), and decoding +
      resizing alone;
@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from celeba_app.features import Extractor, decode_resize, extract, normalize  # noqa: E402
+from celeba_app.features import Extractor, decode_resize, extract  # noqa: E402
 from celeba_app.model import Backbone, load_mobilenet  # noqa: E402
 
 FULL_TRAIN, FULL_VALID, FULL_TEST = 162_770, 19_867, 19_962
@@ -82,10 +82,28 @@ def raw_backbone(backbone: Backbone, device: torch.device, batch: int, size: int
     if device.type == "cpu":
         try:
             ex = Extractor(backbone.cpu(), "onnx", torch.device("cpu"), size, onnx_dir=onnx_dir, weights_id="bench")
-            out["onnxruntime"] = timed(lambda: ex(x), batch, device)
+            u8 = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+            out["onnxruntime (with normalisation)"] = timed(lambda: ex(u8), batch, device)
+            out["onnxruntime (backbone only)"] = timed(bare_onnx(backbone, x, onnx_dir), batch, device)
         except ImportError:
             out["onnxruntime"] = None
     return out
+
+
+def bare_onnx(backbone: Backbone, x: torch.Tensor, onnx_dir: Path):
+    """The backbone alone (float input, no normalisation) in ONNX Runtime, for reference."""
+    import onnxruntime as ort
+
+    path = onnx_dir / "bare.onnx"
+    if not path.exists():
+        onnx_dir.mkdir(parents=True, exist_ok=True)
+        torch.onnx.export(backbone.cpu(), x[:1], str(path), input_names=["x"], output_names=["z"],
+                          dynamic_axes={"x": {0: "n"}, "z": {0: "n"}}, opset_version=17, dynamo=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    return lambda: session.run(None, feed)
 
 
 def read_blobs(data: Path, split: str, n: int) -> list[bytes]:
@@ -103,8 +121,8 @@ def pipeline(backbone: Backbone, device: torch.device, blobs: list[bytes], batch
     batches = [blobs[i:i + batch] for i in range(0, len(blobs), batch)]
     n = len(blobs)
     out = {"runtime": ex.runtime_id, "images": n}
-    out["decode+resize+normalise only"] = timed(
-        lambda: [normalize(decode_resize(b, size, device=ex.decode_device)) for b in batches], n, device, repeats=2)
+    out["decode+resize only"] = timed(
+        lambda: [decode_resize(b, size, device=ex.decode_device) for b in batches], n, device, repeats=2)
     out["end-to-end extraction"] = timed(lambda: extract(ex, iter(batches)), n, device, repeats=2)
     if device.type == "cuda":
         cpu_ex = Extractor(backbone, runtime, device, size, onnx_dir=onnx_dir, weights_id="bench")

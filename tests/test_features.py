@@ -90,6 +90,15 @@ def test_write_then_rename_leaves_no_temporary_files(backbone, part, tmp_path):
     assert len(files) == 1 and files[0].endswith(".pt")
 
 
+def test_normalisation_matches_torchvision(backbone):
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    ref = TF.normalize(x.float() / 255, list(F.IMAGENET_MEAN), list(F.IMAGENET_STD))
+    with torch.no_grad():
+        assert torch.allclose(F.Normalized(backbone)(x), backbone(ref), atol=1e-5)
+
+
 def test_onnx_features_match_pytorch(backbone, part, tmp_path):
     pytest.importorskip("onnxruntime")
     F.clear_memory_cache()
@@ -108,7 +117,7 @@ def test_training_on_cached_features_equals_training_through_the_backbone(backbo
     kw = dict(epochs=3, lr=0.01, batch_size=8, seed=11)
     cached, through = make_head(seed=1), make_head(seed=1)
     train_head(cached, feats, labels, **kw)
-    train_head(through, images, labels, encoder=lambda x: backbone(F.normalize(x)), **kw)
+    train_head(through, images, labels, encoder=F.Normalized(backbone), **kw)
     for k, v in cached.state_dict().items():
         assert torch.allclose(v, through.state_dict()[k], atol=1e-5), k
     assert not torch.equal(cached.state_dict()["1.weight"], make_head(seed=1).state_dict()["1.weight"])
