@@ -6,7 +6,8 @@ trains on the union of the clients' local training parts (the same partitioning,
 the images the federation trained on, without the clients' held-out parts), for
 ``num-server-rounds`` x ``local-epochs`` epochs with the same optimiser, learning rate and batch
 size; one "round" here is ``local-epochs`` passes over the union. It writes the same run folder
-(config.json, partitions.json, history.json, test.json, head.pt, report.md, plots), with
+(config.json, partitions.json, history.json, test.json, best.json, head.pt, report.md, plots),
+with the same best-round selection on ``valid`` and early stopping, and
 ``kind: "centralized"``: ``train`` is the head on the union of training parts,
 ``local_validation`` on the union of the clients' held-out parts, ``server_valid`` on ``valid``.
 """
@@ -28,7 +29,8 @@ from .data import Part, client_parts, server_part
 from .features import feature_store
 from .metrics import report
 from .model import make_head, weights_digest
-from .results import create_run_dir, write_run_end, write_run_start
+from .results import create_run_dir, write_best, write_run_end, write_run_start
+from .selection import BestRound
 from .server_app import prepare
 from .task import evaluate_stats, pick_device, train_head
 
@@ -53,10 +55,10 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
         cfg = dataclasses.replace(cfg, run_name=f"{time.strftime('%Y%m%d-%H%M%S')}-central-{cfg.split}")
     run_dir, identities, partitions = prepare(cfg, num_partitions)
     device = pick_device(cfg)
+    store = feature_store(cfg, device)  # loads the weights: may fail before anything is written
     create_run_dir(run_dir)
     write_run_start(run_dir, cfg, kind="centralized", num_clients=num_partitions, device=str(device),
                     identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
-    store = feature_store(cfg, device)
     trains, vals = zip(*(client_parts(cfg, pid, num_partitions) for pid in range(num_partitions)))
     print(f"celeba-fl centralized: embedding {sum(map(len, trains))} training images "
           f"({num_partitions} clients' parts) ...", flush=True)
@@ -67,6 +69,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
     plain_train = x_train[0] if cfg.augment_hflip else x_train
 
     head = make_head(cfg.head_dropout, seed=cfg.seed)
+    best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
     history = []
     for rnd in range(cfg.num_server_rounds + 1):
         t0 = time.time()
@@ -85,9 +88,20 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
         v = entry["server_valid"]["overall"]
         print(f"celeba-fl centralized: round {rnd}/{cfg.num_server_rounds} | valid loss {v['loss']:.4f} "
               f"acc {v['accuracy']:.4f} AUROC {v['auroc']:.4f}", flush=True)
-    test_rep = report(evaluate_stats(head, f_test, test.labels, test.attributes, device), "test")
+        best.update(rnd, entry["server_valid"], {k: t.clone() for k, t in head.state_dict().items()})
+        if best.should_stop:
+            print(f"celeba-fl centralized: early stopping after round {rnd} (best: round {best.round})")
+            break
+
+    def test_report(state: dict) -> dict:
+        model = make_head(cfg.head_dropout)
+        model.load_state_dict(state)
+        return report(evaluate_stats(model, f_test, test.labels, test.attributes, device), "test")
+
+    test_rep = test_report(head.state_dict())
+    write_best(run_dir, best, test_report)
     write_run_end(run_dir, head.state_dict(), history, test_rep,
-                  {"round": cfg.num_server_rounds, "wall_seconds": time.time() - t_start,
+                  {"round": history[-1]["round"], "wall_seconds": time.time() - t_start,
                    "feature_cache": store.stats})
     o = test_rep["overall"]
     print(f"celeba-fl centralized: test accuracy {o['accuracy']:.4f}, balanced accuracy "

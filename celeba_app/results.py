@@ -93,3 +93,15 @@ def write_run_end(run_dir: Path, head_state: dict, history: list[dict], test: di
     write_json(run_dir / "history.json", history)
     write_json(run_dir / "test.json", {**test, **(extra or {})})
     write_report(run_dir)
+
+
+def write_best(run_dir: Path, best, test_report) -> None:
+    """best.json and head_best.pt for a selection.BestRound (nothing if no round qualified);
+    ``test_report(state)`` evaluates a head state on the test split."""
+    import torch
+
+    if best.state is None:
+        return
+    write_json(run_dir / "best.json", {"round": best.round, "selection_metric": best.metric,
+                                       "validation_value": best.value, **test_report(best.state)})
+    torch.save(best.state, run_dir / "head_best.pt")

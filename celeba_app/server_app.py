@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from logging import ERROR, INFO
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -22,7 +21,7 @@ from .data import check_identity_disjoint, load_federated, partition_summary, se
 from .features import feature_store
 from .metrics import report
 from .model import make_head, weights_digest
-from .results import create_run_dir, run_dir_for, write_json, write_run_end, write_run_start
+from .results import create_run_dir, run_dir_for, write_best, write_run_end, write_run_start
 from .selection import BestRound
 from .strategy import make_strategy
 from .task import evaluate_stats, pick_device
@@ -62,18 +61,18 @@ def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_run_config(context.run_config)
         num_nodes = _num_nodes(grid)
         run_dir, identities, partitions = prepare(cfg, num_nodes)
+        device = pick_device(cfg)
+        store = feature_store(cfg, device)  # loads (or downloads) the weights: may fail too
     except ConfigError as exc:
         log(ERROR, "celeba-fl: %s", exc)
         raise SystemExit(2) from exc
 
-    device = pick_device(cfg)
     create_run_dir(run_dir)
     log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s",
         run_dir, num_nodes, cfg.split, cfg.target, device)
     write_run_start(run_dir, cfg, kind="federated", num_clients=num_nodes, device=str(device),
                     identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
 
-    store = feature_store(cfg, device)
     valid, test = server_part(cfg, "valid", num_nodes), server_part(cfg, "test", num_nodes)
     valid_reports: dict[int, dict] = {}
     strategy = make_strategy(cfg, num_nodes)
@@ -127,10 +126,7 @@ def main(grid: Grid, context: Context) -> None:
         if strategy.stopped_after is not None and rnd > strategy.stopped_after:
             entry["early_stopped"] = True
         history.append(entry)
-    if best.state is not None:
-        write_json(run_dir / "best.json", {"round": best.round, "selection_metric": cfg.selection_metric,
-                                           "validation_value": best.value, **test_report(best.state)})
-        torch.save(best.state, run_dir / "head_best.pt")
+    write_best(run_dir, best, test_report)
     write_run_end(run_dir, last_state, history, test_rep,
                   {"round": last_round, "wall_seconds": time.time() - t_start,
                    "feature_cache": store.stats})

@@ -42,3 +42,16 @@ def test_bad_weights_file_is_named(tmp_path):
     torch.save({"foo": torch.zeros(1)}, bad)
     with pytest.raises(ConfigError, match="is not a mobilenet_v2 state_dict"):
         load_mobilenet(str(bad))
+
+
+def test_unreachable_imagenet_weights_are_one_clear_line(monkeypatch):
+    from urllib.error import URLError
+
+    from celeba_app import model
+
+    def offline(weights=None):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(model, "mobilenet_v2", offline)
+    with pytest.raises(ConfigError, match="weights='imagenet' could not be downloaded by torchvision"):
+        load_mobilenet("imagenet")

@@ -28,7 +28,7 @@ def two_runs(tmp_path_factory, celeba_dir, weights_file):
 
 def test_centralized_run_writes_the_same_contract(two_runs):
     run = two_runs[0]
-    for name in ("config.json", "partitions.json", "history.json", "test.json", "head.pt", "report.md"):
+    for name in ("config.json", "partitions.json", "history.json", "test.json", "best.json", "head.pt", "report.md"):
         assert (run / name).exists(), name
     config = json.loads((run / "config.json").read_text())
     assert config["kind"] == "centralized" and config["num_clients"] == 4
@@ -88,3 +88,16 @@ def test_centralized_cli_reads_pyproject_and_overrides(tmp_path, celeba_dir, wei
     assert config["run_config"]["target"] == "Bald" and config["run_config"]["batch-size"] == 32
     assert centralized.main(["--project", str(ROOT), "--run-config", "split='bogus'"]) == 2
     assert "split='bogus' is not known" in capsys.readouterr().err
+
+
+def test_unreachable_weights_stop_before_anything_is_written(tmp_path, celeba_dir, monkeypatch, capsys):
+    from urllib.error import URLError
+
+    from celeba_app import features, model
+
+    monkeypatch.setattr(model, "mobilenet_v2", lambda weights=None: (_ for _ in ()).throw(URLError("offline")))
+    features._STORES.clear()
+    rc = f"dataset='{celeba_dir}' weights='imagenet' results-dir='{tmp_path}' run-name='x'"
+    assert centralized.main(["--project", str(ROOT), "--run-config", rc, "--num-partitions", "3"]) == 2
+    assert "weights='imagenet' could not be downloaded" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
