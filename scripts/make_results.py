@@ -193,10 +193,10 @@ def baseline_section(out: Path, img: Path) -> list[str]:
     img.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "compare" / "compare_valid.png", img / "compare_valid.png")
     shutil.copy(out / "compare" / "compare_gaps.png", img / "compare_gaps.png")
-    for name, _ in names:
-        for png in ("learning_curves.png", "groups_test.png", "partitions.png"):
-            if (out / name / png).exists():
-                shutil.copy(out / name / png, img / f"{name}-{png}")
+    for name, png in (("fed-noniid", "learning_curves.png"), ("fed-noniid", "partitions.png"),
+                      ("central", "learning_curves.png")):
+        if (out / name / png).exists():
+            shutil.copy(out / name / png, img / f"{name}-{png}")
     keys = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc", "ece", "loss")
     lines = ["## IID vs non-IID vs centralized", "",
              "Same data, weights, head, optimiser and seed (42); 50 clients, 10 rounds (centralized: 10 x "
@@ -230,8 +230,52 @@ def baseline_section(out: Path, img: Path) -> list[str]:
                   f"{smile.min():.2f}–{smile.max():.2f} (std {smile.std():.2f}).", "",
                   "![partitions](img/fed-noniid-partitions.png)", ""]
     lines += ["### Curves", "", "![validation](img/compare_valid.png)", "", "![gaps](img/compare_gaps.png)", "",
-              "![non-IID learning curves](img/fed-noniid-learning_curves.png)", ""]
+              "Federated non-IID (train = the clients' locally trained heads on their own data):", "",
+              "![non-IID learning curves](img/fed-noniid-learning_curves.png)", "",
+              "Centralized (overfits after round 1):", "",
+              "![centralized learning curves](img/central-learning_curves.png)", ""]
     return lines
+
+
+READING = """## Reading these numbers (written against the figures of 2026-11-28)
+
+- **Federation costs nothing here, and centralized training overfits.** With the same
+  optimiser and the same number of passes, FedAvg's averaging of 50 small local fits acts as a
+  regulariser: the federated heads reach 0.795 test accuracy, the centralized head 0.780 after
+  50 epochs, but 0.812 at its best validation round (round 1 = 5 epochs). The fair yardstick is
+  the centralized *best-round* figure: federation costs about 0.017 accuracy (about one
+  Wilson half-width of the test set, so barely distinguishable).
+- **IID and non-IID (alpha 0.5 over Male x Young) are indistinguishable** in accuracy and in the
+  fairness gaps, although the non-IID clients are strongly skewed (Male share 0.01-1.00 per
+  client). A linear head on frozen ImageNet features has little room to drift; the label skew
+  this partition induces is mild (Smiling rate 0.39-0.67 per client).
+- **Overfitting is real locally and is measured**: the clients' locally trained heads are about
+  0.11 more accurate on their own data than the global head on `valid`. Fewer local epochs with
+  a decaying learning rate cut that gap to 0.03 but cost 0.025 test accuracy (the global model
+  then underfits in 10 rounds); FedProx (mu 0.5) cuts it to 0.08 at no significant cost.
+  Dropout and weight decay change nothing beyond noise. Validation loss still falls at round
+  10 in every federated run but one (group-balanced loss, seed 1: round 9), so selecting the
+  best round on validation changes nothing here and early stopping would not fire; for the
+  centralized baseline it matters (round 1 of 10).
+- **Server optimisers**: FedAvgM (momentum 0.7) gives the best AUROC (0.883 vs 0.877, beyond
+  the pooled noise of 0.001) and the best accuracy (0.809 vs 0.800, within noise). FedAdam
+  with server lr 0.01 is worse (0.779); it was not tuned.
+- **The fairness-aware options did not pay off here.** The group-balanced loss (equal weight per
+  Male x Young cell in each client's loss) lowers accuracy (0.783) and *raises* the Male
+  equalized-odds difference (0.166 vs 0.097) without lifting worst-group accuracy beyond noise:
+  reweighting the groups moves each group's operating point (positive rates) rather than
+  closing the TPR/FPR gaps. q-FedAvg (q=1) with flwr's Lipschitz estimate L = 1/learning-rate
+  (200 here, for 5 local Adam epochs) takes steps so small that the head hardly moves in 10
+  rounds (test accuracy 0.51, one seed; its rounds also took ~30 s instead of ~3 s, not
+  investigated); it would need its own tuning of L.
+- **Default kept**: plain FedAvg with no remedy switched on. No remedy improved test accuracy or
+  worst-group accuracy beyond run-to-run noise; FedAvgM's AUROC gain is the one candidate for a
+  new default, on two seeds only. Best-round selection on validation loss is always on (it is
+  free and, for FedAvg, picks the last round).
+- **Uncertainty**: remedies have two seeds each (q-FedAvg one), the smallest groups (e.g.
+  Male & Pale_Skin = 1 & 1, 17 test images) have intervals wider than ±0.15, and all of this
+  is one 10k-image subset of CelebA with the shared (slightly weaker) weights.
+"""
 
 
 def write_doc(args, out: Path) -> Path:
@@ -257,6 +301,7 @@ def write_doc(args, out: Path) -> Path:
     ]
     lines += baseline_section(out, ROOT / "docs" / "img")
     lines += remedies_section(out, args.seeds)
+    lines += READING.splitlines()
     doc.write_text("\n".join(lines))
     return doc
 
