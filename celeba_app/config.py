@@ -211,11 +211,6 @@ class RunConfig:
                 "IMAGENET1K_V1) or the path of a mobilenet_v2 state_dict file"
             )
 
-    @property
-    def group_attributes(self) -> tuple[str, ...]:
-        """The attributes whose groups are reported: the sensitive ones (intersections derived)."""
-        return self.sensitive_attributes
-
     def as_dict(self) -> dict[str, Any]:
         """The resolved config, with the pyproject key spelling, for config.json."""
         out = {}

@@ -11,7 +11,6 @@ for every later message and client in that process.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,6 @@ from flwr_datasets import FederatedDataset
 from .config import ConfigError, HUB_DATASET, RunConfig, is_local_path
 from .features import numpy_rows_digest
 from .partitioning import build_partitioner, local_split
-
-log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "valid", "test")
 
