@@ -23,6 +23,7 @@ part 3 needs the installed app.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from celeba_app.features import Extractor, decode_resize, extract  # noqa: E402
+from celeba_app.features import Extractor, decode, decode_resize, extract, resize_crop  # noqa: E402
 from celeba_app.model import Backbone, load_mobilenet  # noqa: E402
 
 FULL_TRAIN, FULL_VALID, FULL_TEST = 162_770, 19_867, 19_962
@@ -115,55 +117,83 @@ def read_blobs(data: Path, split: str, n: int) -> list[bytes]:
     return [c["bytes"] for c in col]
 
 
+def rescale_jpegs(blobs: list[bytes], height: int, width: int) -> list[bytes]:
+    """The same images re-encoded at ``height`` x ``width`` (e.g. 218 x 178, full CelebA's
+    aligned size, from celeba-10k's halved copies): decoding cost grows with pixels."""
+    from torchvision.io import encode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+
+    out = []
+    for idx, group in decode(blobs):
+        big = TF.resize(group, [height, width], antialias=True)
+        out += [encode_jpeg(im, quality=90).numpy().tobytes() for im in big]
+    return out
+
+
+def preprocessing_only(ex: Extractor) -> Extractor:
+    """The extractor with a trivial model: ``extract`` then times decoding and resizing alone,
+    with the same threads and overlap as the real pipeline."""
+    noop = copy.copy(ex)
+    noop._session = None
+    noop.model = lambda x: x[:, 0, 0, :1].float()
+    return noop
+
+
 def pipeline(backbone: Backbone, device: torch.device, blobs: list[bytes], batch: int, size: int,
              onnx_dir: Path, runtime: str) -> dict:
     ex = Extractor(backbone, runtime, device, size, onnx_dir=onnx_dir, weights_id="bench")
     batches = [blobs[i:i + batch] for i in range(0, len(blobs), batch)]
     n = len(blobs)
     out = {"runtime": ex.runtime_id, "images": n}
-    out["decode+resize only"] = timed(
-        lambda: [decode_resize(b, size, device=ex.decode_device) for b in batches], n, device, repeats=2)
-    out["end-to-end extraction"] = timed(lambda: extract(ex, iter(batches)), n, device, repeats=2)
     if device.type == "cuda":
-        out["end-to-end, decode on a side stream"] = timed(
-            lambda: extract_side_stream(ex, batches), n, device, repeats=2)
-        cpu_ex = Extractor(backbone, runtime, device, size, onnx_dir=onnx_dir, weights_id="bench")
-        cpu_ex.decode_device = torch.device("cpu")
-        out["end-to-end, decode on CPU"] = timed(lambda: extract(cpu_ex, iter(batches)), n, device, repeats=2)
+        out["decode only, 1 CPU thread"] = timed(lambda: [decode(b) for b in batches], n, device, repeats=2)
+        out["decode only, nvJPEG"] = timed(lambda: [decode(b, device) for b in batches], n, device, repeats=2)
+    out["decode+resize only"] = timed(lambda: extract(preprocessing_only(ex), iter(batches)), n, device, repeats=2)
+    out["end-to-end extraction"] = timed(lambda: extract(ex, iter(batches)), n, device, repeats=3)
+    if device.type == "cuda":
+        out["end-to-end, decoding in 4 CPU threads"] = timed(
+            lambda: extract_cpu_threads(ex, batches, 4), n, device, repeats=3)
+        out["agreement"] = agreement(ex, backbone, blobs[:256])
     return out
 
 
-def extract_side_stream(ex: Extractor, batches: list) -> torch.Tensor:
-    """Experimental: decode on one persistent side CUDA stream in one thread, so decoding
-    batch k+1 can overlap the backbone on batch k (the app uses one stream)."""
-    from concurrent.futures import ThreadPoolExecutor
+def agreement(ex: Extractor, backbone: Backbone, blobs: list[bytes]) -> str:
+    """How far the GPU path's inputs and embeddings are from the CPU fp32 reference, and how
+    much of that is bf16."""
+    cos = torch.nn.functional.cosine_similarity
+    x_gpu = decode_resize(blobs, ex.image_size, device=ex.device)
+    x_cpu = decode_resize(blobs, ex.image_size)
+    ref = Extractor(copy.deepcopy(backbone).cpu(), "torch", torch.device("cpu"), ex.image_size)
+    cpu = ref(x_cpu)
+    gpu = ex(x_gpu).cpu()
+    with torch.inference_mode():
+        fp32 = ex.model(x_gpu.contiguous(memory_format=torch.channels_last)).float().cpu()
+        fp32_same_input = ex.model(x_cpu.to(ex.device)).float().cpu()
+    return (f"pixels vs CPU resize: max diff {(x_gpu.cpu().int() - x_cpu.int()).abs().max().item()}; "
+            f"min cosine vs CPU fp32: app (bf16) {cos(gpu, cpu).min():.5f}, GPU fp32 {cos(fp32, cpu).min():.5f}, "
+            f"GPU fp32 on CPU-resized input {cos(fp32_same_input, cpu).min():.5f}")
 
-    stream = torch.cuda.Stream()
 
-    def prep(b):
-        with torch.cuda.stream(stream):
-            x = decode_resize(b, ex.image_size, device=ex.decode_device)
-            done = torch.cuda.Event()
-            done.record(stream)
-        return x, done
+def extract_cpu_threads(ex: Extractor, batches: list, workers: int) -> torch.Tensor:
+    """The alternative to the app's GPU path, kept to compare on each new GPU machine:
+    libjpeg-turbo in ``workers`` CPU threads running ahead, upload (page-locked) and resize on
+    the GPU in the main thread."""
+    from collections import deque
 
-    def run(x, done):
-        current = torch.cuda.current_stream()
-        current.wait_event(done)
-        x.record_stream(current)
-        return ex(x)
+    outs, pending = [], deque()
 
-    outs = []
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
+    def run(groups):
+        groups = [(idx, g.pin_memory()) for idx, g in groups]
+        return ex(resize_crop(groups, ex.image_size, device=ex.device))
+
+    with ThreadPoolExecutor(workers) as pool:
         for b in batches:
-            fut = pool.submit(prep, b)
-            if pending is not None:
-                outs.append(run(*pending.result()))
-            pending = fut
-        if pending is not None:
-            outs.append(run(*pending.result()))
-    return torch.cat(outs)
+            pending.append(pool.submit(decode, b))
+            if len(pending) > workers:
+                outs.append(run(pending.popleft().result()))
+        while pending:
+            outs.append(run(pending.popleft().result()))
+    return torch.cat(outs).cpu()
 
 
 def flwr_run(args, cache: bool, cache_dir: Path, results: Path, name: str) -> dict:
@@ -194,6 +224,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--images", type=int, default=1024, help="real images for the pipeline part")
+    p.add_argument("--source-size", default=None, metavar="HxW",
+                   help="re-encode those images at HxW first (218x178: full CelebA's aligned size)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-runs", action="store_true")
     p.add_argument("--clients", type=int, default=50)
@@ -213,14 +245,21 @@ def main() -> None:
     raw = raw_backbone(backbone, device, args.batch, args.size, tmp / "onnx")
     report["raw_backbone_img_s"] = raw
     for k, v in raw.items():
-        print(f"raw backbone  {k:28s} {v:8.1f} img/s" if v else f"raw backbone  {k:28s}      n/a", flush=True)
+        print(f"raw backbone  {k:32s} {v:8.1f} img/s" if v else f"raw backbone  {k:32s}      n/a", flush=True)
     blobs = read_blobs(args.data, "train", args.images)
+    if args.source_size:
+        h, w = (int(v) for v in args.source_size.lower().split("x"))
+        blobs = rescale_jpegs(blobs, h, w)
     runtime = "auto"
     pipe = pipeline(backbone, device, blobs, args.batch, args.size, tmp / "onnx", runtime)
     report["pipeline"] = pipe
-    print(f"pipeline      runtime {pipe['runtime']}, {pipe['images']} real JPEGs", flush=True)
-    for k in [k for k in pipe if k not in ("runtime", "images")]:
-        print(f"pipeline      {k:28s} {pipe[k]:8.1f} img/s", flush=True)
+    print(f"pipeline      runtime {pipe['runtime']}, {pipe['images']} real JPEGs"
+          f"{' re-encoded at ' + args.source_size if args.source_size else ''}", flush=True)
+    for k, v in pipe.items():
+        if isinstance(v, float):
+            print(f"pipeline      {k:32s} {v:8.1f} img/s", flush=True)
+    if "agreement" in pipe:
+        print(f"pipeline      {pipe['agreement']}", flush=True)
     best_raw = max(v for v in raw.values() if v)
     ratio = pipe["end-to-end extraction"] / best_raw
     report["pipeline_over_best_raw"] = ratio

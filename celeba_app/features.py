@@ -5,8 +5,9 @@ computing it once per process (memory) and once per machine (disk) instead of on
 local epoch removes nearly all of the compute of a federated run.
 
 * Preprocessing is batched tensor work: ``torchvision.io.decode_jpeg`` on a list of encoded
-  images, resize of the shorter side to ``image_size`` (antialiased) and a centre crop, done per
-  group of same-sized images, then ImageNet normalisation on the whole batch.
+  images (libjpeg-turbo in a thread that runs ahead of the backbone on CPU, nvJPEG on CUDA),
+  then resize of the shorter side to ``image_size`` (antialiased) and a centre crop per
+  group of same-sized images. ImageNet normalisation is part of the model (``Normalized``).
 * Runtime: ONNX Runtime on CPU (exported from the same torchvision module; measured ~5-10x
   faster than eager PyTorch on this project's 2-core machines), PyTorch with channels_last and
   bf16 autocast on CUDA. ``feature-runtime`` forces one.
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 progress_log = logging.getLogger("flwr")
 
 #: Bump when preprocessing, pooling or the export changes: every cached embedding then misses.
-EXTRACTOR_VERSION = "2"  # 2: normalisation inside the exported/run model
+EXTRACTOR_VERSION = "3"  # 2: normalisation inside the model; 3: GPU resize without antialiasing when enlarging
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIEWS = ("orig", "hflip")
@@ -56,12 +57,12 @@ _MEMORY: dict[str, torch.Tensor] = {}
 
 
 # --------------------------------------------------------------------------- preprocessing
-def decode_resize(blobs: Sequence[bytes], image_size: int, hflip: bool = False,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """Encoded images -> uint8 (N, 3, S, S): decode, resize shorter side to S, centre crop.
+def decode(blobs: Sequence[bytes], device: torch.device | str = "cpu") -> list[tuple[list[int], torch.Tensor]]:
+    """Encoded images -> uint8 RGB stacked per image size: [(indices, (k, 3, H, W))].
 
-    On a CUDA ``device``, JPEGs are decoded by nvJPEG and resized on the GPU, so the CPU
-    is not the bottleneck of a fast GPU backbone.
+    JPEGs are decoded by libjpeg-turbo on the CPU, or by nvJPEG as one batch on a CUDA
+    ``device``: measured on an H200 (docs/SPEED.md) as the fastest way to feed the GPU,
+    ahead of libjpeg-turbo in 4-16 threads or 4-12 processes.
     """
     device = torch.device(device)
     raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
@@ -73,18 +74,43 @@ def decode_resize(blobs: Sequence[bytes], image_size: int, hflip: bool = False,
             images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
         else:
             images = [decode_image(r, mode=ImageReadMode.RGB).to(device) for r in raw]
-    out = torch.empty((len(images), 3, image_size, image_size), dtype=torch.uint8, device=device)
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
         by_shape.setdefault(tuple(img.shape[-2:]), []).append(i)
-    for idx in by_shape.values():
-        batch = torch.stack([images[i] for i in idx])
+    return [(idx, torch.stack([images[i] for i in idx])) for idx in by_shape.values()]
+
+
+def resize_crop(groups: list[tuple[list[int], torch.Tensor]], image_size: int, hflip: bool = False,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decoded groups -> uint8 (N, 3, S, S) on ``device``: shorter side resized to S
+    (antialiased), centre crop, optional mirror.
+
+    On CUDA the images are resized there (uploaded first if decoded on the CPU).
+    """
+    device = torch.device(device)
+    resized = []
+    for _, batch in groups:
         if device.type != "cpu":  # antialiased resize of uint8 is a CPU kernel; use float on GPU
-            batch = TF.resize(batch.float(), [image_size], antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+            # Antialiasing changes nothing when enlarging (CelebA's 178 px faces to 224: 1e-3
+            # apart in float) but its CUDA kernel is several times slower than plain bilinear.
+            antialias = min(batch.shape[-2:]) > image_size
+            batch = batch.to(device, non_blocking=True).float()
+            batch = TF.resize(batch, [image_size], antialias=antialias).round_().clamp_(0, 255).to(torch.uint8)
         else:
             batch = TF.resize(batch, [image_size], antialias=True)
-        out[idx] = TF.center_crop(batch, [image_size, image_size])
+        resized.append(TF.center_crop(batch, [image_size, image_size]))
+    if len(groups) == 1:  # all images of one size (CelebA): already in order
+        out = resized[0]
+    else:
+        order = torch.tensor([i for idx, _ in groups for i in idx]).argsort()
+        out = torch.cat(resized)[order.to(device)]
     return out.flip(-1) if hflip else out
+
+
+def decode_resize(blobs: Sequence[bytes], image_size: int, hflip: bool = False,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Encoded images -> uint8 (N, 3, S, S) on ``device``: ``decode`` then ``resize_crop``."""
+    return resize_crop(decode(blobs, device), image_size, hflip, device)
 
 
 class Normalized(nn.Module):
@@ -119,8 +145,8 @@ class Extractor:
             runtime = "torch" if device.type == "cuda" else ("onnx" if _has_onnxruntime() else "torch")
         self.runtime = runtime
         self._session = None
-        #: Where images are decoded and resized: on the GPU when the backbone runs there.
         on_gpu = device.type == "cuda" and runtime == "torch"
+        #: Where images are decoded and resized: on the GPU when the backbone runs there.
         self.decode_device = device if on_gpu else torch.device("cpu")
         if runtime == "onnx":
             self._session = self._onnx_session(onnx_dir, weights_id)
@@ -157,16 +183,16 @@ class Extractor:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float32 (N, 1280) on CPU."""
+        """uint8 (N, 3, H, W) -> float32 (N, 1280), on the CPU for ONNX Runtime, else on the
+        model's device (no synchronisation: ``extract`` moves everything to the CPU once)."""
         if self._session is not None:
-            out = self._session.run(None, {"x": x.contiguous().numpy()})[0]
+            out = self._session.run(None, {"x": x.cpu().contiguous().numpy()})[0]
             return torch.from_numpy(out)
         x = x.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                z = self.model(x)
-            return z.float().cpu()
+                return self.model(x).float()
         return self.model(x)
 
 
@@ -180,25 +206,34 @@ def _has_onnxruntime() -> bool:
 
 
 def extract(extractor: Extractor, blobs: Iterable[Sequence[bytes]], hflip: bool = False) -> torch.Tensor:
-    """Embeddings of every batch of encoded images; decoding of the next batch overlaps the
-    backbone (ORT and torch release the GIL).
+    """float32 (N, 1280) CPU embeddings of every batch of encoded images, in order.
 
-    Measured on an H200 (docs/SPEED.md): this one-thread, one-stream pipeline beat two decode
-    threads on per-batch side streams (14.6k vs 11.2k img/s at batch 256) and matched one
-    persistent side stream (13.1k vs 12.4k), so it stays the simple one."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    On the CPU, one thread decodes and resizes the next batch while the backbone runs on the
+    current one (libjpeg-turbo and ONNX Runtime release the GIL). On a GPU, each batch is
+    decoded (nvJPEG), resized and embedded in turn: CUDA runs that work asynchronously, so
+    the host-side stage of the next batch overlaps the GPU's work on this one, and the
+    results stay on the GPU until the end (no per-batch synchronisation). Measured on an
+    H200 (docs/SPEED.md): this beat decoding in CPU threads, which starved the thread
+    launching the kernels of the GIL, and in worker processes.
+    """
+    size, device = extractor.image_size, extractor.decode_device
     outs: list[torch.Tensor] = []
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
+    if device.type != "cpu":
         for batch in blobs:
-            fut = pool.submit(decode_resize, batch, extractor.image_size, hflip, extractor.decode_device)
+            outs.append(extractor(decode_resize(batch, size, hflip, device)))
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for batch in blobs:
+                fut = pool.submit(decode_resize, batch, size, hflip)
+                if pending is not None:
+                    outs.append(extractor(pending.result()))
+                pending = fut
             if pending is not None:
                 outs.append(extractor(pending.result()))
-            pending = fut
-        if pending is not None:
-            outs.append(extractor(pending.result()))
-    return torch.cat(outs) if outs else torch.empty(0, FEATURE_DIM)
+    return torch.cat(outs).cpu() if outs else torch.empty(0, FEATURE_DIM)
 
 
 # --------------------------------------------------------------------------- the cache

@@ -32,6 +32,32 @@ def test_decode_resize_is_square_and_flip_is_a_mirror(part):
     assert torch.equal(F.decode_resize(blobs, 40, hflip=True), x.flip(-1))
 
 
+def test_images_of_mixed_sizes_keep_their_order():
+    from torchvision.io import encode_jpeg, encode_png
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+              for h, w in [(30, 20), (24, 24), (30, 20), (18, 40)]]
+    blobs = [encode_png(im).numpy().tobytes() for im in images]  # lossless: exact reference
+    x = F.decode_resize(blobs, 16)
+    one_by_one = torch.cat([F.decode_resize([b], 16) for b in blobs])
+    assert torch.equal(x, one_by_one)
+    assert [len(idx) for idx, _ in F.decode(blobs)] == [2, 1, 1]
+    jpegs = [encode_jpeg(im).numpy().tobytes() for im in images]
+    assert torch.equal(F.decode_resize(jpegs, 16), torch.cat([F.decode_resize([b], 16) for b in jpegs]))
+
+
+def test_decoding_ahead_keeps_batch_order(backbone, part):
+    ex = F.Extractor(backbone, "torch", torch.device("cpu"), 32)
+    ex.model = lambda x: x.float().flatten(1)[:, :1280]  # an image's own pixels, not a backbone's
+    batches = list(part.blobs(3))
+    assert len(batches) > 3
+    images = torch.cat([F.decode_resize(b, 32) for b in batches])
+    assert torch.equal(F.extract(ex, iter(batches)), images.float().flatten(1)[:, :1280])
+    assert torch.equal(F.extract(ex, iter(batches), hflip=True), images.flip(-1).float().flatten(1)[:, :1280])
+    assert F.extract(ex, iter([])).shape == (0, 1280)
+
+
 def test_cache_hits_in_memory_and_on_disk_and_misses_on_any_key_change(backbone, part, tmp_path):
     F.clear_memory_cache()
     store = store_for(backbone, tmp_path)
