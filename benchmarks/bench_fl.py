@@ -12,7 +12,9 @@ Prints, on one machine in one process:
      ONNX Runtime on CPU, whose model also normalises its uint8 input);
   2. the app's end-to-end extraction throughput on real JPEGs (decode, resize, normalise,
      backbone: celeba_app.features.extract with the runtime the app picks), and decoding +
-     resizing alone;
+     resizing alone; on CUDA also decoding alone (one CPU thread, nvJPEG), the alternative
+     of decoding in CPU threads, and how far GPU embeddings are from the CPU fp32 ones
+     (``--source-size 218x178`` re-encodes the images at full CelebA size first);
   3. (unless --skip-runs) wall time of `flwr run .` with the feature cache on (fresh cache)
      and off: total, round 1, rounds 2..R, and bytes sent per round;
   4. projections for full CelebA from the measured per-image costs.
