@@ -32,6 +32,17 @@ def test_decode_resize_is_square_and_flip_is_a_mirror(part):
     assert torch.equal(F.decode_resize(blobs, 40, hflip=True), x.flip(-1))
 
 
+def test_antialiasing_changes_nothing_when_enlarging():
+    """Why the GPU path resizes without antialiasing when enlarging (its CUDA kernel is slow)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.randint(0, 256, (2, 3, 109, 89), dtype=torch.uint8).float()
+    up = [TF.resize(x, [224], antialias=a) for a in (True, False)]
+    assert (up[0] - up[1]).abs().max() < 1e-2
+    down = [TF.resize(x, [40], antialias=a) for a in (True, False)]
+    assert (down[0] - down[1]).abs().max() > 1.0
+
+
 def test_images_of_mixed_sizes_keep_their_order():
     from torchvision.io import encode_jpeg, encode_png
 
