@@ -126,7 +126,7 @@ def rescale_jpegs(blobs: list[bytes], height: int, width: int) -> list[bytes]:
     from torchvision.transforms.v2 import functional as TF
 
     out = []
-    for idx, group in decode(blobs):
+    for _, group in decode(blobs):  # CelebA: one size, so the order is kept
         big = TF.resize(group, [height, width], antialias=True)
         out += [encode_jpeg(im, quality=90).numpy().tobytes() for im in big]
     return out
@@ -171,9 +171,9 @@ def agreement(ex: Extractor, backbone: Backbone, blobs: list[bytes]) -> str:
     with torch.inference_mode():
         fp32 = ex.model(x_gpu.contiguous(memory_format=torch.channels_last)).float().cpu()
         fp32_same_input = ex.model(x_cpu.to(ex.device)).float().cpu()
-    return (f"pixels vs CPU resize: max diff {(x_gpu.cpu().int() - x_cpu.int()).abs().max().item()}; "
+    return (f"pixels vs the CPU path: max diff {(x_gpu.cpu().int() - x_cpu.int()).abs().max().item()}; "
             f"min cosine vs CPU fp32: app (bf16) {cos(gpu, cpu).min():.5f}, GPU fp32 {cos(fp32, cpu).min():.5f}, "
-            f"GPU fp32 on CPU-resized input {cos(fp32_same_input, cpu).min():.5f}")
+            f"GPU fp32 on the CPU path's pixels {cos(fp32_same_input, cpu).min():.5f}")
 
 
 def extract_cpu_threads(ex: Extractor, batches: list, workers: int) -> torch.Tensor:
@@ -219,6 +219,14 @@ def flwr_run(args, cache: bool, cache_dir: Path, results: Path, name: str) -> di
             "cache": test.get("feature_cache")}
 
 
+def source_size(text: str) -> str:
+    """``--source-size``: 'HxW' with positive integers, e.g. 218x178."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW; accepted: two positive integers, e.g. 218x178")
+    return "x".join(parts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="folder of CelebA-schema parquet files")
@@ -226,7 +234,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--images", type=int, default=1024, help="real images for the pipeline part")
-    p.add_argument("--source-size", default=None, metavar="HxW",
+    p.add_argument("--source-size", default=None, metavar="HxW", type=source_size,
                    help="re-encode those images at HxW first (218x178: full CelebA's aligned size)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-runs", action="store_true")
@@ -250,8 +258,7 @@ def main() -> None:
         print(f"raw backbone  {k:32s} {v:8.1f} img/s" if v else f"raw backbone  {k:32s}      n/a", flush=True)
     blobs = read_blobs(args.data, "train", args.images)
     if args.source_size:
-        h, w = (int(v) for v in args.source_size.lower().split("x"))
-        blobs = rescale_jpegs(blobs, h, w)
+        blobs = rescale_jpegs(blobs, *(int(v) for v in args.source_size.split("x")))
     runtime = "auto"
     pipe = pipeline(backbone, device, blobs, args.batch, args.size, tmp / "onnx", runtime)
     report["pipeline"] = pipe
