@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from celeba_app import features as F
 from celeba_app.config import RunConfig
@@ -34,13 +35,20 @@ def test_decode_resize_is_square_and_flip_is_a_mirror(part):
 
 def test_antialiasing_changes_nothing_when_enlarging():
     """Why the GPU path resizes without antialiasing when enlarging (its CUDA kernel is slow)."""
-    from torchvision.transforms.v2 import functional as TF
-
     x = torch.randint(0, 256, (2, 3, 109, 89), dtype=torch.uint8).float()
     up = [TF.resize(x, [224], antialias=a) for a in (True, False)]
     assert (up[0] - up[1]).abs().max() < 1e-2
     down = [TF.resize(x, [40], antialias=a) for a in (True, False)]
     assert (down[0] - down[1]).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("size", [224, 16])  # enlarging (as CelebA to 224 px) and shrinking 30 px
+def test_gpu_style_float_resize_is_within_one_grey_level_of_the_cpu_path(part, size):
+    [(_, batch)] = F.decode(next(part.blobs(4)))
+    cpu = TF.resize(batch, [size], antialias=True)
+    gpu_way = F._resize_float(batch, size)
+    assert gpu_way.dtype == torch.uint8 and gpu_way.shape == cpu.shape
+    assert (gpu_way.int() - cpu.int()).abs().max() <= 1
 
 
 def test_images_of_mixed_sizes_keep_their_order():
@@ -128,8 +136,6 @@ def test_write_then_rename_leaves_no_temporary_files(backbone, part, tmp_path):
 
 
 def test_normalisation_matches_torchvision(backbone):
-    from torchvision.transforms.v2 import functional as TF
-
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     ref = TF.normalize(x.float() / 255, list(F.IMAGENET_MEAN), list(F.IMAGENET_STD))
     with torch.no_grad():
