@@ -94,8 +94,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
             break
 
     def test_report(state: dict) -> dict:
-        model = make_head(cfg.head_dropout)
-        model.load_state_dict(state)
+        model = make_head(cfg.head_dropout, state=state)
         return report(evaluate_stats(model, f_test, test.labels, test.attributes, device), "test")
 
     test_rep = test_report(head.state_dict())

@@ -27,8 +27,7 @@ def _setup(msg: Message, context: Context):
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
     device = pick_device(cfg)
-    head = make_head(cfg.head_dropout)
-    head.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    head = make_head(cfg.head_dropout, state=msg.content["arrays"].to_torch_state_dict())
     train_part, val_part = client_parts(cfg, pid, num)
     return cfg, pid, device, head, train_part, val_part, feature_store(cfg, device)
 

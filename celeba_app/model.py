@@ -42,13 +42,19 @@ class Backbone(nn.Module):
         return torch.flatten(x, 1)
 
 
-def make_head(dropout: float = 0.0, seed: int | None = None) -> nn.Sequential:
-    """A freshly initialised binary head (logit output, for ``BCEWithLogitsLoss``)."""
+def make_head(dropout: float = 0.0, seed: int | None = None,
+              state: dict[str, torch.Tensor] | None = None) -> nn.Sequential:
+    """A binary head (logit output, for ``BCEWithLogitsLoss``): freshly initialised (from
+    ``seed`` when given), or holding ``state`` (a received or selected head)."""
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURE_DIM, 1))
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURE_DIM, 1))
+            head = nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURE_DIM, 1))
+    else:
+        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURE_DIM, 1))
+    if state is not None:
+        head.load_state_dict(state)
+    return head
 
 
 class SmileNet(nn.Module):

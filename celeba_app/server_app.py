@@ -81,8 +81,7 @@ def main(grid: Grid, context: Context) -> None:
     t_round = [time.time()]
 
     def evaluate_valid(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        head = make_head(cfg.head_dropout)
-        head.load_state_dict(arrays.to_torch_state_dict())
+        head = make_head(cfg.head_dropout, state=arrays.to_torch_state_dict())
         stats = evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device)
         rep = report(stats, where="valid")
         valid_reports[server_round] = rep
@@ -109,8 +108,7 @@ def main(grid: Grid, context: Context) -> None:
     )
 
     def test_report(state: dict) -> dict:
-        head = make_head(cfg.head_dropout)
-        head.load_state_dict(state)
+        head = make_head(cfg.head_dropout, state=state)
         return report(evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device), "test")
 
     last_state = result.arrays.to_torch_state_dict()
