@@ -5,7 +5,10 @@ same ``[tool.flwr.app.config]`` of pyproject.toml and the same overrides as ``fl
 trains on the union of the clients' local training parts (the same partitioning, so exactly
 the images the federation trained on, without the clients' held-out parts), for
 ``num-server-rounds`` x ``local-epochs`` epochs with the same optimiser, learning rate and batch
-size; one "round" here is ``local-epochs`` passes over the union. It writes the same run folder
+size; one "round" here is ``local-epochs`` passes over the union, at the learning rate the
+federation's clients get that round (``lr-decay``), with the same ``weight-decay`` and
+``balance-groups`` loss weights (server-side strategies and FedProx's term have no centralized
+counterpart and are not applied). It writes the same run folder
 (config.json, partitions.json, history.json, test.json, best.json, head.pt, report.md, plots),
 with the same best-round selection on ``valid`` and early stopping, and
 ``kind: "centralized"``: ``train`` is the head on the union of training parts,
@@ -32,7 +35,7 @@ from .model import make_head, weights_digest
 from .results import create_run_dir, write_best, write_run_end, write_run_start
 from .selection import BestRound
 from .server_app import prepare
-from .task import evaluate_stats, pick_device, train_head
+from .task import evaluate_stats, group_balance_weights, pick_device, train_head
 
 
 def load_run_config(project_dir: Path, overrides: list[str]) -> dict:
@@ -69,6 +72,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
     plain_train = x_train[0] if cfg.augment_hflip else x_train
 
     head = make_head(cfg.head_dropout, seed=cfg.seed)
+    weights = group_balance_weights(a_train, cfg.balance_groups) if cfg.balance_groups else None
     best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
     history = []
     for rnd in range(cfg.num_server_rounds + 1):
@@ -76,8 +80,9 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
         entry: dict = {"round": rnd}
         if rnd > 0:
             res = train_head(head, x_train, torch.as_tensor(y_train), epochs=cfg.local_epochs,
-                             lr=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed + rnd,
-                             device=device)
+                             lr=cfg.learning_rate * cfg.lr_decay ** (rnd - 1), batch_size=cfg.batch_size,
+                             seed=cfg.seed + rnd, device=device, weight_decay=cfg.weight_decay,
+                             sample_weight=weights)
             entry["train"] = report(evaluate_stats(head, plain_train, y_train, a_train, device), "train")
             entry["train"]["client_means"] = {"train_loss": res["loss"]}
             if len(y_val):

@@ -4,10 +4,14 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from celeba_app import centralized, compare, report
 from celeba_app.config import RunConfig
+from celeba_app.data import client_parts
+from celeba_app.task import group_balance_weights
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +82,29 @@ def test_compare_refuses_an_unfinished_run(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(SystemExit, match="no test.json"):
         compare.main([str(tmp_path / "half"), "--out", str(tmp_path / "cmp")])
+
+
+def test_centralized_trains_with_the_federations_lr_decay_weight_decay_and_group_weights(
+        tmp_path, celeba_dir, weights_file, monkeypatch):
+    calls = []
+    real = centralized.train_head
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(centralized, "train_head", spy)
+    cfg = RunConfig.from_run_config({
+        "dataset": str(celeba_dir), "weights": str(weights_file), "image-size": 32, "num-server-rounds": 2,
+        "local-epochs": 1, "results-dir": str(tmp_path), "cache-dir": str(tmp_path / "c"), "run-name": "wd",
+        "learning-rate": 0.01, "lr-decay": 0.5, "weight-decay": 0.3, "balance-groups": "Male"})
+    centralized.run(cfg, num_partitions=3)
+    assert [c["lr"] for c in calls] == pytest.approx([0.01, 0.005])
+    assert all(c["weight_decay"] == 0.3 for c in calls)
+    male = np.concatenate([client_parts(cfg, pid, 3)[0].attributes["Male"] for pid in range(3)])
+    expected = group_balance_weights({"Male": male}, ("Male",))
+    assert len(set(expected.tolist())) == 2  # both groups present: the weights are not all ones
+    assert all(torch.equal(c["sample_weight"], expected) for c in calls)
 
 
 def test_centralized_cli_reads_pyproject_and_overrides(tmp_path, celeba_dir, weights_file, capsys):
