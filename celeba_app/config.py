@@ -33,7 +33,7 @@ SELECTION_METRICS = {  # name -> True when larger is better
     "loss": False, "accuracy": True, "balanced_accuracy": True, "auroc": True,
     "worst_group_accuracy": True,
 }
-RUNTIMES = ("auto", "torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 DEVICES = ("auto", "cpu", "cuda")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -31,7 +31,7 @@ def test_pyproject_keys_all_parse(tmp_path):
     ({"dataset": "./no/such/folder"}, "dataset='./no/such/folder': no such folder; accepted: 'flwrlabs/celeba'"),
     ({"num-server-rounds": 0}, "num-server-rounds=0 is not valid; accepted: an integer >= 1"),
     ({"fraction-train": 0.0}, "fraction-train=0.0 is not valid; accepted: 0 < x <= 1"),
-    ({"feature-runtime": "tensorrt"}, "feature-runtime='tensorrt' is not known; accepted: auto, torch, onnx"),
+    ({"feature-runtime": "tensorrt"}, "feature-runtime='tensorrt' is not known; accepted: auto, torch, onnx, onnx-int8"),
     ({"run-name": "../escape"}, "run-name='../escape' is not valid"),
     ({"target": "Male"}, "target='Male' is also in sensitive-attributes"),
 ])

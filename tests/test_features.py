@@ -164,3 +164,39 @@ def test_training_on_cached_features_equals_training_through_the_backbone(backbo
     for k, v in cached.state_dict().items():
         assert torch.allclose(v, through.state_dict()[k], atol=1e-5), k
     assert not torch.equal(cached.state_dict()["1.weight"], make_head(seed=1).state_dict()["1.weight"])
+
+
+@pytest.fixture
+def healthy_backbone(backbone):
+    """The randomly initialised backbone with batch-norm statistics measured on noise: its
+    activations then keep their scale through depth (the untouched random model's vanish to
+    ~1e-10, which says nothing about quantization)."""
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    backbone.features.train()  # Backbone.train() refuses by design
+    with torch.no_grad():
+        for seed in range(4):
+            backbone(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+    return backbone.eval()
+
+
+def test_int8_runtime_approximates_fp32_with_one_model_per_machine(healthy_backbone, part, tmp_path):
+    """``onnx-int8``: an approximation (quantized, not equal) close to fp32, built
+    deterministically (every client and the server must embed with the same model)."""
+    pytest.importorskip("onnxruntime")
+    F.clear_memory_cache()
+    o = store_for(healthy_backbone, tmp_path / "o", runtime="onnx").for_part(part)
+    q_store = store_for(healthy_backbone, tmp_path / "q", runtime="onnx-int8")
+    q = q_store.for_part(part)
+    assert q.shape == o.shape and not torch.equal(q, o)
+    # This toy model at 32 px: mean cosine 0.73; 0.57 when u8s8 kernels saturate (without
+    # reduce_range, on CPUs without VNNI). The real model at 224 px: 0.91 (docs/SPEED.md).
+    assert torch.nn.functional.cosine_similarity(q, o).mean() > 0.65
+    [m1] = (tmp_path / "q" / "onnx").glob("*-int8-*.onnx")
+    store_for(healthy_backbone, tmp_path / "q2", runtime="onnx-int8")
+    [m2] = (tmp_path / "q2" / "onnx").glob("*-int8-*.onnx")
+    assert m1.read_bytes() == m2.read_bytes()
+    assert q_store.extractor.runtime_id == "onnx-cpu-int8-r1" != store_for(
+        healthy_backbone, tmp_path / "o", runtime="onnx").extractor.runtime_id
