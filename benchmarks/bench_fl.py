@@ -9,9 +9,10 @@ Run from the project root (figures in docs/SPEED.md):
 Prints, on one machine in one process:
   1. raw backbone throughput on random tensors of the run's shape (batch, 3, S, S), for every
      runtime available on this device (PyTorch fp32, channels_last, bf16 autocast on CUDA,
-     ONNX Runtime on CPU, whose model also normalises its uint8 input);
+     ONNX Runtime fp32 and int8 on CPU, whose models also normalise their uint8 input);
   2. the app's end-to-end extraction throughput on real JPEGs (decode, resize, normalise,
-     backbone: celeba_app.features.extract with the runtime the app picks), and decoding +
+     backbone: celeba_app.features.extract with the runtime the app picks, or ``--runtime``),
+     and its ratio to the fastest raw backbone, overall and at the same precision; decoding +
      resizing alone; on CUDA also decoding alone (one CPU thread, nvJPEG), the alternative
      of decoding in CPU threads, and how far GPU embeddings are from the CPU fp32 ones
      (``--source-size 218x178`` re-encodes the images at full CelebA size first);
@@ -42,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from celeba_app.config import RUNTIMES  # noqa: E402
 from celeba_app.features import Extractor, decode, decode_resize, extract, resize_crop  # noqa: E402
 from celeba_app.model import Backbone, load_mobilenet  # noqa: E402
 
@@ -89,6 +91,9 @@ def raw_backbone(backbone: Backbone, device: torch.device, batch: int, size: int
             u8 = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
             out["onnxruntime (with normalisation)"] = timed(lambda: ex(u8), batch, device)
             out["onnxruntime (backbone only)"] = timed(bare_onnx(backbone, x, onnx_dir), batch, device)
+            ex8 = Extractor(backbone.cpu(), "onnx-int8", torch.device("cpu"), size, onnx_dir=onnx_dir,
+                            weights_id="bench")
+            out["onnxruntime int8 (with normalisation)"] = timed(lambda: ex8(u8), batch, device)
         except ImportError:
             out["onnxruntime"] = None
     return out
@@ -198,14 +203,22 @@ def extract_cpu_threads(ex: Extractor, batches: list, workers: int) -> torch.Ten
     return torch.cat(outs).cpu()
 
 
+def venv_env() -> dict:
+    """The environment with this interpreter's bin folder first on PATH: `flwr run` starts
+    `flower-simulation` by name, which a venv's python run without activating would not find."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+
+
 def flwr_run(args, cache: bool, cache_dir: Path, results: Path, name: str) -> dict:
     rc = (f"dataset='{args.data}' weights='{args.weights}' num-server-rounds={args.rounds} "
           f"feature-cache={'true' if cache else 'false'} cache-dir='{cache_dir}' "
-          f"results-dir='{results}' run-name='{name}' image-size={args.size} split='{args.split}'")
+          f"results-dir='{results}' run-name='{name}' image-size={args.size} split='{args.split}' "
+          f"feature-runtime='{args.runtime}'")
     cmd = [str(Path(sys.executable).with_name("flwr")), "run", ".", "local-simulation",
            "--federation-config", f"options.num-supernodes={args.clients}", "--run-config", rc]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=venv_env())
     wall = time.perf_counter() - t0
     run = results / name
     if not (run / "history.json").exists():
@@ -237,6 +250,8 @@ def main() -> None:
     p.add_argument("--source-size", default=None, metavar="HxW", type=source_size,
                    help="re-encode those images at HxW first (218x178: full CelebA's aligned size)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                   help="feature-runtime of the pipeline and of the flwr runs (auto: the app's default)")
     p.add_argument("--skip-runs", action="store_true")
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--rounds", type=int, default=10)
@@ -255,24 +270,27 @@ def main() -> None:
     raw = raw_backbone(backbone, device, args.batch, args.size, tmp / "onnx")
     report["raw_backbone_img_s"] = raw
     for k, v in raw.items():
-        print(f"raw backbone  {k:32s} {v:8.1f} img/s" if v else f"raw backbone  {k:32s}      n/a", flush=True)
+        print(f"raw backbone  {k:38s} {v:8.1f} img/s" if v else f"raw backbone  {k:38s}      n/a", flush=True)
     blobs = read_blobs(args.data, "train", args.images)
     if args.source_size:
         blobs = rescale_jpegs(blobs, *(int(v) for v in args.source_size.split("x")))
-    runtime = "auto"
-    pipe = pipeline(backbone, device, blobs, args.batch, args.size, tmp / "onnx", runtime)
+    pipe = pipeline(backbone, device, blobs, args.batch, args.size, tmp / "onnx", args.runtime)
     report["pipeline"] = pipe
     print(f"pipeline      runtime {pipe['runtime']}, {pipe['images']} real JPEGs"
           f"{' re-encoded at ' + args.source_size if args.source_size else ''}", flush=True)
     for k, v in pipe.items():
         if isinstance(v, float):
-            print(f"pipeline      {k:32s} {v:8.1f} img/s", flush=True)
+            print(f"pipeline      {k:38s} {v:8.1f} img/s", flush=True)
     if "agreement" in pipe:
         print(f"pipeline      {pipe['agreement']}", flush=True)
     best_raw = max(v for v in raw.values() if v)
+    int8 = "int8" in pipe["runtime"]
+    same_precision = max(v for k, v in raw.items() if v and ("int8" in k) == int8)
     ratio = pipe["end-to-end extraction"] / best_raw
     report["pipeline_over_best_raw"] = ratio
-    print(f"pipeline / fastest raw backbone = {ratio:.2f}", flush=True)
+    report["pipeline_over_best_raw_same_precision"] = pipe["end-to-end extraction"] / same_precision
+    print(f"pipeline / fastest raw backbone = {ratio:.2f}; at the same precision "
+          f"({'int8' if int8 else 'float'}) = {report['pipeline_over_best_raw_same_precision']:.2f}", flush=True)
 
     if not args.skip_runs:
         on = flwr_run(args, True, tmp / "cache", tmp / "runs", "cache-on")

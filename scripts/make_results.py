@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -55,7 +56,10 @@ def flwr_run(rc: str, log: Path) -> None:
     cmd = [str(Path(sys.executable).with_name("flwr")), "run", ".", "--run-config", rc]
     t0 = time.time()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        # flwr starts flower-simulation by name: this interpreter's bin folder goes first on
+        # PATH, so a venv's python works without activating the venv.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PATH": path})
     print(f"  {time.time() - t0:5.0f}s  rc={proc.returncode}  {rc[-90:]}", flush=True)
 
 
