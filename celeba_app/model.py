@@ -46,11 +46,9 @@ def make_head(dropout: float = 0.0, seed: int | None = None,
               state: dict[str, torch.Tensor] | None = None) -> nn.Sequential:
     """A binary head (logit output, for ``BCEWithLogitsLoss``): freshly initialised (from
     ``seed`` when given), or holding ``state`` (a received or selected head)."""
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):  # a seed leaves the global RNG alone
+        if seed is not None:
             torch.manual_seed(seed)
-            head = nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURE_DIM, 1))
-    else:
         head = nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURE_DIM, 1))
     if state is not None:
         head.load_state_dict(state)

@@ -187,7 +187,8 @@ def test_int8_runtime_approximates_fp32_with_one_model_per_machine(healthy_backb
     deterministically (every client and the server must embed with the same model)."""
     pytest.importorskip("onnxruntime")
     F.clear_memory_cache()
-    o = store_for(healthy_backbone, tmp_path / "o", runtime="onnx").for_part(part)
+    o_store = store_for(healthy_backbone, tmp_path / "o", runtime="onnx")
+    o = o_store.for_part(part)
     q_store = store_for(healthy_backbone, tmp_path / "q", runtime="onnx-int8")
     q = q_store.for_part(part)
     assert q.shape == o.shape and not torch.equal(q, o)
@@ -198,5 +199,4 @@ def test_int8_runtime_approximates_fp32_with_one_model_per_machine(healthy_backb
     store_for(healthy_backbone, tmp_path / "q2", runtime="onnx-int8")
     [m2] = (tmp_path / "q2" / "onnx").glob("*-int8-*.onnx")
     assert m1.read_bytes() == m2.read_bytes()
-    assert q_store.extractor.runtime_id == "onnx-cpu-int8-r1" != store_for(
-        healthy_backbone, tmp_path / "o", runtime="onnx").extractor.runtime_id
+    assert q_store.extractor.runtime_id == "onnx-cpu-int8-r1" != o_store.extractor.runtime_id
