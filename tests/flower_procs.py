@@ -1,0 +1,149 @@
+"""Start and stop Flower's processes in tests: SuperLink, SuperNodes and ``flwr run``.
+
+Every process is started in its own process group (``start_new_session``) with its output in
+a log file, and ``Procs`` ends every group it started when its ``with`` block exits, also when
+a test fails. Only loopback addresses and ports chosen free by the test are used.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of this venv
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quote(value) -> str:
+    """A value as TOML text for ``--run-config`` / ``--node-config``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"'{value}'" if isinstance(value, str) else str(value)
+
+
+def overrides(config: dict) -> str:
+    return " ".join(f"{k}={quote(v)}" for k, v in config.items())
+
+
+class Procs:
+    """Processes started by one test; ``with Procs(tmp) as procs:`` ends them all on exit."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self) -> "Procs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
+
+    def start(self, name: str, cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
+        out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        proc = subprocess.Popen(cmd, cwd=cwd or ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        out.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs(self) -> str:
+        """Every log, each under its name (for assertion messages)."""
+        return "\n".join(f"===== {n}\n{self.log(n)[-3000:]}" for n in self.procs)
+
+    def wait_for(self, name: str, text: str, timeout: float) -> bool:
+        """True once ``text`` appears in the log of ``name`` (False after ``timeout`` s)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in self.log(name):
+                return True
+            if self.procs[name].poll() is not None:
+                return text in self.log(name)
+            time.sleep(0.2)
+        return False
+
+    def stop(self, name: str, grace: float = 10.0) -> None:
+        """SIGTERM to the process group, then SIGKILL after ``grace`` seconds."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=grace)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:  # children left in the group (e.g. flwr-clientapp, flwr-serverapp)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=grace)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):  # SuperNodes before the SuperLink
+            self.stop(name)
+
+
+class Ports:
+    """The SuperLink's three APIs on free loopback ports."""
+
+    def __init__(self) -> None:
+        self.serverappio, self.fleet, self.control = free_port(), free_port(), free_port()
+
+    def superlink_args(self) -> list[str]:
+        return ["--serverappio-api-address", f"127.0.0.1:{self.serverappio}",
+                "--fleet-api-address", f"127.0.0.1:{self.fleet}",
+                "--control-api-address", f"127.0.0.1:{self.control}"]
+
+
+def start_superlink(procs: Procs, ports: Ports, workdir: Path, extra: list[str] = (),
+                    name: str = "superlink") -> subprocess.Popen:
+    """``flower-superlink`` (``--insecure`` unless ``extra`` gives TLS files), state in memory.
+
+    ``workdir`` is its working directory, hence the ServerApp's (relative run-config paths).
+    """
+    args = list(extra) or ["--insecure"]
+    proc = procs.start(name, [str(BIN / "flower-superlink"), *args, *ports.superlink_args()],
+                       cwd=workdir)
+    assert procs.wait_for(name, "Flower Deployment Runtime: Starting Control API", 60) or \
+        procs.wait_for(name, "Starting Control API", 1), procs.logs()
+    return proc
+
+
+def start_supernode(procs: Procs, ports: Ports, name: str, node_config: dict, workdir: Path,
+                    extra: list[str] = ()) -> subprocess.Popen:
+    """``flower-supernode`` with its own ClientAppIo port and ``--node-config``."""
+    args = list(extra) or ["--insecure"]
+    cmd = [str(BIN / "flower-supernode"), *args, "--superlink", f"127.0.0.1:{ports.fleet}",
+           "--clientappio-api-address", f"127.0.0.1:{free_port()}",
+           "--node-config", overrides(node_config)]
+    return procs.start(name, cmd, cwd=workdir)
+
+
+def flwr_run_deployment(procs: Procs, ports: Ports, run_config: dict, federation: str = "local-deployment",
+                        name: str = "flwr-run", timeout: float = 600) -> subprocess.CompletedProcess:
+    """``flwr run . <federation> --stream`` against this test's SuperLink; waits for it to end."""
+    cmd = [str(BIN / "flwr"), "run", str(ROOT), federation, "--stream",
+           "--federation-config", f"address='127.0.0.1:{ports.control}'",
+           "--run-config", overrides(run_config)]
+    proc = procs.start(name, cmd)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        procs.stop(name)
+    return subprocess.CompletedProcess(cmd, proc.returncode, procs.log(name), "")
