@@ -25,25 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
-from .config import ConfigError, RunConfig
-from .data import Part, client_parts, server_part
+from .config import ConfigError, RunConfig, load_run_config
+from .data import (NodeData, Part, check_identity_disjoint, client_parts, load_federated,
+                   partition_summary, server_part)
 from .features import feature_store
 from .metrics import report
 from .model import make_head, weights_digest
-from .results import create_run_dir, write_best, write_run_end, write_run_start
+from .results import create_run_dir, run_dir_for, write_best, write_run_end, write_run_start
 from .selection import BestRound
-from .server_app import prepare
 from .task import evaluate_stats, group_balance_weights, pick_device, train_head
-
-
-def load_run_config(project_dir: Path, overrides: list[str]) -> dict:
-    """pyproject's app config, fused with ``--run-config`` strings as ``flwr run`` does."""
-    conf = get_project_config(project_dir)
-    run_config = flatten_dict(conf["tool"]["flwr"]["app"]["config"])
-    run_config.update(parse_config_args(overrides))
-    return run_config
 
 
 def _union(parts: list[Part], feats: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray, dict]:
@@ -56,18 +47,26 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
     t_start = time.time()
     if not cfg.run_name:
         cfg = dataclasses.replace(cfg, run_name=f"{time.strftime('%Y%m%d-%H%M%S')}-central-{cfg.split}")
-    run_dir, identities, partitions = prepare(cfg, num_partitions)
+    run_dir = run_dir_for(cfg)
+    load_federated(cfg, num_partitions)
+    identities = check_identity_disjoint(cfg, num_partitions)
+    try:
+        partitions = partition_summary(cfg, num_partitions)
+    except ValueError as exc:  # e.g. more clients than identities
+        raise ConfigError(f"{exc} ({num_partitions} partitions)") from exc
     device = pick_device(cfg)
-    store = feature_store(cfg, device)  # loads the weights: may fail before anything is written
+    store = feature_store(cfg, device)
+    store.extractor  # noqa: B018 - loads the weights: may fail before anything is written
     create_run_dir(run_dir)
     write_run_start(run_dir, cfg, kind="centralized", num_clients=num_partitions, device=str(device),
                     identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
-    trains, vals = zip(*(client_parts(cfg, pid, num_partitions) for pid in range(num_partitions)))
+    trains, vals = zip(*(client_parts(cfg, NodeData.partition(cfg, pid, num_partitions))
+                         for pid in range(num_partitions)))
     print(f"celeba-fl centralized: embedding {sum(map(len, trains))} training images "
           f"({num_partitions} clients' parts) ...", flush=True)
     x_train, y_train, a_train = _union(list(trains), [store.for_part(p, cfg.augment_hflip) for p in trains])
     x_val, y_val, a_val = _union(list(vals), [store.for_part(p) for p in vals])
-    valid, test = server_part(cfg, "valid", num_partitions), server_part(cfg, "test", num_partitions)
+    valid, test = server_part(cfg, "valid"), server_part(cfg, "test")
     f_valid, f_test = store.for_part(valid), store.for_part(test)
     plain_train = x_train[0] if cfg.augment_hflip else x_train
 

@@ -1,19 +1,33 @@
-"""ClientApp: local training and local validation of the head, on cached embeddings.
+"""ClientApp: describes its data, trains and validates the head on cached embeddings.
 
-Each simulated client is one partition of the official train split (``partition-id`` of
-``num-partitions`` from the node config; nothing assumes 50). The dataset, partitioning,
-backbone and embeddings are built once per process and reused across messages and rounds
-(data._FDS, features._STORES, features._MEMORY).
+A node's data comes from its node config (``data.NodeData``): partition ``partition-id`` of
+``num-partitions`` (the Simulation Engine sets both; nothing assumes 50), or a ``data-path``
+folder holding only this node's rows. Paths in the node config are resolved on the node.
+
+* ``@app.query``: the server's first message. The reply describes the node's data (sizes,
+  target and group rates, celeb_ids: a partitions.json entry), so the server never opens the
+  clients' data. A node that cannot say what its data is replies with an error, and the
+  server refuses the run naming that node.
+* ``@app.train``: local training of the received head.
+* ``@app.evaluate``: the received head on the node's held-out local part.
+
+The Deployment Engine starts a new ClientApp process for every message, so nothing held in
+memory survives between rounds there: the parts and embeddings are read from the node's
+cache dir, and the dataset and backbone are loaded only when something is not cached.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 
-from .config import RunConfig
-from .data import client_parts
+from .config import ConfigError, RunConfig
+from .data import NodeData, client_parts, describe_node
 from .features import feature_store
 from .metrics import flatten
 from .model import head_state, make_head
@@ -22,17 +36,54 @@ from .task import evaluate_stats, group_balance_weights, pick_device, train_head
 app = ClientApp()
 
 
+def refusals_as_errors(handler):
+    """A ConfigError (data or node config this node cannot use) becomes an error reply whose
+    reason is its one line, rather than a traceback: the server names the node and the line."""
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except ConfigError as exc:
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"celeba-fl: {exc}")
+            return Message(error=error, reply_to=msg)
+    return wrapped
+
+
+def _node(context: Context) -> tuple[RunConfig, NodeData]:
+    cfg = RunConfig.from_run_config(context.run_config, check_paths=False)
+    return cfg, NodeData.from_node_config(context.node_config, cfg)
+
+
+def describe_record(entry: dict) -> ConfigRecord:
+    """A partitions.json entry as a ConfigRecord (None values left out; group rates flat)."""
+    record = {k: v for k, v in entry.items() if v is not None and k != "group_rates"}
+    record.update({f"group_rate|{a}": r for a, r in entry["group_rates"].items() if r is not None})
+    return ConfigRecord(record)
+
+
+@app.query()
+@refusals_as_errors
+def query(msg: Message, context: Context) -> Message:
+    """Describe this node's data: sizes, target and group rates, celeb_ids."""
+    cfg, node = _node(context)
+    if cfg.weights != "imagenet" and not Path(cfg.weights).expanduser().is_file():
+        raise ConfigError(f"weights={cfg.weights!r} (resolved on this node to "
+                          f"{str(Path(cfg.weights).expanduser().resolve())!r}): no such file; accepted: "
+                          "'imagenet' or a mobilenet_v2 state_dict file this node can read")
+    entry = describe_node(cfg, node)
+    return Message(content=RecordDict({"partition": describe_record(entry)}), reply_to=msg)
+
+
 def _setup(msg: Message, context: Context):
-    cfg = RunConfig.from_run_config(context.run_config)
-    pid = int(context.node_config["partition-id"])
-    num = int(context.node_config["num-partitions"])
+    cfg, node = _node(context)
     device = pick_device(cfg)
     head = make_head(cfg.head_dropout, state=msg.content["arrays"].to_torch_state_dict())
-    train_part, val_part = client_parts(cfg, pid, num)
-    return cfg, pid, device, head, train_part, val_part, feature_store(cfg, device)
+    train_part, val_part = client_parts(cfg, node)
+    return cfg, node.partition_id, device, head, train_part, val_part, feature_store(cfg, device, node.cache_dir)
 
 
 @app.train()
+@refusals_as_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the received head on this client's local training part."""
     cfg, pid, device, head, train_part, _, store = _setup(msg, context)
@@ -59,6 +110,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@refusals_as_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received (global) head on this client's held-out local part."""
     cfg, pid, device, head, _, val_part, store = _setup(msg, context)

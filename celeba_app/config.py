@@ -96,11 +96,17 @@ class RunConfig:
     feature_runtime: str = "auto"
     extract_batch_size: int = 64
     device: str = "auto"
+    min_nodes: int = 0
+    node_wait_timeout: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
-        """Build and validate from the flat ``context.run_config`` mapping."""
+    def from_run_config(cls, run_config: Mapping[str, Any], check_paths: bool = True) -> "RunConfig":
+        """Build and validate from the flat ``context.run_config`` mapping.
+
+        ``check_paths=False`` on a ClientApp: the run config's paths are the server's, and a
+        node's data comes from its node config (data.NodeData checks it, on the node).
+        """
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -114,10 +120,20 @@ class RunConfig:
             if key in kwargs:
                 kwargs[key] = _attr_list(key.replace("_", "-"), kwargs[key])
         cfg = cls(**kwargs, extra=extra)
-        cfg.validate()
+        cfg.validate(check_paths)
         return cfg
 
-    def validate(self) -> None:
+    def resolved(self) -> "RunConfig":
+        """This config with its local paths (dataset, weights, results-dir, cache-dir) made
+        absolute from this process's working directory: what the server logs and records."""
+        def absolute(spec: str) -> str:
+            return str(Path(spec).expanduser().resolve())
+        return dataclasses.replace(
+            self, dataset=absolute(self.dataset) if is_local_path(self.dataset) else self.dataset,
+            weights=self.weights if self.weights == "imagenet" else absolute(self.weights),
+            results_dir=absolute(self.results_dir), cache_dir=absolute(self.cache_dir))
+
+    def validate(self, check_paths: bool = True) -> None:
         """Raise ConfigError for any value that cannot work. Cheap: no I/O beyond stat()."""
         if self.split not in SPLITS:
             raise ConfigError(f"split={self.split!r} is not known; accepted: {', '.join(SPLITS)}")
@@ -198,6 +214,14 @@ class RunConfig:
             raise ConfigError(
                 f"run-name={self.run_name!r} is not valid; accepted: letters, digits, '.', '_', '-'"
             )
+        if not isinstance(self.min_nodes, int) or isinstance(self.min_nodes, bool) or self.min_nodes < 0:
+            raise ConfigError(f"min-nodes={self.min_nodes!r} is not valid; accepted: an integer >= 0 "
+                              "(0 = every node of a simulation, or those connected within node-wait-timeout)")
+        if not self.node_wait_timeout > 0:
+            raise ConfigError(f"node-wait-timeout={self.node_wait_timeout!r} is not valid; accepted: "
+                              "seconds > 0")
+        if not check_paths:
+            return
         if is_local_path(self.dataset):
             path = Path(self.dataset).expanduser()
             if not path.is_dir():
@@ -221,3 +245,14 @@ class RunConfig:
             out[f.name.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
         out.update(self.extra)
         return out
+
+
+def load_run_config(project_dir: Path, overrides: list[str]) -> dict:
+    """pyproject's ``[tool.flwr.app.config]``, fused with ``--run-config`` strings as ``flwr
+    run`` does (for the project's command-line tools)."""
+    from flwr.common.config import flatten_dict, get_project_config, parse_config_args
+
+    conf = get_project_config(project_dir)
+    run_config = flatten_dict(conf["tool"]["flwr"]["app"]["config"])
+    run_config.update(parse_config_args(overrides))
+    return run_config

@@ -1,30 +1,48 @@
 """CelebA through flwr-datasets: who holds which rows, and what each row carries.
 
-Clients train on the official ``train`` split (partitioned, see partitioning.py) and hold out a
-local validation part; the server selects on ``valid`` and tests on ``test``. The hub's splits
-are identity-disjoint, and ``check_identity_disjoint`` verifies it for any dataset at start.
+Clients train on the official ``train`` split and hold out a local validation part; the
+server selects on ``valid`` and tests on ``test``. A node's training data is set by its node
+config (``NodeData``): a partition of ``dataset`` (partitioning.py), as in simulation, or a
+``data-path`` folder that holds only that node's rows (celeba-partition writes them). The
+server never reads ``train``: it learns each client's sizes, rates and identities from the
+client's reply to a ``query`` message (``describe_node``), and checks the identities against
+its own ``valid``/``test`` (``check_clients_disjoint``).
 
-``_FDS`` is this module's documented per-process cache: one FederatedDataset (and so one
-partitioning) per configuration, built on the first message a process handles and reused
-for every later message and client in that process.
+Data is known by its content (``dataset_fingerprint``), never by its path: the fingerprint
+keys the ``datasets`` cache of a local folder, the parts cache and every row identity.
+
+``_FDS`` and ``_PARTS`` are this module's documented per-process caches (FederatedDataset
+objects; each node's parts), built on the first message a process handles.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 from datasets import Dataset, Image
+from datasets import config as hf_config
 from flwr_datasets import FederatedDataset
+from flwr_datasets.partitioner import IidPartitioner
 
 from .config import ConfigError, HUB_DATASET, RunConfig, is_local_path
-from .features import numpy_rows_digest
 from .partitioning import build_partitioner, local_split
 
 SPLIT_NAMES = ("train", "valid", "test")
+#: The file celeba-partition writes into each partition folder (partition id, partitioning).
+PARTITION_META = "partition.json"
+#: Bump when what the parts cache stores, or how parts are made, changes.
+PARTS_VERSION = "1"
 
 #: Per-process caches: FederatedDataset objects keyed by what shapes the partitioning, and
 #: each client's parts (so a message costs no re-reading of labels or row identities).
@@ -37,17 +55,20 @@ class Part:
     """A set of rows the app computes embeddings for and evaluates on."""
 
     name: str
-    rows: Dataset
+    rows: Dataset | None  # None until needed when the part came from the parts cache
     rows_id: str
     labels: np.ndarray
     attributes: dict[str, np.ndarray] = field(default_factory=dict)
     celeb_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    load_rows: Callable[[], Dataset] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def blobs(self, batch_size: int) -> Iterator[list[bytes]]:
         """The encoded images, in row order, ``batch_size`` at a time (no decoding here)."""
+        if self.rows is None:
+            self.rows = self.load_rows()
         raw = self.rows.select_columns(["image"]).cast_column("image", Image(decode=False))
         for batch in raw.iter(batch_size=batch_size):
             out = []
@@ -65,141 +86,436 @@ def clear_caches() -> None:
     _PARTS.clear()
 
 
+# --------------------------------------------------------------------------- data identity
+def dataset_fingerprint(spec: str, memo_dir: str | Path | None = None) -> str:
+    """Identity of a dataset by its content, never by its path.
+
+    A local folder's fingerprint is the sha256 over every file's relative name, size and
+    content sha256 (``datasets`` 3.1 caches a local folder under its *name*, so two folders of
+    one name would otherwise share data). Content hashes are memoised in ``memo_dir`` under
+    (absolute path, size, mtime, inode), so a process that only needs the key (a ClientApp
+    answering a later round from its caches) stats the files instead of reading them.
+    A hub dataset is known by its name (``hub:<owner/name>``).
+    """
+    if not is_local_path(spec):
+        return f"hub:{spec}"
+    root = Path(spec).expanduser().resolve()
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root)):
+        st = path.stat()
+        h.update(f"{path.relative_to(root).as_posix()}|{st.st_size}|{_content_sha(path, st, memo_dir)}\n".encode())
+    return h.hexdigest()
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _content_sha(path: Path, st: os.stat_result, memo_dir: str | Path | None) -> str:
+    memo = None
+    if memo_dir is not None:
+        key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()
+        memo = Path(memo_dir) / "fingerprints" / key
+        if memo.is_file():
+            return memo.read_text().strip()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo is not None:
+        atomic_write_bytes(memo, digest.encode())
+    return digest
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename: never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_kwargs(spec: str, fingerprint: str) -> dict:
+    """``datasets.load_dataset`` arguments: a local folder gets a cache of its own content."""
+    if not fingerprint.startswith("hub:"):
+        return {"cache_dir": str(Path(hf_config.HF_DATASETS_CACHE) / "celeba-fl" / fingerprint[:24])}
+    return {}
+
+
+# --------------------------------------------------------------------------- where a node's data is
+@dataclass(frozen=True)
+class NodeData:
+    """Where one node's training data comes from: its node config, resolved on the node.
+
+    * partition ``partition_id`` of ``num_partitions`` of the run config's ``dataset`` (what
+      the Simulation Engine gives every node, and ``--node-config "partition-id=0
+      num-partitions=3"`` on the Deployment Engine);
+    * ``data_path``: a folder whose ``train`` split is this node's whole local data (written
+      by ``celeba-partition``, whose ``partition.json`` gives the partition id; a node config
+      ``partition-id`` overrides it). No other holder's rows are on such a node.
+
+    ``cache_dir`` (node config ``cache-dir``, else the run config's) is resolved on the node;
+    ``None`` when ``feature-cache=false``.
+    """
+
+    partition_id: int
+    num_partitions: int | None = None
+    data_path: str | None = None
+    cache_dir: str | None = None
+    holdout_by_identity: bool = False
+
+    @classmethod
+    def partition(cls, cfg: RunConfig, partition_id: int, num_partitions: int,
+                  cache_dir: str | None = None) -> "NodeData":
+        if not 0 <= partition_id < num_partitions:
+            raise ConfigError(f"partition-id={partition_id} is out of range; accepted: 0..{num_partitions - 1} "
+                              f"(num-partitions={num_partitions})")
+        return cls(partition_id, num_partitions, None, _cache_dir(cfg, cache_dir), cfg.split == "noniid")
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping, cfg: RunConfig) -> "NodeData":
+        """Raises ConfigError naming the missing or bad node-config key."""
+        cache_dir = node_config.get("cache-dir")
+        if "data-path" in node_config:
+            path = Path(str(node_config["data-path"])).expanduser().resolve()
+            if not path.is_dir():
+                raise ConfigError(f"data-path={str(node_config['data-path'])!r} (resolved on this node to "
+                                  f"{str(path)!r}): no such folder; accepted: a folder with a train "
+                                  "split in the flwrlabs/celeba schema, e.g. one written by celeba-partition")
+            meta = _partition_meta(path)
+            pid = node_config.get("partition-id", meta.get("partition_id"))
+            if pid is None:
+                raise ConfigError(f"data-path={str(path)!r} has no partition.json and the node config no "
+                                  "partition-id; accepted: a folder written by celeba-partition, or "
+                                  "--node-config \"data-path='...' partition-id=<unique integer>\"")
+            return cls(int(pid), meta.get("num_partitions"), str(path), _cache_dir(cfg, cache_dir),
+                       meta.get("split", cfg.split) == "noniid")
+        missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
+        if missing:
+            raise ConfigError(f"node config lacks {', '.join(missing)} (has: {dict(node_config) or 'nothing'}); "
+                              "accepted: --node-config \"partition-id=<i> num-partitions=<n>\" or "
+                              "\"data-path='<folder>'\"")
+        try:
+            pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"node config partition-id/num-partitions must be integers ({exc})") from exc
+        if num < 1:
+            raise ConfigError(f"num-partitions={num} is not valid; accepted: an integer >= 1")
+        if is_local_path(cfg.dataset) and not Path(cfg.dataset).expanduser().is_dir():
+            raise ConfigError(f"dataset={cfg.dataset!r} (resolved on this node to "
+                              f"{str(Path(cfg.dataset).expanduser().resolve())!r}): no such folder; accepted: "
+                              "an absolute path, a path from the SuperNode's working directory, or "
+                              "--node-config \"data-path='<folder>'\"")
+        return cls.partition(cfg, pid, num, cache_dir)
+
+    def describe(self, cfg: RunConfig) -> str:
+        """Where the data is, in words, for logs and partitions.json."""
+        if self.data_path:
+            return f"data-path {self.data_path}"
+        return f"partition {self.partition_id} of {self.num_partitions} of {cfg.dataset}"
+
+
+def _cache_dir(cfg: RunConfig, node_cache_dir: str | None) -> str | None:
+    if not cfg.feature_cache:
+        return None
+    return str(Path(str(node_cache_dir or cfg.cache_dir)).expanduser().resolve())
+
+
+def _partition_meta(path: Path) -> dict:
+    meta = path / PARTITION_META
+    if not meta.is_file():
+        return {}
+    try:
+        return json.loads(meta.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{meta} is not valid JSON ({exc}); accepted: the file celeba-partition wrote") from exc
+
+
 def _fds_key(cfg: RunConfig, num_partitions: int) -> tuple:
     return (cfg.dataset, cfg.split, num_partitions, cfg.noniid_alpha, cfg.noniid_attributes, cfg.seed)
+
+
+def _new_fds(spec: str, partitioners: dict, shuffle: bool, seed: int, memo_dir: str | None) -> FederatedDataset:
+    with warnings.catch_warnings():
+        # flwr-datasets warns about any dataset outside its tested list; ours is known.
+        warnings.filterwarnings("ignore", message="The currently tested dataset")
+        return FederatedDataset(dataset=spec, partitioners=partitioners, shuffle=shuffle, seed=seed,
+                                **_load_kwargs(spec, dataset_fingerprint(spec, memo_dir)))
+
+
+def _load_split(cfg: RunConfig, fds: FederatedDataset, spec: str, split: str) -> Dataset:
+    """``fds.load_split(split)`` with one clear line when the dataset cannot be loaded."""
+    try:
+        return fds.load_split(split)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        if fds._dataset is not None and split not in fds._dataset:  # noqa: SLF001
+            raise ConfigError(f"dataset={spec!r} lacks split {split!r} (has: {sorted(fds._dataset)}); "  # noqa: SLF001
+                              f"accepted: a dataset with a {split} split") from exc
+        where = "a folder of parquet files" if is_local_path(spec) else "the Hugging Face hub"
+        raise ConfigError(
+            f"dataset={spec!r} could not be loaded from {where} "
+            f"({type(exc).__name__}: {str(exc)[:200]}); accepted: {HUB_DATASET!r} with a "
+            "network, or a local folder with train/valid/test parquet files in its schema"
+        ) from exc
 
 
 def load_federated(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
     """The FederatedDataset for this config (cached per process); clear errors on failure."""
     key = _fds_key(cfg, num_partitions)
     if key not in _FDS:
-        with warnings.catch_warnings():
-            # flwr-datasets warns about any dataset outside its tested list; ours is known.
-            warnings.filterwarnings("ignore", message="The currently tested dataset")
-            fds = FederatedDataset(
-                dataset=cfg.dataset,
-                partitioners={"train": build_partitioner(cfg, num_partitions)},
-                shuffle=True,
-                seed=cfg.seed,
-            )
-            try:
-                fds.load_split("train")
-            except Exception as exc:
-                where = "a folder of parquet files" if is_local_path(cfg.dataset) else "the Hugging Face hub"
-                raise ConfigError(
-                    f"dataset={cfg.dataset!r} could not be loaded from {where} "
-                    f"({type(exc).__name__}: {str(exc)[:200]}); accepted: {HUB_DATASET!r} with a "
-                    "network, or a local folder with train/valid/test parquet files in its schema"
-                ) from exc
-        _check_schema(cfg, fds)
+        fds = _new_fds(cfg.dataset, {"train": build_partitioner(cfg, num_partitions)}, True, cfg.seed,
+                       _cache_dir(cfg, None))
+        _load_split(cfg, fds, cfg.dataset, "train")
+        _check_schema(cfg, fds, SPLIT_NAMES)
         _FDS[key] = fds
     return _FDS[key]
 
 
-def _check_schema(cfg: RunConfig, fds: FederatedDataset) -> None:
+def _check_schema(cfg: RunConfig, fds: FederatedDataset, splits: tuple[str, ...], spec: str | None = None) -> None:
     """Splits and columns the app needs, named in one line if missing."""
-    splits = set(fds._dataset.keys())  # noqa: SLF001 - prepared by load_split above
-    missing = [s for s in SPLIT_NAMES if s not in splits]
+    spec = spec or cfg.dataset
+    have = set(fds._dataset.keys())  # noqa: SLF001 - prepared by load_split above
+    missing = [s for s in splits if s not in have]
     if missing:
         raise ConfigError(
-            f"dataset={cfg.dataset!r} lacks split(s) {missing}; accepted: a dataset with splits "
-            f"{', '.join(SPLIT_NAMES)}"
+            f"dataset={spec!r} lacks split(s) {missing}; accepted: a dataset with splits "
+            f"{', '.join(splits)}"
         )
-    columns = set(fds.load_split("train").column_names)
     need = {"image", "celeb_id", cfg.target, *cfg.sensitive_attributes}
-    if cfg.split == "noniid":
+    if cfg.split == "noniid" and "train" in splits:
         need |= set(cfg.noniid_attributes)
-    lacking = sorted(need - columns)
-    if lacking:
-        raise ConfigError(
-            f"dataset={cfg.dataset!r} lacks column(s) {lacking}; accepted: the flwrlabs/celeba "
-            "schema (image, celeb_id, 40 attributes)"
-        )
+    for split in splits:
+        lacking = sorted(need - set(fds._dataset[split].column_names))  # noqa: SLF001
+        if lacking:
+            raise ConfigError(
+                f"dataset={spec!r} split {split!r} lacks column(s) {lacking}; accepted: the "
+                "flwrlabs/celeba schema (image, celeb_id, 40 attributes)"
+            )
 
 
-def rows_identity(ds: Dataset) -> str:
-    """Identity of exactly these rows of exactly this data, for the feature cache: the arrow
-    cache files behind the dataset (their names carry the data files' hash or the hub
-    revision) and the original row indices (hence split, partitioning and client id)."""
-    files = [(Path(f["filename"]).name, Path(f["filename"]).stat().st_size) for f in ds.cache_files]
+def rows_identity(ds: Dataset, data_id: str) -> str:
+    """Identity of exactly these rows of exactly this data, for the feature cache: the data's
+    content fingerprint (``dataset_fingerprint``) and the original row indices and identities
+    (hence split, partitioning and client id)."""
     indices = ds._indices  # noqa: SLF001 - the row mapping left by shuffle/select
     rows = indices.column(0).to_numpy() if indices is not None else np.arange(len(ds))
     ids = np.asarray(ds["celeb_id"], dtype=np.int64)
-    return numpy_rows_digest(np.frombuffer(repr(files).encode(), dtype=np.uint8), rows, ids)
+    return numpy_rows_digest(np.frombuffer(data_id.encode(), dtype=np.uint8), rows, ids)
 
 
-def make_part(cfg: RunConfig, name: str, rows: Dataset) -> Part:
+def numpy_rows_digest(*arrays: np.ndarray) -> str:
+    """Digest of row-identifying arrays (dtype, shape and bytes of each)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str) -> Part:
     columns = rows.select_columns(["celeb_id", cfg.target, *cfg.sensitive_attributes])
     table = columns.with_format("numpy")[:]
     return Part(
         name=name,
         rows=rows,
-        rows_id=rows_identity(rows),
+        rows_id=rows_identity(rows, data_id),
         labels=np.asarray(table[cfg.target], dtype=np.int64),
         attributes={a: np.asarray(table[a], dtype=np.int64) for a in cfg.sensitive_attributes},
         celeb_ids=np.asarray(table["celeb_id"], dtype=np.int64),
     )
 
 
-def client_parts(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[Part, Part]:
-    """A client's local (train, validation) parts of its partition of the train split."""
-    key = (*_fds_key(cfg, num_partitions), partition_id, cfg.val_fraction, cfg.target,
-           cfg.sensitive_attributes)
+# --------------------------------------------------------------------------- a node's parts
+def client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
+    """A node's local (train, validation) parts: its partition or its ``data-path`` folder,
+    with ``val-fraction`` held out (by identity when the partitioning is by identity).
+
+    Cached per process, and on disk under ``<cache-dir>/parts`` (labels, attributes,
+    identities and row identities, keyed by the data's content fingerprint and everything
+    that shapes the parts): a ClientApp process that starts for one message (the Deployment
+    Engine starts one per message) then opens no dataset unless an embedding is missing.
+    """
+    key = _parts_key(cfg, node)
     if key not in _PARTS:
-        _PARTS[key] = _client_parts(cfg, partition_id, num_partitions)
+        parts = _load_parts(cfg, node, key) if node.cache_dir else None
+        if parts is None:
+            parts = _client_parts(cfg, node)
+            if node.cache_dir:
+                _save_parts(node, key, parts)
+        _PARTS[key] = parts
     return _PARTS[key]
 
 
-def _client_parts(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[Part, Part]:
-    fds = load_federated(cfg, num_partitions)
-    partition = fds.load_partition(partition_id, "train")
-    train_idx, val_idx = local_split(
-        partition, cfg.val_fraction, by_identity=cfg.split == "noniid", seed=cfg.seed + partition_id
-    )
-    return (
-        make_part(cfg, f"client-{partition_id}/train", partition.select(train_idx)),
-        make_part(cfg, f"client-{partition_id}/val", partition.select(val_idx)),
-    )
+def _parts_key(cfg: RunConfig, node: NodeData) -> str:
+    source = node.data_path or cfg.dataset
+    spec = {
+        "version": PARTS_VERSION, "data": dataset_fingerprint(source, node.cache_dir),
+        "data_path": node.data_path is not None, "partition_id": node.partition_id,
+        "num_partitions": node.num_partitions, "by_identity": node.holdout_by_identity,
+        "val_fraction": cfg.val_fraction, "seed": cfg.seed, "target": cfg.target,
+        "sensitive": cfg.sensitive_attributes,
+    }
+    if node.data_path is None:
+        spec.update(split=cfg.split, alpha=cfg.noniid_alpha, noniid=cfg.noniid_attributes)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def server_part(cfg: RunConfig, split: str, num_partitions: int) -> Part:
+def _client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
+    if node.data_path is None:
+        try:
+            partition = load_federated(cfg, node.num_partitions).load_partition(node.partition_id, "train")
+        except ValueError as exc:  # the partitioner's refusal, e.g. more clients than identities
+            raise ConfigError(f"{exc} (num-partitions={node.num_partitions})") from exc
+    else:
+        partition = local_train_split(cfg, node)
+    train_idx, val_idx = local_split(partition, cfg.val_fraction, by_identity=node.holdout_by_identity,
+                                     seed=cfg.seed + node.partition_id)
+    pid, data_id = node.partition_id, dataset_fingerprint(node.data_path or cfg.dataset, node.cache_dir)
+    return (make_part(cfg, f"client-{pid}/train", partition.select(train_idx), data_id),
+            make_part(cfg, f"client-{pid}/val", partition.select(val_idx), data_id))
+
+
+def local_train_split(cfg: RunConfig, node: NodeData) -> Dataset:
+    """A ``data-path`` node's whole ``train`` split, in the folder's row order (no shuffle:
+    celeba-partition wrote the rows in the order the simulation's partition has them)."""
+    fds = _new_fds(node.data_path, {"train": IidPartitioner(num_partitions=1)}, False, cfg.seed, node.cache_dir)
+    _load_split(cfg, fds, node.data_path, "train")
+    _check_schema(cfg, fds, ("train",), node.data_path)
+    return fds.load_partition(0, "train")
+
+
+def _save_parts(node: NodeData, key: str, parts: tuple[Part, Part]) -> None:
+    arrays = {}
+    for tag, part in zip(("train", "val"), parts):
+        arrays[f"{tag}|labels"] = part.labels
+        arrays[f"{tag}|celeb_ids"] = part.celeb_ids
+        arrays[f"{tag}|rows_id"] = np.array(part.rows_id)
+        arrays[f"{tag}|name"] = np.array(part.name)
+        for a, v in part.attributes.items():
+            arrays[f"{tag}|attr|{a}"] = v
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    try:
+        atomic_write_bytes(Path(node.cache_dir) / "parts" / f"{key}.npz", buf.getvalue())
+    except OSError as exc:  # the cache is optional: a full or read-only disk costs time only
+        logging.getLogger("flwr").warning("celeba-fl: could not cache the parts (%s); continuing", exc)
+
+
+def _load_parts(cfg: RunConfig, node: NodeData, key: str) -> tuple[Part, Part] | None:
+    path = Path(node.cache_dir) / "parts" / f"{key}.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            out = []
+            for tag in ("train", "val"):
+                out.append(Part(
+                    name=str(z[f"{tag}|name"]), rows=None, rows_id=str(z[f"{tag}|rows_id"]),
+                    labels=z[f"{tag}|labels"], celeb_ids=z[f"{tag}|celeb_ids"],
+                    attributes={a: z[f"{tag}|attr|{a}"] for a in cfg.sensitive_attributes},
+                    load_rows=functools.partial(_rows_of, cfg, node, len(out)),
+                ))
+    except Exception as exc:  # unreadable or from another version: rebuilt, never trusted
+        logging.getLogger("flwr").warning("celeba-fl: parts cache %s is unusable (%s); rebuilding", path, exc)
+        return None
+    return out[0], out[1]
+
+
+def _rows_of(cfg: RunConfig, node: NodeData, which: int) -> Dataset:
+    return _client_parts(cfg, node)[which].rows
+
+
+def describe_node(cfg: RunConfig, node: NodeData) -> dict:
+    """What a node tells the server about its data (a partitions.json entry): sizes of its
+    local parts, target and group rates, and its celeb_ids (for the server's identity check)."""
+    train, val = client_parts(cfg, node)
+    labels = np.concatenate([train.labels, val.labels])
+    return {
+        "partition_id": node.partition_id,
+        "num_partitions": node.num_partitions,
+        "source": node.describe(cfg),
+        "num_train": len(train),
+        "num_val": len(val),
+        "target_rate": float(labels.mean()) if len(labels) else None,
+        "group_rates": {
+            a: float(np.concatenate([train.attributes[a], val.attributes[a]]).mean()) if len(labels) else None
+            for a in cfg.sensitive_attributes
+        },
+        "celeb_ids": sorted(set(np.concatenate([train.celeb_ids, val.celeb_ids]).tolist())),
+    }
+
+
+# --------------------------------------------------------------------------- the server's data
+def load_server(cfg: RunConfig) -> FederatedDataset:
+    """The server's own evaluation data: the ``valid`` and ``test`` splits of ``dataset``.
+    Its ``train`` split, if any, is never read: the server knows the clients only through
+    their replies (a folder with only valid and test, as celeba-partition writes, is enough)."""
+    key = ("server", cfg.dataset, cfg.seed)
+    if key not in _FDS:
+        fds = _new_fds(cfg.dataset, {}, True, cfg.seed, _cache_dir(cfg, None))
+        _load_split(cfg, fds, cfg.dataset, "valid")
+        _check_schema(cfg, fds, ("valid", "test"))
+        _FDS[key] = fds
+    return _FDS[key]
+
+
+def server_part(cfg: RunConfig, split: str) -> Part:
     """The server's ``valid`` or ``test`` split."""
     if split not in ("valid", "test"):
         raise ValueError(f"split={split!r}; accepted: valid, test")
-    return make_part(cfg, split, load_federated(cfg, num_partitions).load_split(split))
+    data_id = dataset_fingerprint(cfg.dataset, _cache_dir(cfg, None))
+    return make_part(cfg, split, load_server(cfg).load_split(split), data_id)
 
 
-def check_identity_disjoint(cfg: RunConfig, num_partitions: int) -> dict[str, int]:
-    """Number of identities per split; raises if any celebrity is in two splits."""
-    fds = load_federated(cfg, num_partitions)
-    ids = {s: set(np.asarray(fds.load_split(s)["celeb_id"]).tolist()) for s in SPLIT_NAMES}
-    for i, a in enumerate(SPLIT_NAMES):
-        for b in SPLIT_NAMES[i + 1:]:
+def server_identities(cfg: RunConfig) -> dict[str, set[int]]:
+    """celeb_ids of ``valid`` and ``test``; raises if a celebrity is in both."""
+    fds = load_server(cfg)
+    ids = {s: set(np.asarray(fds.load_split(s)["celeb_id"]).tolist()) for s in ("valid", "test")}
+    _refuse_shared(cfg, ids)
+    return ids
+
+
+def check_clients_disjoint(cfg: RunConfig, server_ids: dict[str, set[int]], partitions: list[dict]) -> dict[str, int]:
+    """The clients' celeb_ids (from their replies) against the server's ``valid``/``test``
+    identities; returns the number of identities per split (train = union of the clients')."""
+    train = set()
+    for entry in partitions:
+        train |= set(entry["celeb_ids"])
+    _refuse_shared(cfg, {"train": train, **server_ids})
+    return {"train": len(train), **{s: len(v) for s, v in server_ids.items()}}
+
+
+def _refuse_shared(cfg: RunConfig, ids: dict[str, set[int]]) -> None:
+    names = list(ids)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
             shared = ids[a] & ids[b]
             if shared:
                 raise ConfigError(
                     f"dataset={cfg.dataset!r}: {len(shared)} identities are in both {a} and {b} "
                     f"(e.g. {sorted(shared)[:3]}); accepted: identity-disjoint splits"
                 )
+
+
+# --------------------------------------------------------------------------- all partitions at once
+def check_identity_disjoint(cfg: RunConfig, num_partitions: int) -> dict[str, int]:
+    """Number of identities per split of the whole dataset (train included); raises if any
+    celebrity is in two splits. For tools that hold every split (centralized, celeba-partition)."""
+    fds = load_federated(cfg, num_partitions)
+    ids = {s: set(np.asarray(fds.load_split(s)["celeb_id"]).tolist()) for s in SPLIT_NAMES}
+    _refuse_shared(cfg, ids)
     return {s: len(v) for s, v in ids.items()}
 
 
 def partition_summary(cfg: RunConfig, num_partitions: int) -> list[dict]:
-    """For every client: sizes of its local parts, its celeb_ids, target and group rates."""
-    out = []
-    for pid in range(num_partitions):
-        train, val = client_parts(cfg, pid, num_partitions)
-        labels = np.concatenate([train.labels, val.labels])
-        entry = {
-            "partition_id": pid,
-            "num_train": len(train),
-            "num_val": len(val),
-            "target_rate": float(labels.mean()) if len(labels) else None,
-            "group_rates": {
-                a: float(np.concatenate([train.attributes[a], val.attributes[a]]).mean())
-                for a in cfg.sensitive_attributes
-            },
-            "celeb_ids": sorted(set(np.concatenate([train.celeb_ids, val.celeb_ids]).tolist())),
-        }
-        out.append(entry)
-    return out
+    """``describe_node`` for every partition (tools that hold every split)."""
+    return [describe_node(cfg, NodeData.partition(cfg, pid, num_partitions)) for pid in range(num_partitions)]

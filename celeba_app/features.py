@@ -153,8 +153,7 @@ class Extractor:
         self.model = Normalized(backbone).to(device).eval()
         self.device = device
         self.image_size = image_size
-        if runtime == "auto":
-            runtime = "torch" if device.type == "cuda" else ("onnx" if _has_onnxruntime() else "torch")
+        runtime = resolve_runtime(runtime, device)
         self.runtime = runtime
         self._session = None
         on_gpu = device.type == "cuda" and runtime == "torch"
@@ -168,11 +167,7 @@ class Extractor:
     @property
     def runtime_id(self) -> str:
         """Part of the cache key: numerics differ between runtimes (slightly, except int8)."""
-        if self.runtime == "onnx":
-            return "onnx-cpu-fp32"
-        if self.runtime == "onnx-int8":
-            return f"onnx-cpu-int8-r{INT8_RECIPE}"
-        return "torch-cuda-bf16" if self.device.type == "cuda" else "torch-cpu-fp32"
+        return runtime_id(self.runtime, self.device)
 
     def _onnx_session(self, onnx_dir: Path | None, weights_id: str, int8: bool = False):
         import onnxruntime as ort
@@ -210,6 +205,23 @@ class Extractor:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return self.model(x).float()
         return self.model(x)
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> str:
+    """``feature-runtime`` with ``auto`` resolved: PyTorch on CUDA, else ONNX Runtime when
+    installed (else PyTorch)."""
+    if runtime == "auto":
+        return "torch" if device.type == "cuda" else ("onnx" if _has_onnxruntime() else "torch")
+    return runtime
+
+
+def runtime_id(runtime: str, device: torch.device) -> str:
+    """The cache-key name of a resolved runtime on ``device``: known without building it."""
+    if runtime == "onnx":
+        return "onnx-cpu-fp32"
+    if runtime == "onnx-int8":
+        return f"onnx-cpu-int8-r{INT8_RECIPE}"
+    return "torch-cuda-bf16" if device.type == "cuda" else "torch-cpu-fp32"
 
 
 def quantize(fp32: Path, image_size: int) -> Path:
@@ -352,19 +364,39 @@ def save_cached(path: Path, feats: torch.Tensor, meta: dict) -> None:
 
 
 class FeatureStore:
-    """Embeddings of sets of rows, computed at most once per process and once per cache dir."""
+    """Embeddings of sets of rows, computed at most once per process and once per cache dir.
 
-    def __init__(self, extractor: Extractor, weights_id: str, cache_dir: str | None,
-                 batch_size: int = 64) -> None:
-        self.extractor = extractor
+    ``extractor`` is an ``Extractor`` or a function that builds one: built on the first
+    miss only, so a process whose embeddings are all cached never loads the backbone. With a
+    function, ``image_size`` and ``runtime_id`` (the cache key's) must be given.
+    """
+
+    def __init__(self, extractor: Extractor | Callable[[], Extractor], weights_id: str,
+                 cache_dir: str | None, batch_size: int = 64, *, image_size: int | None = None,
+                 runtime_id: str | None = None) -> None:
+        self._extractor = extractor if isinstance(extractor, Extractor) else None
+        self._build = None if isinstance(extractor, Extractor) else extractor
+        self.image_size = image_size if self._extractor is None else self._extractor.image_size
+        self.runtime_id = runtime_id if self._extractor is None else self._extractor.runtime_id
+        if self.image_size is None or self.runtime_id is None:
+            raise ValueError("FeatureStore with an extractor factory needs image_size and runtime_id")
         self.weights_id = weights_id
         self.cache_dir = Path(cache_dir) / "features" if cache_dir else None
         self.batch_size = batch_size
         self.stats = {"memory_hits": 0, "disk_hits": 0, "computed": 0, "extract_seconds": 0.0}
 
+    @property
+    def extractor(self) -> Extractor:
+        """The extractor, built now if it was not yet."""
+        if self._extractor is None:
+            self._extractor = self._build()
+            if self._extractor.runtime_id != self.runtime_id:
+                raise RuntimeError(f"runtime {self._extractor.runtime_id} != {self.runtime_id} of the cache key")
+        return self._extractor
+
     def key(self, rows_id: str, view: str) -> CacheKey:
-        return CacheKey(rows=rows_id, weights=self.weights_id, image_size=self.extractor.image_size,
-                        runtime=self.extractor.runtime_id, view=view)
+        return CacheKey(rows=rows_id, weights=self.weights_id, image_size=self.image_size,
+                        runtime=self.runtime_id, view=view)
 
     def get(self, rows_id: str, n: int, blobs: Callable[[int], Iterable[Sequence[bytes]]],
             view: str = "orig", label: str = "") -> torch.Tensor:
@@ -391,7 +423,7 @@ class FeatureStore:
             self.stats["computed"] += 1
             self.stats["extract_seconds"] += dt
             progress_log.log(INFO, "celeba-fl: embedded %d images of %s (%s) in %.1fs, %.0f img/s, %s", n,
-                     label or rows_id[:12], view, dt, n / max(dt, 1e-9), self.extractor.runtime_id)
+                     label or rows_id[:12], view, dt, n / max(dt, 1e-9), self.runtime_id)
             if len(feats) != n:
                 raise RuntimeError(f"expected {n} embeddings for {label}, got {len(feats)}")
             if path is not None:
@@ -412,31 +444,30 @@ def clear_memory_cache() -> None:
     _MEMORY.clear()
 
 
-def numpy_rows_digest(*arrays: np.ndarray) -> str:
-    """Digest of row-identifying arrays, for ``CacheKey.rows``."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 #: Per-process cache of FeatureStore objects (backbone built and exported once per process).
 _STORES: dict[tuple, FeatureStore] = {}
 
 
-def feature_store(cfg, device: torch.device) -> FeatureStore:
-    """The FeatureStore for this run config and device, built once per process."""
+def feature_store(cfg, device: torch.device, cache_dir: str | None = None) -> FeatureStore:
+    """The FeatureStore for this run config and device, made once per process.
+
+    ``cache_dir``: where embeddings are kept (a node's own, from its node config); default the
+    run config's ``cache-dir``, and none when ``feature-cache=false``. The backbone is loaded
+    (and exported to ONNX) only on the first embedding that is not cached.
+    """
     from .model import load_mobilenet, weights_digest
 
-    key = (cfg.weights, cfg.image_size, cfg.feature_runtime, str(device), cfg.feature_cache,
-           cfg.cache_dir, cfg.extract_batch_size)
+    cache_dir = (cache_dir or cfg.cache_dir) if cfg.feature_cache else None
+    key = (cfg.weights, cfg.image_size, cfg.feature_runtime, str(device), cache_dir, cfg.extract_batch_size)
     if key not in _STORES:
         weights_id = weights_digest(cfg.weights)
-        backbone = Backbone(load_mobilenet(cfg.weights))
-        cache_dir = cfg.cache_dir if cfg.feature_cache else None
-        extractor = Extractor(backbone, cfg.feature_runtime, device, cfg.image_size,
-                              onnx_dir=Path(cfg.cache_dir) / "onnx", weights_id=weights_id)
-        _STORES[key] = FeatureStore(extractor, weights_id, cache_dir, cfg.extract_batch_size)
+        onnx_dir = Path(cache_dir or cfg.cache_dir) / "onnx"
+
+        def build() -> Extractor:
+            return Extractor(Backbone(load_mobilenet(cfg.weights)), cfg.feature_runtime, device,
+                             cfg.image_size, onnx_dir=onnx_dir, weights_id=weights_id)
+
+        _STORES[key] = FeatureStore(build, weights_id, cache_dir, cfg.extract_batch_size,
+                                    image_size=cfg.image_size,
+                                    runtime_id=runtime_id(resolve_runtime(cfg.feature_runtime, device), device))
     return _STORES[key]

@@ -1,23 +1,27 @@
-"""ServerApp: validates the run, partitions, federates, selects on ``valid``, tests on ``test``.
+"""ServerApp: validates the run, describes the federation, federates, selects on ``valid``,
+tests on ``test``. The same code runs under the Simulation Engine and the Deployment Engine.
 
 Order matters for the user: everything that can be wrong with the configuration or the data
-is checked first (config values, dataset reachability and schema, identity-disjoint splits,
-enough identities for the clients, a fresh run folder), before any embedding is computed or
-any round runs. Then each round logs one line a person can follow, and the run folder gets the
-results contract (results.py).
+is checked first (config values, the server's ``valid``/``test`` and their schema, a fresh
+run folder, the SuperNodes that connected and what each says its data is, identities
+disjoint from ``valid``/``test``), before any embedding is computed or any round runs. Then
+each round logs one line a person can follow, and the run folder gets the results contract
+(results.py).
 """
 
 from __future__ import annotations
 
 import time
 from logging import ERROR, INFO
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from .config import ConfigError, RunConfig
-from .data import check_identity_disjoint, load_federated, partition_summary, server_part
+from .data import check_clients_disjoint, server_identities, server_part
+from .federation import FederationGrid, describe_nodes, wait_for_nodes
 from .features import feature_store
 from .metrics import report
 from .model import make_head, weights_digest
@@ -29,51 +33,52 @@ from .task import evaluate_stats, pick_device
 app = ServerApp()
 
 
-def _num_nodes(grid: Grid, wait_s: float = 30.0) -> int:
-    """Number of connected supernodes (= partitions), waiting briefly for late joiners."""
-    deadline = time.time() + wait_s
-    seen = len(list(grid.get_node_ids()))
-    while time.time() < deadline:
-        time.sleep(1.0)
-        now = len(list(grid.get_node_ids()))
-        if now == seen and now > 0:
-            break
-        seen = now
-    return seen
+class RunRefused(Exception):
+    """The run cannot start (bad config, data or federation): its one-line reason was logged.
+
+    An exception, not SystemExit: Flower's ServerApp runners (simulation and the Deployment
+    Engine's flwr-serverapp) catch exceptions, mark the run failed and end the process;
+    SystemExit left the Deployment Engine's ServerApp process and run alive.
+    """
 
 
-def prepare(cfg: RunConfig, num_nodes: int):
-    """Every check that can fail before training; returns (run_dir, partitions summary)."""
+def prepare(cfg: RunConfig, grid: Grid):
+    """Every check that can fail before training; returns (run_dir, nodes, identities,
+    partitions). The server reads only its own ``valid``/``test``; it learns the clients'
+    data from their replies (federation.describe_nodes)."""
     run_dir = run_dir_for(cfg)
-    load_federated(cfg, num_nodes)
-    identities = check_identity_disjoint(cfg, num_nodes)
-    try:
-        partitions = partition_summary(cfg, num_nodes)
-    except ValueError as exc:  # e.g. more clients than identities
-        raise ConfigError(f"{exc} (federation has {num_nodes} supernodes)") from exc
-    return run_dir, identities, partitions
+    server_ids = server_identities(cfg)  # valid/test load and schema, disjoint from each other
+    nodes = wait_for_nodes(grid, cfg)
+    partitions = describe_nodes(grid, nodes, cfg)
+    identities = check_clients_disjoint(cfg, server_ids, partitions)
+    return run_dir, nodes, identities, partitions
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     t_start = time.time()
     try:
-        cfg = RunConfig.from_run_config(context.run_config)
-        num_nodes = _num_nodes(grid)
-        run_dir, identities, partitions = prepare(cfg, num_nodes)
+        cfg = RunConfig.from_run_config(context.run_config).resolved()
+        log(INFO, "celeba-fl: dataset %s, weights %s, results-dir %s, cache-dir %s (paths as this "
+            "ServerApp resolves them; working directory %s)", cfg.dataset, cfg.weights,
+            cfg.results_dir, cfg.cache_dir, Path.cwd())
+        run_dir, nodes, identities, partitions = prepare(cfg, grid)
+        num_nodes = len(nodes)
         device = pick_device(cfg)
-        store = feature_store(cfg, device)  # loads (or downloads) the weights: may fail too
+        store = feature_store(cfg, device)
+        store.extractor  # noqa: B018 - loads the weights now: a bad file is refused before training
     except ConfigError as exc:
         log(ERROR, "celeba-fl: %s", exc)
-        raise SystemExit(2) from exc
+        raise RunRefused(str(exc)) from None
 
+    grid = FederationGrid(grid, nodes)
     create_run_dir(run_dir)
     log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s",
         run_dir, num_nodes, cfg.split, cfg.target, device)
     write_run_start(run_dir, cfg, kind="federated", num_clients=num_nodes, device=str(device),
                     identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
 
-    valid, test = server_part(cfg, "valid", num_nodes), server_part(cfg, "test", num_nodes)
+    valid, test = server_part(cfg, "valid"), server_part(cfg, "test")
     valid_reports: dict[int, dict] = {}
     strategy = make_strategy(cfg, num_nodes)
     best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)

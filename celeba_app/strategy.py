@@ -12,15 +12,22 @@ in ``self.history`` (round -> {"train": ..., "federated_evaluate": ...}).
 
 from __future__ import annotations
 
+from logging import ERROR
 from typing import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, QFedAvg
 
+from .federation import error_reason
 from .metrics import ALL, client_distribution, report, sum_stats, unflatten
 
 NOT_SUMMED = ("num-examples", "partition_id")  # identifiers, not quantities
 HEADLINE = ("loss", "accuracy", "balanced_accuracy", "f1", "auroc")
+
+
+class NoClientTrained(RuntimeError):
+    """Every client failed in round 1: the run ends with their errors."""
 
 
 def headline(rep: dict) -> MetricRecord:
@@ -96,6 +103,14 @@ class FairMetrics:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
+        if server_round == 1 and not any(not m.has_error() for m in replies):
+            # Nothing will train in later rounds either (e.g. every node misses its data):
+            # stop with the clients' own errors instead of running empty rounds.
+            errors = [f"node {m.metadata.src_node_id}: {error_reason(m)}" for m in replies if m.has_error()]
+            reason = "; ".join(errors[:3]) or "no client replied"
+            log(ERROR, "celeba-fl: no client could train in round 1 (%d of %d failed): %s",
+                len(errors), len(replies), reason)
+            raise NoClientTrained(f"no client could train in round 1: {reason}")
         if not replies:
             return None, None
         arrays, _ = super().aggregate_train(server_round, replies)

@@ -3,7 +3,7 @@ import pytest
 
 from celeba_app import data
 from celeba_app.config import ConfigError, RunConfig
-from celeba_app.data import check_identity_disjoint, client_parts, load_federated, server_part
+from celeba_app.data import NodeData, check_identity_disjoint, client_parts, load_federated, server_part
 from conftest import make_celeba
 
 
@@ -17,15 +17,15 @@ def test_clients_cover_train_once_and_never_see_valid_or_test(celeba_dir, split)
     n = 6
     ids_train = set()
     for pid in range(n):
-        train, val = client_parts(cfg, pid, n)
+        train, val = client_parts(cfg, NodeData.partition(cfg, pid, n))
         assert len(train) > 0
         ids_train |= set(train.celeb_ids) | set(val.celeb_ids)
         if split == "noniid":
             assert not set(train.celeb_ids) & set(val.celeb_ids)
-    total = sum(len(p) for pid in range(n) for p in client_parts(cfg, pid, n))
+    total = sum(len(p) for pid in range(n) for p in client_parts(cfg, NodeData.partition(cfg, pid, n)))
     assert total == len(load_federated(cfg, n).load_split("train"))
     for s in ("valid", "test"):
-        assert not ids_train & set(server_part(cfg, s, n).celeb_ids)
+        assert not ids_train & set(server_part(cfg, s).celeb_ids)
     assert check_identity_disjoint(cfg, n)["train"] == 60
 
 
@@ -33,7 +33,7 @@ def test_noniid_clients_hold_whole_identities(celeba_dir):
     cfg = cfg_for(celeba_dir, split="noniid")
     owner = {}
     for pid in range(5):
-        for part in client_parts(cfg, pid, 5):
+        for part in client_parts(cfg, NodeData.partition(cfg, pid, 5)):
             for ident in set(part.celeb_ids.tolist()):
                 assert owner.setdefault(ident, pid) == pid
 
@@ -57,18 +57,18 @@ def test_unreachable_hub_dataset_is_one_clear_line(monkeypatch):
 
 def test_rows_identity_differs_by_client_and_is_stable(celeba_dir):
     cfg = cfg_for(celeba_dir)
-    a0, _ = client_parts(cfg, 0, 4)
-    a1, _ = client_parts(cfg, 1, 4)
+    a0, _ = client_parts(cfg, NodeData.partition(cfg, 0, 4))
+    a1, _ = client_parts(cfg, NodeData.partition(cfg, 1, 4))
     data.clear_caches()
-    again, _ = client_parts(cfg, 0, 4)
+    again, _ = client_parts(cfg, NodeData.partition(cfg, 0, 4))
     assert a0.rows_id != a1.rows_id
     assert again.rows_id == a0.rows_id
-    other_partitioning, _ = client_parts(cfg, 0, 5)
+    other_partitioning, _ = client_parts(cfg, NodeData.partition(cfg, 0, 5))
     assert other_partitioning.rows_id != a0.rows_id
 
 
 def test_blobs_yield_every_image_in_order(celeba_dir):
-    part = server_part(cfg_for(celeba_dir), "valid", 2)
+    part = server_part(cfg_for(celeba_dir), "valid")
     blobs = [b for batch in part.blobs(7) for b in batch]
     assert len(blobs) == len(part) and all(b[:2] == b"\xff\xd8" for b in blobs)
     assert np.isin(part.labels, [0, 1]).all()

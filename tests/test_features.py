@@ -5,7 +5,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from celeba_app import features as F
 from celeba_app.config import RunConfig
-from celeba_app.data import client_parts, server_part
+from celeba_app.data import NodeData, client_parts, server_part
 from celeba_app.model import Backbone, load_mobilenet, make_head
 from celeba_app.task import train_head
 
@@ -17,7 +17,7 @@ def backbone(weights_file):
 
 @pytest.fixture
 def part(celeba_dir):
-    return server_part(RunConfig(dataset=str(celeba_dir)), "valid", 2)
+    return server_part(RunConfig(dataset=str(celeba_dir)), "valid")
 
 
 def store_for(backbone, cache_dir, runtime="torch", size=32, weights_id="w1"):
@@ -152,7 +152,7 @@ def test_onnx_features_match_pytorch(backbone, part, tmp_path):
 
 def test_training_on_cached_features_equals_training_through_the_backbone(backbone, celeba_dir, tmp_path):
     cfg = RunConfig(dataset=str(celeba_dir))
-    train, _ = client_parts(cfg, 0, 2)
+    train, _ = client_parts(cfg, NodeData.partition(cfg, 0, 2))
     images = torch.cat([F.decode_resize(b, 32) for b in train.blobs(16)])
     labels = torch.as_tensor(train.labels)
     F.clear_memory_cache()

@@ -10,7 +10,7 @@ import torch
 
 from celeba_app import centralized, compare, report
 from celeba_app.config import RunConfig
-from celeba_app.data import client_parts
+from celeba_app.data import NodeData, client_parts
 from celeba_app.task import group_balance_weights
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -101,7 +101,7 @@ def test_centralized_trains_with_the_federations_lr_decay_weight_decay_and_group
     centralized.run(cfg, num_partitions=3)
     assert [c["lr"] for c in calls] == pytest.approx([0.01, 0.005])
     assert all(c["weight_decay"] == 0.3 for c in calls)
-    male = np.concatenate([client_parts(cfg, pid, 3)[0].attributes["Male"] for pid in range(3)])
+    male = np.concatenate([client_parts(cfg, NodeData.partition(cfg, pid, 3))[0].attributes["Male"] for pid in range(3)])
     expected = group_balance_weights({"Male": male}, ("Male",))
     assert len(set(expected.tolist())) == 2  # both groups present: the weights are not all ones
     assert all(torch.equal(c["sample_weight"], expected) for c in calls)

@@ -61,7 +61,7 @@ def test_flwr_run_refuses_bad_input_before_training(run_config):
     run_config.update({"split": "noniid", "run-name": "too-many"})
     proc = flwr_run(run_config, supernodes=61)  # the tiny train split has 60 identities
     out = proc.stdout + proc.stderr
-    assert "celeba-fl: num_partitions=61 is more than the 60 identities" in out, out[-3000:]
+    assert "61 of 61 SuperNode(s) could not describe their data: num_partitions=61 is more than the 60 identities" in out, out[-3000:]
     assert "[ROUND 1" not in out
     assert not (Path(run_config["results-dir"]) / "too-many").exists()
 

@@ -1,0 +1,159 @@
+"""The federation as the server sees it: which nodes take part, and what data each holds.
+
+On the Deployment Engine, SuperNodes connect at their own pace, and the server can read none
+of their data. So before round 1 the server
+
+1. waits for the nodes (``wait_for_nodes``): in simulation every node of the federation; on
+   the Deployment Engine ``min-nodes`` of them (proceeding as soon as that many are
+   connected), or, with ``min-nodes=0``, whoever connected within ``node-wait-timeout``;
+2. asks each one to describe its data (``describe_nodes``, a ``query`` message answered by the
+   ClientApp's ``@app.query``) and refuses, naming the nodes, when a node cannot say what its
+   data is or two nodes claim one partition;
+3. runs every round on exactly those nodes (``FederationGrid``): a node that connects later
+   has not been described and takes no part.
+
+Every refusal is a ``ConfigError`` with one line.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from typing import Any, Iterable
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from .config import ConfigError, RunConfig
+
+
+def is_simulation(grid: Grid) -> bool:
+    """True under the Simulation Engine (every node is registered when the run starts)."""
+    return type(grid).__name__ == "InMemoryGrid"
+
+
+def wait_for_nodes(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> list[int]:
+    """The connected node ids to federate, after the wait ``min-nodes`` and
+    ``node-wait-timeout`` describe; ConfigError when fewer than required connected."""
+    simulation = is_simulation(grid)
+    deadline = time.monotonic() + cfg.node_wait_timeout
+    nodes = sorted(grid.get_node_ids())
+    last_log = 0.0
+    while time.monotonic() < deadline:
+        if cfg.min_nodes and len(nodes) >= cfg.min_nodes:
+            break
+        if simulation and not cfg.min_nodes and nodes:
+            time.sleep(poll_s)  # every node is registered at start: settled once it stops growing
+            now = sorted(grid.get_node_ids())
+            if now == nodes:
+                break
+            nodes = now
+            continue
+        if time.monotonic() - last_log > 10:
+            log(INFO, "celeba-fl: %d SuperNode(s) connected; waiting for %s (node-wait-timeout=%gs)",
+                len(nodes), f"min-nodes={cfg.min_nodes}" if cfg.min_nodes else "more", cfg.node_wait_timeout)
+            last_log = time.monotonic()
+        time.sleep(poll_s)
+        nodes = sorted(grid.get_node_ids())
+    required = cfg.min_nodes or 1
+    if len(nodes) < required:
+        raise ConfigError(
+            f"{len(nodes)} SuperNode(s) connected within node-wait-timeout={cfg.node_wait_timeout:g}s, "
+            f"{required} required (min-nodes={cfg.min_nodes}); accepted: start the SuperNodes "
+            "(flower-supernode ... --node-config ...), lower min-nodes or raise node-wait-timeout"
+        )
+    return nodes
+
+
+def parse_description(record: ConfigRecord) -> dict:
+    """A ``query`` reply's ConfigRecord -> a partitions.json entry (client_app.describe_record)."""
+    entry: dict[str, Any] = {"group_rates": {}}
+    for key, value in record.items():
+        if key.startswith("group_rate|"):
+            entry["group_rates"][key.split("|", 1)[1]] = value
+        else:
+            entry[key] = list(value) if isinstance(value, list) else value
+    entry.setdefault("target_rate", None)
+    entry.setdefault("num_partitions", None)
+    return entry
+
+
+def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig) -> list[dict]:
+    """Ask every node to describe its data; the partitions.json entries, by partition id.
+
+    Refuses (ConfigError, one line naming the nodes) when a node replies with an error or not
+    at all within ``node-wait-timeout``, when two nodes claim one partition id, or when nodes
+    of one dataset disagree on ``num-partitions``.
+    """
+    messages = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=nid,
+                        message_type="query") for nid in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=max(cfg.node_wait_timeout, 60.0)))
+    by_node: dict[int, dict] = {}
+    failed: dict[str, list[int]] = {}  # reason -> nodes
+    for reply in replies:
+        nid = reply.metadata.src_node_id
+        if reply.has_error():
+            failed.setdefault(error_reason(reply), []).append(nid)
+        else:
+            entry = parse_description(reply.content["partition"])
+            entry["node_id"] = nid
+            by_node[nid] = entry
+    answered = set(by_node) | {n for nodes in failed.values() for n in nodes}
+    silent = [nid for nid in node_ids if nid not in answered]
+    if silent:
+        failed["no reply"] = silent
+    if failed:
+        count = sum(len(n) for n in failed.values())
+        detail = "; ".join(f"{reason} ({_nodes(nodes)})" for reason, nodes in failed.items())
+        raise ConfigError(f"{count} of {len(node_ids)} SuperNode(s) could not describe their data: {detail}")
+    claims: dict[int, list[int]] = {}
+    for nid, entry in by_node.items():
+        claims.setdefault(int(entry["partition_id"]), []).append(nid)
+    shared = {pid: nids for pid, nids in claims.items() if len(nids) > 1}
+    if shared:
+        detail = "; ".join(f"partition-id={pid} on nodes {', '.join(map(str, sorted(n)))}"
+                           for pid, n in sorted(shared.items()))
+        raise ConfigError(f"two or more SuperNodes hold one partition ({detail}); accepted: one "
+                          "SuperNode per partition-id")
+    counts = {e["num_partitions"] for e in by_node.values() if e["num_partitions"] is not None}
+    if len(counts) > 1:
+        raise ConfigError(f"SuperNodes disagree on num-partitions ({sorted(counts)}); accepted: one "
+                          "partitioning for the whole federation")
+    entries = sorted(by_node.values(), key=lambda e: e["partition_id"])
+    expected = counts.pop() if counts else None
+    if expected is not None and len(entries) < expected:
+        missing = sorted(set(range(expected)) - {e["partition_id"] for e in entries})
+        log(WARNING, "celeba-fl: %d of %d partitions have a SuperNode; partitions %s take no part",
+            len(entries), expected, missing[:20])
+    return entries
+
+
+def error_reason(reply: Message) -> str:
+    """The useful part of an error reply: the app's own one line when it refused
+    (client_app.refusals_as_errors), else the exception's text without Ray's wrapping."""
+    text = " ".join(str(reply.error.reason).split())
+    if "celeba-fl:" in text:
+        return text[text.index("celeba-fl:") + len("celeba-fl:"):].strip()[:600]
+    return text[-400:]
+
+
+def _nodes(nodes: list[int], show: int = 3) -> str:
+    more = f" and {len(nodes) - show} more" if len(nodes) > show else ""
+    return f"node{'s' if len(nodes) > 1 else ''} {', '.join(map(str, nodes[:show]))}{more}"
+
+
+class FederationGrid:
+    """A Grid whose ``get_node_ids`` lists only the described nodes still connected; every
+    other call goes to the wrapped Grid. Strategies sample from it, so a node that joins
+    later (and was never described) receives nothing."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid = grid
+        self.node_ids = set(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return [nid for nid in self._grid.get_node_ids() if nid in self.node_ids]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
