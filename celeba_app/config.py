@@ -9,10 +9,13 @@ line naming the bad value and what is accepted (``ConfigError``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 HUB_DATASET = "flwrlabs/celeba"
 
@@ -50,6 +53,61 @@ def _attr_list(key: str, raw: str) -> tuple[str, ...]:
                 f"{key}={name!r} is not a CelebA attribute; accepted: {', '.join(ATTRIBUTES)}"
             )
     return names
+
+
+def _toml_kind(value: Any) -> str:
+    """How a run-config value reads in TOML terms, for a refusal."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+    for cls, kind in kinds.items():  # bool first: a bool is an int in Python
+        if isinstance(value, cls):
+            return kind
+    return f"a {type(value).__name__}"
+
+
+# Run-config values come from TOML (pyproject and ``--run-config``), so each field's Python
+# annotation maps to the TOML types that can mean it. A bool is never an int or a float here
+# (``seed=true`` is a slip, not 1), and a string is never a bool ('false' would be truthy).
+#: Field annotation -> (accepted, in words; test of a value).
+_CHECKS: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+    bool: ("a boolean (TOML true or false)", lambda v: isinstance(v, bool)),
+    int: ("an integer (TOML integer)", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number (TOML float or integer)",
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    # tuple-of-attribute fields are written as one comma-separated string: "Male,Young"
+    tuple[str, ...]: ("a comma-separated string of CelebA attributes (e.g. 'Male,Young')",
+                      lambda v: isinstance(v, str)),
+}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> annotation for every run-config field of ``cls`` (all but ``extra``).
+
+    Raises TypeError for an annotation that ``_CHECKS`` cannot check, so that a field added
+    later with a new kind of type fails at import instead of going in unchecked.
+    """
+    hints = typing.get_type_hints(cls)
+    types = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "extra"}
+    for name, annotation in types.items():
+        if annotation not in _CHECKS:
+            raise TypeError(f"{cls.__name__}.{name}: {annotation} has no run-config type check "
+                            "in config._CHECKS")
+    return types
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> None:
+    """ConfigError naming the key, the value and the accepted type when ``value`` is not one."""
+    accepted, ok = _CHECKS[annotation]
+    if not ok(value):
+        raise ConfigError(f"{key}={value!r} is {_toml_kind(value)}; accepted: {accepted}")
+    if annotation is float:  # TOML has inf and nan
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite:
+            raise ConfigError(f"{key}={value!r} is not finite; accepted: a finite number")
 
 
 def is_local_path(spec: str) -> bool:
@@ -101,12 +159,13 @@ class RunConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
         """Build and validate from the flat ``context.run_config`` mapping."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        types = _field_types(cls)
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, value in run_config.items():
             attr = key.replace("-", "_")
-            if attr in names:
+            if attr in types:  # every type is checked before any value is
+                _check_type(attr.replace("_", "-"), value, types[attr])
                 kwargs[attr] = value
             else:
                 extra[key] = value
@@ -114,8 +173,9 @@ class RunConfig:
             if key in kwargs:
                 kwargs[key] = _attr_list(key.replace("_", "-"), kwargs[key])
         cfg = cls(**kwargs, extra=extra)
-        cfg.validate()
-        return cfg
+        cfg.validate()  # on the values as written, so a refusal echoes them (lr-decay=0, not 0.0)
+        floats = {k: float(v) for k, v in kwargs.items() if types[k] is float and type(v) is not float}
+        return dataclasses.replace(cfg, **floats) if floats else cfg
 
     def validate(self) -> None:
         """Raise ConfigError for any value that cannot work. Cheap: no I/O beyond stat()."""
@@ -221,3 +281,6 @@ class RunConfig:
             out[f.name.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
         out.update(self.extra)
         return out
+
+
+_field_types(RunConfig)  # every field has a type check (raises at import otherwise)
