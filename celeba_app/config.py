@@ -238,6 +238,9 @@ class RunConfig:
                 raise ConfigError(f"{key}={value!r} is not valid; accepted: an integer >= 1")
         if self.image_size < 32:
             raise ConfigError(f"image-size={self.image_size} is too small; accepted: >= 32")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            # numpy's generators refuse a negative seed; say so here, not from inside the data split
+            raise ConfigError(f"seed={self.seed!r} is not valid; accepted: an integer >= 0")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning-rate={self.learning_rate!r} is not valid; accepted: > 0")
         if not self.noniid_alpha > 0:

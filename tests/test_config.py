@@ -137,3 +137,22 @@ def test_right_types_are_accepted_and_numbers_become_floats():
 def test_defaults_round_trip_through_the_type_checks():
     # every default has the type its annotation promises (as_dict is what config.json holds)
     assert RunConfig.from_run_config(RunConfig().as_dict()) == RunConfig()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"seed": -1}, "seed=-1 is not valid; accepted: an integer >= 0"),
+])
+def test_seed_and_image_size_ranges_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config(override)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("override", [{"seed": 0}])
+def test_seed_and_image_size_bounds_are_accepted(override):
+    RunConfig.from_run_config(override)
+
+
+def test_a_directly_built_config_is_range_checked_too():
+    with pytest.raises(ConfigError, match="^seed=-1 is not valid"):
+        RunConfig(seed=-1).validate()
