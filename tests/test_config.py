@@ -141,6 +141,9 @@ def test_defaults_round_trip_through_the_type_checks():
 
 @pytest.mark.parametrize("override, message", [
     ({"seed": -1}, "seed=-1 is not valid; accepted: an integer >= 0"),
+    ({"image-size": 10000}, "image-size=10000 is not valid; accepted: an integer 32 <= x <= 1024"),
+    ({"image-size": 1025}, "image-size=1025 is not valid; accepted: an integer 32 <= x <= 1024"),
+    ({"image-size": 31}, "image-size=31 is not valid; accepted: an integer 32 <= x <= 1024"),
 ])
 def test_seed_and_image_size_ranges_are_refused_in_one_line(override, message):
     with pytest.raises(ConfigError) as info:
@@ -148,7 +151,7 @@ def test_seed_and_image_size_ranges_are_refused_in_one_line(override, message):
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize("override", [{"seed": 0}])
+@pytest.mark.parametrize("override", [{"seed": 0}, {"image-size": 32}, {"image-size": 1024}])
 def test_seed_and_image_size_bounds_are_accepted(override):
     RunConfig.from_run_config(override)
 
