@@ -9,10 +9,13 @@ line naming the bad value and what is accepted (``ConfigError``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 HUB_DATASET = "flwrlabs/celeba"
 
@@ -35,6 +38,13 @@ SELECTION_METRICS = {  # name -> True when larger is better
 }
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 DEVICES = ("auto", "cpu", "cuda")
+# image-size: the side of the square the aligned faces (178x218) are resized to. Below 32,
+# MobileNetV2's five stride-2 stages leave less than one feature cell. Above 1024 nothing is
+# gained (that is already ~5x upsampling of the source) and the cost is not survivable: the
+# backbone's compute and activation memory grow with the square of the side, so 1024 is ~21x
+# the default 224 per image and 10000 would be ~2000x (hours per pass, an extract batch of 64
+# far beyond any GPU's memory).
+IMAGE_SIZE_MIN, IMAGE_SIZE_MAX = 32, 1024
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -50,6 +60,61 @@ def _attr_list(key: str, raw: str) -> tuple[str, ...]:
                 f"{key}={name!r} is not a CelebA attribute; accepted: {', '.join(ATTRIBUTES)}"
             )
     return names
+
+
+def _toml_kind(value: Any) -> str:
+    """How a run-config value reads in TOML terms, for a refusal."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+    for cls, kind in kinds.items():  # bool first: a bool is an int in Python
+        if isinstance(value, cls):
+            return kind
+    return f"a {type(value).__name__}"
+
+
+# Run-config values come from TOML (pyproject and ``--run-config``), so each field's Python
+# annotation maps to the TOML types that can mean it. A bool is never an int or a float here
+# (``seed=true`` is a slip, not 1), and a string is never a bool ('false' would be truthy).
+#: Field annotation -> (accepted, in words; test of a value).
+_CHECKS: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+    bool: ("a boolean (TOML true or false)", lambda v: isinstance(v, bool)),
+    int: ("an integer (TOML integer)", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number (TOML float or integer)",
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    # tuple-of-attribute fields are written as one comma-separated string: "Male,Young"
+    tuple[str, ...]: ("a comma-separated string of CelebA attributes (e.g. 'Male,Young')",
+                      lambda v: isinstance(v, str)),
+}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> annotation for every run-config field of ``cls`` (all but ``extra``).
+
+    Raises TypeError for an annotation that ``_CHECKS`` cannot check, so that a field added
+    later with a new kind of type fails at import instead of going in unchecked.
+    """
+    hints = typing.get_type_hints(cls)
+    types = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "extra"}
+    for name, annotation in types.items():
+        if annotation not in _CHECKS:
+            raise TypeError(f"{cls.__name__}.{name}: {annotation} has no run-config type check "
+                            "in config._CHECKS")
+    return types
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> None:
+    """ConfigError naming the key, the value and the accepted type when ``value`` is not one."""
+    accepted, ok = _CHECKS[annotation]
+    if not ok(value):
+        raise ConfigError(f"{key}={value!r} is {_toml_kind(value)}; accepted: {accepted}")
+    if annotation is float:  # TOML has inf and nan
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite:
+            raise ConfigError(f"{key}={value!r} is not finite; accepted: a finite number")
 
 
 def is_local_path(spec: str) -> bool:
@@ -107,12 +172,13 @@ class RunConfig:
         ``check_paths=False`` on a ClientApp: the run config's paths are the server's, and a
         node's data comes from its node config (data.NodeData checks it, on the node).
         """
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        types = _field_types(cls)
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, value in run_config.items():
             attr = key.replace("-", "_")
-            if attr in names:
+            if attr in types:  # every type is checked before any value is
+                _check_type(attr.replace("_", "-"), value, types[attr])
                 kwargs[attr] = value
             else:
                 extra[key] = value
@@ -120,8 +186,9 @@ class RunConfig:
             if key in kwargs:
                 kwargs[key] = _attr_list(key.replace("_", "-"), kwargs[key])
         cfg = cls(**kwargs, extra=extra)
-        cfg.validate(check_paths)
-        return cfg
+        cfg.validate(check_paths)  # on the values as written, so a refusal echoes them (lr-decay=0, not 0.0)
+        floats = {k: float(v) for k, v in kwargs.items() if types[k] is float and type(v) is not float}
+        return dataclasses.replace(cfg, **floats) if floats else cfg
 
     def resolved(self) -> "RunConfig":
         """This config with its local paths (dataset, weights, results-dir, cache-dir) made
@@ -192,8 +259,12 @@ class RunConfig:
         for key, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key}={value!r} is not valid; accepted: an integer >= 1")
-        if self.image_size < 32:
-            raise ConfigError(f"image-size={self.image_size} is too small; accepted: >= 32")
+        if not IMAGE_SIZE_MIN <= self.image_size <= IMAGE_SIZE_MAX:
+            raise ConfigError(f"image-size={self.image_size!r} is not valid; accepted: an integer "
+                              f"{IMAGE_SIZE_MIN} <= x <= {IMAGE_SIZE_MAX}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            # numpy's generators refuse a negative seed; say so here, not from inside the data split
+            raise ConfigError(f"seed={self.seed!r} is not valid; accepted: an integer >= 0")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning-rate={self.learning_rate!r} is not valid; accepted: > 0")
         if not self.noniid_alpha > 0:
@@ -256,3 +327,6 @@ def load_run_config(project_dir: Path, overrides: list[str]) -> dict:
     run_config = flatten_dict(conf["tool"]["flwr"]["app"]["config"])
     run_config.update(parse_config_args(overrides))
     return run_config
+
+
+_field_types(RunConfig)  # every field has a type check (raises at import otherwise)

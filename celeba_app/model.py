@@ -8,6 +8,9 @@ change while the head trains. Only the head's tensors travel between server and 
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -69,9 +72,107 @@ class SmileNet(nn.Module):
         return self.head(z).squeeze(-1)
 
 
+ACCEPTED_WEIGHTS = ("accepted: 'imagenet' or a torchvision mobilenet_v2 state_dict file (plain, "
+                    "'module.'-prefixed, or under 'state_dict'/'model'/'model_state_dict'; any classifier)")
+#: Training checkpoints that hold the state_dict under one of these keys (beside epoch, optimizer, ...).
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+log = logging.getLogger("flwr")  # Flower's console handler shows it next to the round lines
+
+
+def _names(keys: list[str], few: int = 3) -> str:
+    return ", ".join(keys[:few]) + (", ..." if len(keys) > few else "")
+
+
+def _load_error(path: Path, exc: Exception) -> str:
+    """What torch.load's failure means, in one line (its own messages run to paragraphs)."""
+    text = str(exc)
+    pickled = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if pickled:  # e.g. torch.save(model, path): a whole pickled module
+        return (f"holds a pickled {pickled.group(1)}, which torch.load(weights_only=True) does not "
+                "run (save model.state_dict() instead)")
+    if path.stat().st_size == 0:
+        return "is an empty file"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = first.split(". ")[0][:200]
+    return f"cannot be read by torch.load ({type(exc).__name__}{': ' + first if first else ''})"
+
+
+def _is_state_dict(blob: object) -> bool:
+    return isinstance(blob, Mapping) and bool(blob) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob.items())
+
+
+def read_features_state(weights: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The ``features.*`` tensors of a mobilenet_v2 weights file (prefix removed), checked
+    against torchvision's architecture, and notes on what was adapted to get them.
+
+    Accepted: a plain state_dict; one saved from DataParallel/DDP (``module.`` on every key);
+    a checkpoint dict holding it under 'state_dict', 'model_state_dict' or 'model'; with a
+    classifier of any size or none (the app replaces the classifier; only ``features.*`` is
+    used, and any key outside it is ignored). Anything else is a ConfigError naming the file
+    and the first mismatch: missing keys, unexpected keys, or a shape.
+    """
+    path = Path(weights).expanduser()
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"weights={weights!r} {_load_error(path, exc)}; {ACCEPTED_WEIGHTS}") from exc
+    notes: list[str] = []
+    for _ in range(2):  # {'model': {'state_dict': ...}} at most
+        if _is_state_dict(blob) or not isinstance(blob, Mapping):
+            break
+        key = next((k for k in WRAPPER_KEYS if isinstance(blob.get(k), Mapping)), None)
+        if key is None:
+            break
+        others = [repr(k) for k in blob if k != key]
+        ignored = f" (ignored {_names(others)})" if others else ""
+        notes.append(f"took the state_dict under {key!r}{ignored}")
+        blob = blob[key]
+    if not _is_state_dict(blob):
+        if isinstance(blob, Mapping):
+            found = f"a dict with keys {_names([repr(k) for k in blob], 5)}" if blob else "an empty dict"
+        else:
+            found = f"a {type(blob).__name__}"
+        raise ConfigError(f"weights={weights!r} is not a state_dict (a dict of tensors): it holds "
+                          f"{found}; {ACCEPTED_WEIGHTS}")
+    if all(k.startswith("module.") for k in blob):
+        blob = {k[len("module."):]: v for k, v in blob.items()}
+        notes.append("stripped the 'module.' prefix (a DataParallel/DDP checkpoint)")
+    reference = mobilenet_v2().state_dict()
+    expected = {k: v.shape for k, v in reference.items() if k.startswith("features.")}
+    found = {k: v for k, v in blob.items() if k.startswith("features.")}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatch = None
+    if missing and not found:
+        mismatch = (f"it has none of mobilenet_v2's {len(expected)} features.* keys "
+                    f"({_names(missing)}); its keys are {_names(list(blob))}")
+    elif missing:
+        mismatch = (f"{len(missing)} of mobilenet_v2's {len(expected)} features.* keys "
+                    f"{'is' if len(missing) == 1 else 'are'} missing ({_names(missing)})")
+    elif unexpected:
+        mismatch = (f"{len(unexpected)} of its features.* keys "
+                    f"{'is' if len(unexpected) == 1 else 'are'} not in mobilenet_v2 ({_names(unexpected)})")
+    else:
+        wrong = next((k for k in expected if found[k].shape != expected[k]), None)
+        if wrong:
+            mismatch = (f"{wrong} has shape {tuple(found[wrong].shape)}, mobilenet_v2's is "
+                        f"{tuple(expected[wrong])}")
+    if mismatch:
+        raise ConfigError(f"weights={weights!r} is not a mobilenet_v2 state_dict: {mismatch}; "
+                          f"{ACCEPTED_WEIGHTS}")
+    ignored = [k for k, v in blob.items() if not k.startswith("features.")
+               and (k not in reference or v.shape != reference[k].shape)]
+    if ignored:  # a stock 1000-class classifier goes unmentioned; it is replaced all the same
+        notes.append(f"ignored {len(ignored)} keys outside features.* ({_names(ignored, 2)}); "
+                     "the app replaces the classifier")
+    return {k[len("features."):]: v for k, v in found.items()}, notes
+
+
 def load_mobilenet(weights: str) -> nn.Module:
     """torchvision's mobilenet_v2 with ``weights``: 'imagenet' (IMAGENET1K_V1, downloaded by
-    torchvision) or the path of a state_dict file."""
+    torchvision) or the path of a weights file (see ``read_features_state``). Only ``features``
+    is loaded from a file; the classifier stays as built (the app never uses it)."""
     if weights == "imagenet":
         try:
             return mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
@@ -86,15 +187,11 @@ def load_mobilenet(weights: str) -> nn.Module:
             f"weights={weights!r}: no such file; accepted: 'imagenet' or the path of a "
             "mobilenet_v2 state_dict file"
         )
+    state, notes = read_features_state(weights)
     model = mobilenet_v2()
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except Exception as exc:
-        raise ConfigError(
-            f"weights={weights!r} is not a mobilenet_v2 state_dict ({type(exc).__name__}); "
-            "accepted: 'imagenet' or the path of a mobilenet_v2 state_dict file"
-        ) from exc
+    model.features.load_state_dict(state)  # strict: read_features_state checked keys and shapes
+    if notes:
+        log.info("celeba-fl: weights=%r: %s", weights, "; ".join(notes))
     return model
 
 

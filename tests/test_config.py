@@ -67,3 +67,95 @@ def test_remedy_switches_are_validated(override, message):
     with pytest.raises(ConfigError) as info:
         RunConfig.from_run_config(override)
     assert message in str(info.value)
+
+
+# Wrong-typed values per field annotation: the slips TOML lets through (a quoted number, a
+# quoted boolean, a boolean where a number goes, a float where an integer goes, an array).
+WRONG_TYPED = {
+    bool: ["false", 0, 1],
+    int: ["1", 3.0, True],
+    float: ["0.01", True],
+    str: [1, True],
+    tuple[str, ...]: [["Male"], 1, True],
+}
+
+
+def _field_cases():
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "extra":
+            continue
+        annotation = hints[f.name]
+        assert annotation in WRONG_TYPED, f"RunConfig.{f.name}: add wrong values for {annotation}"
+        for wrong in WRONG_TYPED[annotation]:
+            yield pytest.param(f.name.replace("_", "-"), wrong, id=f"{f.name}={wrong!r}")
+
+
+@pytest.mark.parametrize("key, wrong", list(_field_cases()))
+def test_every_field_refuses_a_wrong_type_naming_its_key(key, wrong):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config({key: wrong})
+    message = str(info.value)
+    assert message.startswith(f"{key}={wrong!r} is "), message
+    assert "; accepted: " in message and "\n" not in message
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"augment-hflip": "false"}, "augment-hflip='false' is a string; accepted: a boolean (TOML true or false)"),
+    ({"learning-rate": "0.01"}, "learning-rate='0.01' is a string; accepted: a number (TOML float or integer)"),
+    ({"seed": True}, "seed=True is a boolean; accepted: an integer (TOML integer)"),
+    ({"batch-size": 32.0}, "batch-size=32.0 is a float; accepted: an integer (TOML integer)"),
+    ({"noniid-attributes": ["Male"]}, "noniid-attributes=['Male'] is a list; accepted: a comma-separated string of CelebA "
+                                        "attributes (e.g. 'Male,Young')"),
+    ({"learning-rate": float("inf")}, "learning-rate=inf is not finite; accepted: a finite number"),
+    ({"weight-decay": float("nan")}, "weight-decay=nan is not finite; accepted: a finite number"),
+])
+def test_wrong_types_are_one_line_naming_key_value_and_type(override, message):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config(override)
+    assert str(info.value) == message
+
+
+def test_types_are_checked_before_any_value():
+    # split and target are wrong too, but the wrong-typed key is what the user hears about first
+    with pytest.raises(ConfigError, match=r"^learning-rate='0.01' is a string"):
+        RunConfig.from_run_config({"split": "dirichlet", "target": "Smile", "learning-rate": "0.01"})
+
+
+def test_right_types_are_accepted_and_numbers_become_floats():
+    cfg = RunConfig.from_run_config({"augment-hflip": True, "learning-rate": 1, "lr-decay": 0.5,
+                                     "seed": 0, "noniid-attributes": "Male"})
+    assert cfg.augment_hflip is True
+    assert type(cfg.learning_rate) is float and cfg.learning_rate == 1.0
+    assert type(cfg.lr_decay) is float and cfg.seed == 0 and cfg.noniid_attributes == ("Male",)
+    assert RunConfig.from_run_config({"augment-hflip": False}).augment_hflip is False
+
+
+def test_defaults_round_trip_through_the_type_checks():
+    # every default has the type its annotation promises (as_dict is what config.json holds)
+    assert RunConfig.from_run_config(RunConfig().as_dict()) == RunConfig()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"seed": -1}, "seed=-1 is not valid; accepted: an integer >= 0"),
+    ({"image-size": 10000}, "image-size=10000 is not valid; accepted: an integer 32 <= x <= 1024"),
+    ({"image-size": 1025}, "image-size=1025 is not valid; accepted: an integer 32 <= x <= 1024"),
+    ({"image-size": 31}, "image-size=31 is not valid; accepted: an integer 32 <= x <= 1024"),
+])
+def test_seed_and_image_size_ranges_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config(override)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("override", [{"seed": 0}, {"image-size": 32}, {"image-size": 1024}])
+def test_seed_and_image_size_bounds_are_accepted(override):
+    RunConfig.from_run_config(override)
+
+
+def test_a_directly_built_config_is_range_checked_too():
+    with pytest.raises(ConfigError, match="^seed=-1 is not valid"):
+        RunConfig(seed=-1).validate()

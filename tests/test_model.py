@@ -55,3 +55,139 @@ def test_unreachable_imagenet_weights_are_one_clear_line(monkeypatch):
     monkeypatch.setattr(model, "mobilenet_v2", offline)
     with pytest.raises(ConfigError, match="weights='imagenet' could not be downloaded by torchvision"):
         load_mobilenet("imagenet")
+
+
+# --- weights files: what clearly is a MobileNetV2 loads; anything else names its first mismatch
+
+
+@pytest.fixture(scope="module")
+def plain_state(weights_file):
+    return torch.load(weights_file, weights_only=True)
+
+
+def _module(sd):
+    return {f"module.{k}": v for k, v in sd.items()}
+
+
+def _no_classifier(sd):
+    return {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+
+
+def _two_classes(sd):
+    return {**_no_classifier(sd), "classifier.1.weight": torch.zeros(2, FEATURE_DIM),
+            "classifier.1.bias": torch.zeros(2)}
+
+
+ACCEPTED_FORMS = {
+    "plain": (lambda sd: sd, None),
+    "dataparallel": (_module, "stripped the 'module.' prefix (a DataParallel/DDP checkpoint)"),
+    "state_dict-wrapper": (lambda sd: {"state_dict": sd, "epoch": 3},
+                           "took the state_dict under 'state_dict' (ignored 'epoch')"),
+    "model-wrapper": (lambda sd: {"model": sd}, "took the state_dict under 'model'"),
+    "model_state_dict-ddp": (lambda sd: {"model_state_dict": _module(sd), "optimizer": {"lr": 0.1}},
+                             "took the state_dict under 'model_state_dict' (ignored 'optimizer'); "
+                             "stripped the 'module.' prefix"),
+    "no-classifier": (_no_classifier, None),
+    "two-class-classifier": (_two_classes, "ignored 2 keys outside features.* (classifier.1.weight, "
+                                           "classifier.1.bias); the app replaces the classifier"),
+}
+
+
+@pytest.mark.parametrize("form", ACCEPTED_FORMS)
+def test_accepted_weights_forms_load_the_same_features(form, plain_state, weights_file, tmp_path, caplog):
+    make, note = ACCEPTED_FORMS[form]
+    path = tmp_path / f"{form}.pth"
+    torch.save(make(dict(plain_state)), path)
+    with caplog.at_level("INFO", logger="flwr"):
+        loaded = load_mobilenet(str(path)).features.state_dict()
+    reference = load_mobilenet(str(weights_file)).features.state_dict()
+    assert loaded.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(loaded[k], reference[k]), k
+        assert torch.equal(loaded[k], plain_state[f"features.{k}"]), k
+    lines = [r.getMessage() for r in caplog.records if "celeba-fl: weights=" in r.getMessage()]
+    if note is None:
+        assert lines == []  # a plain file loads silently
+    else:
+        assert len(lines) == 1 and note in lines[0], lines
+
+
+def _refusal(path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_mobilenet(str(path))
+    message = str(info.value)
+    assert message.startswith(f"weights={str(path)!r} ") and "\n" not in message, message
+    assert "; accepted: 'imagenet' or a torchvision mobilenet_v2 state_dict file" in message
+    return message
+
+
+def test_resnet_weights_are_refused_naming_the_missing_keys_and_what_it_has(tmp_path):
+    import torchvision
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    assert ("is not a mobilenet_v2 state_dict: it has none of mobilenet_v2's 312 features.* keys "
+            "(features.0.0.weight, features.0.1.weight, features.0.1.bias, ...); its keys are "
+            "conv1.weight, bn1.weight, bn1.bias, ...") in _refusal(path)
+
+
+def test_missing_features_key_is_named_with_the_count(plain_state, tmp_path):
+    path = tmp_path / "missing.pth"
+    gone = ["features.3.conv.1.0.weight", "features.17.conv.3.bias"]
+    torch.save({k: v for k, v in plain_state.items() if k not in gone}, path)
+    assert ("is not a mobilenet_v2 state_dict: 2 of mobilenet_v2's 312 features.* keys are missing "
+            "(features.3.conv.1.0.weight, features.17.conv.3.bias)") in _refusal(path)
+
+
+def test_unexpected_features_key_is_named(plain_state, tmp_path):
+    path = tmp_path / "unexpected.pth"
+    torch.save({**plain_state, "features.19.0.weight": torch.zeros(3)}, path)
+    assert ("is not a mobilenet_v2 state_dict: 1 of its features.* keys is not in mobilenet_v2 "
+            "(features.19.0.weight)") in _refusal(path)
+
+
+def test_shape_mismatch_names_the_key_and_both_shapes(plain_state, tmp_path):
+    path = tmp_path / "shape.pth"
+    torch.save({**plain_state, "features.18.0.weight": torch.zeros(640, 320, 1, 1)}, path)
+    assert ("is not a mobilenet_v2 state_dict: features.18.0.weight has shape (640, 320, 1, 1), "
+            "mobilenet_v2's is (1280, 320, 1, 1)") in _refusal(path)
+
+
+def test_a_half_width_mobilenet_names_its_first_shape(tmp_path):
+    import torchvision
+
+    path = tmp_path / "half.pth"
+    torch.save(torchvision.models.mobilenet_v2(width_mult=0.5).state_dict(), path)
+    assert "features.0.0.weight has shape (16, 3, 3, 3), mobilenet_v2's is (32, 3, 3, 3)" in _refusal(path)
+
+
+def test_a_dict_that_is_no_state_dict_names_its_keys(plain_state, tmp_path):
+    path = tmp_path / "odd.pth"
+    torch.save({"epoch": 3, "weights": plain_state}, path)
+    assert ("is not a state_dict (a dict of tensors): it holds a dict with keys 'epoch', 'weights'"
+            in _refusal(path))
+
+
+@pytest.mark.parametrize("kind", ["garbage", "empty", "truncated", "pickled-module"])
+def test_unreadable_file_names_the_file_and_the_error(kind, weights_file, tmp_path):
+    import torchvision
+
+    path = tmp_path / f"{kind}.pth"
+    if kind == "garbage":
+        path.write_bytes(b"not a torch file\n" * 8)
+        expected = "cannot be read by torch.load ("
+    elif kind == "empty":
+        path.write_bytes(b"")
+        expected = "is an empty file"
+    elif kind == "truncated":
+        data = weights_file.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        expected = ("cannot be read by torch.load (RuntimeError: PytorchStreamReader failed reading "
+                    "zip archive")
+    else:
+        torch.save(torchvision.models.mobilenet_v2(), path)
+        expected = ("holds a pickled torchvision.models.mobilenetv2.MobileNetV2, which "
+                    "torch.load(weights_only=True) does not run (save model.state_dict() instead)")
+    message = _refusal(path)
+    assert expected in message
+    assert "is not a mobilenet_v2 state_dict" not in message
