@@ -27,16 +27,15 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
-from datasets import Dataset, Image
-from datasets import config as hf_config
-from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import IidPartitioner
 
 from .config import ConfigError, HUB_DATASET, RunConfig, is_local_path
-from .partitioning import build_partitioner, local_split
+
+if TYPE_CHECKING:  # datasets and flwr-datasets cost seconds to import: imported where data is read,
+    from datasets import Dataset  # so a ClientApp answering from its caches never imports them
+    from flwr_datasets import FederatedDataset
 
 SPLIT_NAMES = ("train", "valid", "test")
 #: The file celeba-partition writes into each partition folder (partition id, partitioning).
@@ -67,6 +66,8 @@ class Part:
 
     def blobs(self, batch_size: int) -> Iterator[list[bytes]]:
         """The encoded images, in row order, ``batch_size`` at a time (no decoding here)."""
+        from datasets import Image
+
         if self.rows is None:
             self.rows = self.load_rows()
         raw = self.rows.select_columns(["image"]).cast_column("image", Image(decode=False))
@@ -143,6 +144,8 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 
 def _load_kwargs(spec: str, fingerprint: str) -> dict:
     """``datasets.load_dataset`` arguments: a local folder gets a cache of its own content."""
+    from datasets import config as hf_config
+
     if not fingerprint.startswith("hub:"):
         return {"cache_dir": str(Path(hf_config.HF_DATASETS_CACHE) / "celeba-fl" / fingerprint[:24])}
     return {}
@@ -242,6 +245,8 @@ def _fds_key(cfg: RunConfig, num_partitions: int) -> tuple:
 
 
 def _new_fds(spec: str, partitioners: dict, shuffle: bool, seed: int, memo_dir: str | None) -> FederatedDataset:
+    from flwr_datasets import FederatedDataset
+
     with warnings.catch_warnings():
         # flwr-datasets warns about any dataset outside its tested list; ours is known.
         warnings.filterwarnings("ignore", message="The currently tested dataset")
@@ -269,6 +274,8 @@ def _load_split(cfg: RunConfig, fds: FederatedDataset, spec: str, split: str) ->
 
 def load_federated(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
     """The FederatedDataset for this config (cached per process); clear errors on failure."""
+    from .partitioning import build_partitioner
+
     key = _fds_key(cfg, num_partitions)
     if key not in _FDS:
         fds = _new_fds(cfg.dataset, {"train": build_partitioner(cfg, num_partitions)}, True, cfg.seed,
@@ -370,6 +377,8 @@ def _parts_key(cfg: RunConfig, node: NodeData) -> str:
 
 
 def _client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
+    from .partitioning import local_split
+
     if node.data_path is None:
         try:
             partition = load_federated(cfg, node.num_partitions).load_partition(node.partition_id, "train")
@@ -387,6 +396,8 @@ def _client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
 def local_train_split(cfg: RunConfig, node: NodeData) -> Dataset:
     """A ``data-path`` node's whole ``train`` split, in the folder's row order (no shuffle:
     celeba-partition wrote the rows in the order the simulation's partition has them)."""
+    from flwr_datasets.partitioner import IidPartitioner
+
     fds = _new_fds(node.data_path, {"train": IidPartitioner(num_partitions=1)}, False, cfg.seed, node.cache_dir)
     _load_split(cfg, fds, node.data_path, "train")
     _check_schema(cfg, fds, ("train",), node.data_path)

@@ -39,8 +39,6 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
 from .model import FEATURE_DIM, Backbone
 
@@ -71,6 +69,8 @@ def decode(blobs: Sequence[bytes], device: torch.device | str = "cpu") -> list[t
     the GPU faster than libjpeg-turbo in 4-16 threads (11.5k vs at most 9.4k img/s end to
     end); at celeba-10k's halved size the two traded places between machines.
     """
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
     device = torch.device(device)
     raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     with warnings.catch_warnings():
@@ -94,6 +94,8 @@ def resize_crop(groups: list[tuple[list[int], torch.Tensor]], image_size: int, h
 
     On CUDA the images are resized there (uploaded first if decoded on the CPU).
     """
+    from torchvision.transforms.v2 import functional as TF
+
     device = torch.device(device)
     resized = []
     for _, batch in groups:
@@ -114,6 +116,8 @@ def _resize_float(batch: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 -> uint8 resize of the shorter side through float, the GPU's way. Antialiasing
     only when shrinking: when enlarging (CelebA's 178 px faces to 224) it changes nothing
     (1e-3 in float) but its CUDA kernel is several times slower than plain bilinear."""
+    from torchvision.transforms.v2 import functional as TF
+
     antialias = min(batch.shape[-2:]) > image_size
     out = TF.resize(batch.float(), [image_size], antialias=antialias)
     return out.round_().clamp_(0, 255).to(torch.uint8)
@@ -275,12 +279,10 @@ def quantize(fp32: Path, image_size: int) -> Path:
 
 
 def _has_onnxruntime() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-        import onnx  # noqa: F401  (torch.onnx.export needs it)
-    except ImportError:
-        return False
-    return True
+    """onnxruntime and onnx (which torch.onnx.export needs) are installed; found, not imported."""
+    from importlib.util import find_spec
+
+    return find_spec("onnxruntime") is not None and find_spec("onnx") is not None
 
 
 def extract(extractor: Extractor, blobs: Iterable[Sequence[bytes]], hflip: bool = False) -> torch.Tensor:

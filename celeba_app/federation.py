@@ -144,16 +144,37 @@ def _nodes(nodes: list[int], show: int = 3) -> str:
 
 
 class FederationGrid:
-    """A Grid whose ``get_node_ids`` lists only the described nodes still connected; every
-    other call goes to the wrapped Grid. Strategies sample from it, so a node that joins
-    later (and was never described) receives nothing."""
+    """A Grid whose ``get_node_ids`` lists only the described nodes still connected, and whose
+    ``send_and_receive`` polls for replies every ``poll_s`` seconds; every other call goes to
+    the wrapped Grid.
 
-    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+    Strategies sample from it, so a node that joins later (and was never described) receives
+    nothing. Flower 1.25's GrpcGrid (the Deployment Engine) sleeps 3 s between polls, which
+    puts a floor of 3 s under each of a round's two phases (train, evaluate) whatever the
+    clients cost; the Simulation Engine's in-memory grid is used as it is.
+    """
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int], poll_s: float = 0.2) -> None:
         self._grid = grid
         self.node_ids = set(node_ids)
+        self.poll_s = poll_s
 
     def get_node_ids(self) -> list[int]:
         return [nid for nid in self._grid.get_node_ids() if nid in self.node_ids]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        if is_simulation(self._grid):
+            return list(self._grid.send_and_receive(messages, timeout=timeout))
+        pending = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (end is None or time.monotonic() < end):
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(self.poll_s)
+        return replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

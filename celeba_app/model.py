@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from .config import ConfigError
 
-FEATURE_DIM = 1280  # MobileNetV2's pooled feature width
+FEATURE_DIM = 1280
+#: torchvision's ``MobileNet_V2_Weights.IMAGENET1K_V1.url`` (a test checks they agree): the
+#: identity of weights='imagenet', known without importing torchvision (seconds per process).
+IMAGENET1K_V1_URL = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"  # MobileNetV2's pooled feature width
 
 
 class Backbone(nn.Module):
@@ -138,6 +140,8 @@ def read_features_state(weights: str) -> tuple[dict[str, torch.Tensor], list[str
     if all(k.startswith("module.") for k in blob):
         blob = {k[len("module."):]: v for k, v in blob.items()}
         notes.append("stripped the 'module.' prefix (a DataParallel/DDP checkpoint)")
+    from torchvision.models import mobilenet_v2
+
     reference = mobilenet_v2().state_dict()
     expected = {k: v.shape for k, v in reference.items() if k.startswith("features.")}
     found = {k: v for k, v in blob.items() if k.startswith("features.")}
@@ -173,6 +177,8 @@ def load_mobilenet(weights: str) -> nn.Module:
     """torchvision's mobilenet_v2 with ``weights``: 'imagenet' (IMAGENET1K_V1, downloaded by
     torchvision) or the path of a weights file (see ``read_features_state``). Only ``features``
     is loaded from a file; the classifier stays as built (the app never uses it)."""
+    from torchvision.models import MobileNet_V2_Weights, mobilenet_v2  # seconds to import: only when needed
+
     if weights == "imagenet":
         try:
             return mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
@@ -199,7 +205,7 @@ def weights_digest(weights: str) -> str:
     """Identity of the weights for the feature cache: the file's sha256, or torchvision's
     weights URL (which carries its own hash) for 'imagenet'."""
     if weights == "imagenet":
-        return MobileNet_V2_Weights.IMAGENET1K_V1.url
+        return IMAGENET1K_V1_URL
     h = hashlib.sha256()
     with open(Path(weights).expanduser(), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -43,15 +43,15 @@ class RunRefused(Exception):
 
 
 def prepare(cfg: RunConfig, grid: Grid):
-    """Every check that can fail before training; returns (run_dir, nodes, identities,
-    partitions). The server reads only its own ``valid``/``test``; it learns the clients'
+    """Every check that can fail before training; returns (run_dir, the federation's grid,
+    identities, partitions). The server reads only its own ``valid``/``test``; it learns the clients'
     data from their replies (federation.describe_nodes)."""
     run_dir = run_dir_for(cfg)
     server_ids = server_identities(cfg)  # valid/test load and schema, disjoint from each other
-    nodes = wait_for_nodes(grid, cfg)
-    partitions = describe_nodes(grid, nodes, cfg)
+    federation = FederationGrid(grid, wait_for_nodes(grid, cfg))
+    partitions = describe_nodes(federation, sorted(federation.node_ids), cfg)
     identities = check_clients_disjoint(cfg, server_ids, partitions)
-    return run_dir, nodes, identities, partitions
+    return run_dir, federation, identities, partitions
 
 
 @app.main()
@@ -62,8 +62,8 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "celeba-fl: dataset %s, weights %s, results-dir %s, cache-dir %s (paths as this "
             "ServerApp resolves them; working directory %s)", cfg.dataset, cfg.weights,
             cfg.results_dir, cfg.cache_dir, Path.cwd())
-        run_dir, nodes, identities, partitions = prepare(cfg, grid)
-        num_nodes = len(nodes)
+        run_dir, grid, identities, partitions = prepare(cfg, grid)
+        num_nodes = len(grid.node_ids)
         device = pick_device(cfg)
         store = feature_store(cfg, device)
         store.extractor  # noqa: B018 - loads the weights now: a bad file is refused before training
@@ -71,7 +71,6 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "celeba-fl: %s", exc)
         raise RunRefused(str(exc)) from None
 
-    grid = FederationGrid(grid, nodes)
     create_run_dir(run_dir)
     log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s",
         run_dir, num_nodes, cfg.split, cfg.target, device)

@@ -24,6 +24,42 @@ def pick_device(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
+class AdamW:
+    """``torch.optim.AdamW``'s update (default betas and eps; no amsgrad), written out for
+    the head's two tensors.
+
+    Why not torch.optim: constructing any torch optimizer imports ``torch._dynamo`` (about 4 s
+    on a 2-core machine), and the Deployment Engine starts a new ClientApp process for every
+    message, so every round paid it again. tests/test_task.py checks this class against
+    torch.optim.AdamW step by step.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.lr, self.weight_decay, self.betas, self.eps = params, lr, weight_decay, betas, eps
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1 ** self.steps)
+        bias_correction2_sqrt = (1 - beta2 ** self.steps) ** 0.5
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            p.mul_(1 - self.lr * self.weight_decay)
+            m.lerp_(p.grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            p.addcdiv_(m, (v.sqrt() / bias_correction2_sqrt).add_(self.eps), value=-step_size)
+
+
 def train_head(
     head: nn.Module,
     x: torch.Tensor,
@@ -54,7 +90,7 @@ def train_head(
     views = None if encoder is not None else (x if x.dim() == 3 else x.unsqueeze(0))
     n = len(y)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = AdamW(list(head.parameters()), lr=lr, weight_decay=weight_decay)
     anchor = [p.detach().clone() for p in head.parameters()] if proximal_mu else None
     y = y.float()
     total, steps = 0.0, 0

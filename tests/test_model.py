@@ -47,12 +47,12 @@ def test_bad_weights_file_is_named(tmp_path):
 def test_unreachable_imagenet_weights_are_one_clear_line(monkeypatch):
     from urllib.error import URLError
 
-    from celeba_app import model
+    import torchvision.models
 
     def offline(weights=None):
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(model, "mobilenet_v2", offline)
+    monkeypatch.setattr(torchvision.models, "mobilenet_v2", offline)
     with pytest.raises(ConfigError, match="weights='imagenet' could not be downloaded by torchvision"):
         load_mobilenet("imagenet")
 
@@ -191,3 +191,12 @@ def test_unreadable_file_names_the_file_and_the_error(kind, weights_file, tmp_pa
     message = _refusal(path)
     assert expected in message
     assert "is not a mobilenet_v2 state_dict" not in message
+
+
+def test_imagenet_identity_is_torchvisions_url():
+    """weights='imagenet' is known by a constant (no torchvision import per message)."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    from celeba_app.model import IMAGENET1K_V1_URL, weights_digest
+
+    assert weights_digest("imagenet") == IMAGENET1K_V1_URL == MobileNet_V2_Weights.IMAGENET1K_V1.url

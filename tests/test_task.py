@@ -74,3 +74,22 @@ def test_bce_per_row_matches_torch():
     ref = torch.nn.functional.binary_cross_entropy(torch.tensor(p), torch.tensor(y, dtype=torch.float64),
                                                    reduction="none").numpy()
     assert np.allclose(bce_per_row(p, y), ref)
+
+
+def test_adamw_is_torchs_adamw():
+    """task.AdamW (no torch._dynamo import per process) follows torch.optim.AdamW exactly."""
+    from celeba_app.task import AdamW
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1280, generator=gen), (torch.rand(64, generator=gen) > 0.5).float()
+    ours, theirs = make_head(seed=3), make_head(seed=3)
+    opts = [AdamW(list(ours.parameters()), lr=0.01, weight_decay=0.05),
+            torch.optim.AdamW(theirs.parameters(), lr=0.01, weight_decay=0.05)]
+    for _ in range(25):
+        for head, opt in zip((ours, theirs), opts):
+            opt.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(head(x).squeeze(-1), y).backward()
+            opt.step()
+    for k, v in theirs.state_dict().items():
+        assert torch.allclose(ours.state_dict()[k], v, atol=1e-7, rtol=0), k
+    assert not torch.equal(ours.state_dict()["1.weight"], make_head(seed=3).state_dict()["1.weight"])

@@ -1,0 +1,97 @@
+"""Deployment Engine benchmark: a SuperLink and N SuperNodes on loopback, against a simulation.
+
+    python benchmarks/bench_deployment.py --data ../shared/data/celeba-10k \
+        --weights ../shared/weights/mobilenet_v2_imagenet.pth --nodes 3 --rounds 10
+
+Cuts the dataset into N ``data-path`` folders with celeba-partition, starts ``flower-superlink``
+and N ``flower-supernode`` processes (free loopback ports, each node with its own cache dir),
+runs ``flwr run . local-deployment --stream`` (round 1 embeds every node's images; the
+Deployment Engine starts one ClientApp process per message, so later rounds show what one
+message costs once the embeddings are on the node's disk), then the same run config as a
+simulation over the same partitions of the whole dataset. Prints wall times, per-round
+times and the max abs difference between the two final heads. Every process it starts is
+ended by process group, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from flower_procs import BIN, Ports, Procs, flwr_run_deployment, overrides, start_superlink, start_supernode  # noqa: E402
+
+
+def rounds_line(run: Path) -> str:
+    history = json.loads((run / "history.json").read_text())
+    secs = {h["round"]: h["seconds"] for h in history}
+    later = [secs[r] for r in secs if r >= 2]
+    return (f"round 0 (server valid) {secs.get(0, 0):.1f}s | round 1 {secs.get(1, 0):.1f}s | rounds 2-{max(secs)} "
+            f"mean {sum(later) / max(1, len(later)):.1f}s, max {max(later, default=0):.1f}s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--split", default="noniid")
+    parser.add_argument("--skip-simulation", action="store_true")
+    args = parser.parse_args()
+    data, weights = Path(args.data).resolve(), Path(args.weights).resolve()
+    work = Path(tempfile.mkdtemp(prefix="bench-deployment-"))
+    common = {"split": args.split, "weights": str(weights), "num-server-rounds": args.rounds}
+    subprocess.run([str(BIN / "celeba-partition"), "--run-config", f"dataset='{data}' split='{args.split}'",
+                    "--num-partitions", str(args.nodes), "--out", str(work / "parts")], cwd=ROOT, check=True,
+                   capture_output=True)
+    print(f"# {args.nodes} SuperNodes, {args.rounds} rounds, split={args.split}, data {data}; work folder {work}")
+    with Procs(work / "logs") as procs:
+        ports = Ports()
+        start_superlink(procs, ports, workdir=work)
+        for i in range(args.nodes):
+            start_supernode(procs, ports, f"supernode-{i}", workdir=work, node_config={
+                "data-path": str(work / "parts" / f"partition_{i}"), "cache-dir": str(work / f"node-{i}-cache")})
+        t0 = time.time()
+        proc = flwr_run_deployment(procs, ports, {**common, "dataset": str(work / "parts" / "server"),
+                                                  "results-dir": str(work / "outputs"), "run-name": "deployed",
+                                                  "cache-dir": str(work / "server-cache"),
+                                                  "min-nodes": args.nodes}, timeout=3600)
+        wall = time.time() - t0
+        run = work / "outputs" / "deployed"
+        if not (run / "test.json").exists():
+            print(procs.logs()[-6000:])
+            return 1
+    test = json.loads((run / "test.json").read_text())["overall"]
+    print(f"deployment  wall {wall:.0f}s | {rounds_line(run)} | test acc {test['accuracy']:.4f}")
+    if args.skip_simulation:
+        return 0
+    t0 = time.time()
+    sim = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "local-simulation", "--federation-config",
+                          f"options.num-supernodes={args.nodes}", "--run-config", overrides({
+                              **common, "dataset": str(data), "results-dir": str(work / "sim"),
+                              "run-name": "simulated", "cache-dir": str(work / "sim-cache")})],
+                         cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - t0
+    sim_run = work / "sim" / "simulated"
+    if not (sim_run / "head.pt").exists():
+        print((sim.stdout + sim.stderr)[-6000:])
+        return 1
+    import torch
+
+    test = json.loads((sim_run / "test.json").read_text())["overall"]
+    print(f"simulation  wall {wall:.0f}s | {rounds_line(sim_run)} | test acc {test['accuracy']:.4f}")
+    a, b = torch.load(run / "head.pt"), torch.load(sim_run / "head.pt")
+    print(f"max abs difference of the final heads: {max((a[k] - b[k]).abs().max().item() for k in a):.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
