@@ -61,3 +61,30 @@ def test_three_supernodes_train_the_simulations_head(celeba_dir, weights_file, t
     diff = max((deployed[k] - simulated[k]).abs().max().item() for k in simulated)
     assert diff < 1e-5, diff
     assert not torch.equal(simulated["1.bias"], torch.zeros_like(simulated["1.bias"]))
+
+
+def test_refused_runs_end_with_one_line(celeba_dir, weights_file, tmp_path):
+    """On the Deployment Engine a refusal must end the ServerApp and the run (flwr run
+    --stream returns), with the app's one line in the stream."""
+    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), "image-size": 32,
+                  "results-dir": str(tmp_path / "outputs"), "cache-dir": str(tmp_path / "cache"),
+                  "node-wait-timeout": 3.0}
+    with Procs(tmp_path / "logs") as procs:
+        ports = Ports()
+        start_superlink(procs, ports, workdir=tmp_path)
+        lonely = flwr_run_deployment(procs, ports, {**run_config, "min-nodes": 1}, name="no-nodes", timeout=120)
+        assert "celeba-fl: 0 SuperNode(s) connected within node-wait-timeout=3s, 1 required" in lonely.stdout, \
+            procs.logs()
+
+        start_supernode(procs, ports, "configured", {"partition-id": 0, "num-partitions": 2}, workdir=tmp_path)
+        start_supernode(procs, ports, "unconfigured", {}, workdir=tmp_path)
+        refused = flwr_run_deployment(procs, ports, {**run_config, "min-nodes": 2, "node-wait-timeout": 60.0},
+                                      name="no-node-config", timeout=180)
+        assert "celeba-fl: 1 of 2 SuperNode(s) could not describe their data: node config lacks " \
+               "partition-id, num-partitions (has: nothing)" in refused.stdout, procs.logs()
+
+        bad = flwr_run_deployment(procs, ports, {**run_config, "split": "IID"}, name="bad-split", timeout=120)
+        assert "celeba-fl: split='IID' is not known; accepted: iid, noniid" in bad.stdout, procs.logs()
+    for proc in (lonely, refused, bad):
+        assert proc.returncode is not None  # it returned: the run ended
+    assert not (tmp_path / "outputs").exists()

@@ -120,9 +120,12 @@ def test_centralized_cli_reads_pyproject_and_overrides(tmp_path, celeba_dir, wei
 def test_unreachable_weights_stop_before_anything_is_written(tmp_path, celeba_dir, monkeypatch, capsys):
     from urllib.error import URLError
 
-    from celeba_app import features, model
+    import torchvision.models
 
-    monkeypatch.setattr(model, "mobilenet_v2", lambda weights=None: (_ for _ in ()).throw(URLError("offline")))
+    from celeba_app import features
+
+    monkeypatch.setattr(torchvision.models, "mobilenet_v2",
+                        lambda weights=None: (_ for _ in ()).throw(URLError("offline")))
     features._STORES.clear()
     rc = f"dataset='{celeba_dir}' weights='imagenet' results-dir='{tmp_path}' run-name='x'"
     assert centralized.main(["--project", str(ROOT), "--run-config", rc, "--num-partitions", "3"]) == 2

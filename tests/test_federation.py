@@ -1,0 +1,117 @@
+"""The server's view of the federation, in-process: waiting for nodes and describing them."""
+
+import time
+
+import pytest
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+
+from celeba_app import client_app
+from celeba_app.config import ConfigError, RunConfig
+from celeba_app.federation import FederationGrid, describe_nodes, parse_description, wait_for_nodes
+
+
+class FakeGrid:
+    """Nodes that connect at given times (seconds after creation); query replies built by
+    calling the real ClientApp handler with each node's node config."""
+
+    def __init__(self, joins: dict[int, float], node_configs: dict[int, dict] | None = None,
+                 run_config: dict | None = None) -> None:
+        self.t0, self.joins = time.monotonic(), joins
+        self.node_configs, self.run_config = node_configs or {}, run_config or {}
+
+    def get_node_ids(self):
+        now = time.monotonic() - self.t0
+        return [nid for nid, at in self.joins.items() if at <= now]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            ctx = Context(run_id=1, node_id=nid, node_config=self.node_configs[nid], state=RecordDict(),
+                          run_config=self.run_config)
+            reply = client_app.query(msg, ctx)
+            reply.metadata.__dict__["_src_node_id"] = nid
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def replies_from_messages(monkeypatch):
+    """Message(..., reply_to=msg) needs a message that came from a SuperLink; here the reply
+    carries the same content or error, addressed back to the node."""
+    def reply(content=None, reply_to=None, error=None):
+        out = Message(content=content, dst_node_id=reply_to.metadata.dst_node_id, message_type="query") \
+            if error is None else Message(content=RecordDict(), dst_node_id=reply_to.metadata.dst_node_id,
+                                          message_type="query")
+        if error is not None:
+            out.content = None
+            out.error = error
+        return out
+    monkeypatch.setattr(client_app, "Message", reply)
+
+
+def cfg(**kw) -> RunConfig:
+    return RunConfig.from_run_config({"node-wait-timeout": 3.0, **kw})
+
+
+def test_min_nodes_waits_for_staggered_supernodes():
+    grid = FakeGrid({1: 0.0, 2: 0.5, 3: 1.0})  # started 0.5 s apart
+    assert wait_for_nodes(grid, cfg(**{"min-nodes": 3}), poll_s=0.05) == [1, 2, 3]
+
+
+def test_without_min_nodes_the_deployment_waits_the_whole_timeout():
+    grid = FakeGrid({1: 0.0, 2: 1.5})
+    t0 = time.monotonic()
+    assert wait_for_nodes(grid, cfg(**{"node-wait-timeout": 2.0}), poll_s=0.05) == [1, 2]
+    assert time.monotonic() - t0 >= 2.0
+
+
+def test_too_few_supernodes_is_one_line():
+    with pytest.raises(ConfigError) as info:
+        wait_for_nodes(FakeGrid({1: 0.0}), cfg(**{"min-nodes": 3, "node-wait-timeout": 0.3}), poll_s=0.05)
+    assert str(info.value).startswith("1 SuperNode(s) connected within node-wait-timeout=0.3s, 3 required")
+    with pytest.raises(ConfigError, match="^0 SuperNode.s. connected within node-wait-timeout=0.3s, 1 required"):
+        wait_for_nodes(FakeGrid({}), cfg(**{"node-wait-timeout": 0.3}), poll_s=0.05)
+
+
+def test_describe_builds_partitions_from_the_replies(run_config):
+    run_config["split"] = "noniid"
+    grid = FakeGrid({7: 0, 8: 0}, {7: {"partition-id": 1, "num-partitions": 2},
+                                   8: {"partition-id": 0, "num-partitions": 2}}, run_config)
+    entries = describe_nodes(grid, [7, 8], RunConfig.from_run_config(run_config))
+    assert [(e["partition_id"], e["node_id"]) for e in entries] == [(0, 8), (1, 7)]
+    for e in entries:
+        assert e["num_train"] > 0 and 0 <= e["target_rate"] <= 1 and e["celeb_ids"]
+        assert set(e["group_rates"]) == {"Male", "Young", "Pale_Skin"}
+    assert not set(entries[0]["celeb_ids"]) & set(entries[1]["celeb_ids"])
+
+
+def test_two_nodes_claiming_one_partition_are_refused_by_name(run_config):
+    grid = FakeGrid({7: 0, 8: 0, 9: 0}, {n: {"partition-id": 1, "num-partitions": 3} for n in (7, 8)}
+                    | {9: {"partition-id": 0, "num-partitions": 3}}, run_config)
+    with pytest.raises(ConfigError, match=r"partition-id=1 on nodes 7, 8\); accepted: one SuperNode per"):
+        describe_nodes(grid, [7, 8, 9], RunConfig.from_run_config(run_config))
+
+
+def test_a_node_that_cannot_say_what_its_data_is_is_refused_by_name(run_config, tmp_path):
+    grid = FakeGrid({7: 0, 8: 0, 9: 0}, {7: {}, 8: {"partition-id": 0, "num-partitions": 2},
+                                         9: {"data-path": str(tmp_path / "nowhere")}}, run_config)
+    with pytest.raises(ConfigError) as info:
+        describe_nodes(grid, [7, 8, 9], RunConfig.from_run_config(run_config))
+    line = str(info.value)
+    assert line.startswith("2 of 3 SuperNode(s) could not describe their data: ")
+    assert "node config lacks partition-id, num-partitions (has: nothing)" in line and "(node 7)" in line
+    assert f"data-path={str(tmp_path / 'nowhere')!r}" in line and "no such folder" in line and "(node 9)" in line
+    assert "\n" not in line
+
+
+def test_description_survives_the_config_record():
+    entry = {"partition_id": 2, "num_partitions": 3, "source": "data-path /x", "num_train": 5, "num_val": 1,
+             "target_rate": 0.5, "group_rates": {"Male": 0.2, "Young": None}, "celeb_ids": [3, 9]}
+    back = parse_description(client_app.describe_record(entry))
+    assert back == {**entry, "group_rates": {"Male": 0.2}}
+
+
+def test_federation_grid_hides_nodes_that_were_not_described():
+    grid = FederationGrid(FakeGrid({1: 0, 2: 0, 3: 0}), [1, 3])
+    assert grid.get_node_ids() == [1, 3]
