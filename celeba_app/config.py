@@ -163,6 +163,10 @@ class RunConfig:
     device: str = "auto"
     min_nodes: int = 0
     node_wait_timeout: float = 30.0
+    round_timeout: float = 3600.0
+    min_reply_fraction: float = 0.5
+    max_skipped_rounds: int = 3
+    resume: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -291,6 +295,14 @@ class RunConfig:
         if not self.node_wait_timeout > 0:
             raise ConfigError(f"node-wait-timeout={self.node_wait_timeout!r} is not valid; accepted: "
                               "seconds > 0")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"round-timeout={self.round_timeout!r} is not valid; accepted: seconds > 0")
+        if not 0 < self.min_reply_fraction <= 1:
+            raise ConfigError(f"min-reply-fraction={self.min_reply_fraction!r} is not valid; accepted: 0 < x <= 1")
+        if self.max_skipped_rounds < 0:
+            raise ConfigError(f"max-skipped-rounds={self.max_skipped_rounds!r} is not valid; accepted: an integer >= 0")
+        if self.resume and not _RUN_NAME.match(self.resume):
+            raise ConfigError(f"resume={self.resume!r} is not valid; accepted: the run-name of a stopped run")
         if not check_paths:
             return
         if is_local_path(self.dataset):

@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .results import read_status  # noqa: E402
+
 SOURCES = (("train", "train"), ("federated_evaluate", "federated eval (clients' held-out)"),
            ("local_validation", "clients' held-out (central)"), ("server_valid", "server valid"))
 CURVES = (("loss", "loss"), ("accuracy", "accuracy"), ("auroc", "AUROC"))
@@ -197,6 +199,32 @@ def gap_table(test: dict) -> str:
     return "\n".join(lines)
 
 
+def failure_lines(history: list[dict], num_clients: int | None) -> list[str]:
+    """The clients that failed, per round, and the rounds whose metrics cover fewer clients
+    than the federation (markdown lines; none when every client replied every round)."""
+    lines = []
+    for h in history:
+        for phase, outcome in (h.get("nodes") or {}).items():
+            for f in outcome["failures"]:
+                lines.append(f"| {h['round']} | {phase} | {f['node_id']} | {f.get('partition_id')} | "
+                             f"{f.get('code')} | {f['reason']} |")
+    short = [f"{h['round']} ({h['train']['num_clients']} of {num_clients})" for h in history
+             if h.get("train") and num_clients and h["train"]["num_clients"] < num_clients]
+    skipped = [str(h["round"]) for h in history if h.get("skipped")]
+    if not lines and not short and not skipped:
+        return []
+    out = ["## Client failures", ""]
+    if short:
+        out += [f"Training metrics cover fewer clients than the federation's {num_clients} in rounds "
+                f"{', '.join(short)}.", ""]
+    if skipped:
+        out += [f"Rounds skipped (too few replies; the global head unchanged): {', '.join(skipped)}.", ""]
+    if lines:
+        out += ["| round | phase | node | partition | error code | reason |", "|---|---|---|---|---|---|",
+                *lines, ""]
+    return out
+
+
 def write_report(run_dir: Path) -> Path:
     """Plots and report.md for one run folder; returns the report's path."""
     run = load_run(run_dir)
@@ -212,6 +240,13 @@ def write_report(run_dir: Path) -> Path:
         "partitions.png": plot_partitions(run["partitions"], run_dir / "partitions.png"),
     }
     lines = [f"# Run `{run['name']}`", ""]
+    status = read_status(run_dir)
+    if status and status["state"] != "completed":
+        lines += [f"**Incomplete run**: status `{status['state']}`, last completed round "
+                  f"{status['last_completed_round']}" + (f" ({status['reason']})" if status.get("reason") else "")
+                  + ". The figures below cover the rounds written so far; resume it with "
+                  f"`--run-config \"resume='{run['name']}'\"`.", ""]
+    lines += failure_lines(history, (run["config"] or {}).get("num_clients"))
     lines.append(f"{kind}; split `{cfg.get('split')}`, target `{cfg.get('target')}`, dataset "
                  f"`{cfg.get('dataset')}`, weights `{cfg.get('weights')}`, "
                  f"{(run['config'] or {}).get('num_clients', '–')} clients, "

@@ -1,8 +1,14 @@
 """The run folder: ``<results-dir>/<run-name>/`` and the files of the results contract.
 
-config.json, partitions.json, history.json, test.json and head.pt (see README, "Results").
-A run never writes into an existing folder: a clashing run-name is refused before training,
-so nothing an earlier run wrote is ever overwritten.
+config.json, partitions.json, history.json, status.json, checkpoint.pt, test.json and head.pt
+(see README, "Results"). A run never writes into an existing folder: a clashing run-name is
+refused before training, so nothing an earlier run wrote is ever overwritten; only
+``resume='<run-name>'`` continues a stopped run in its own folder.
+
+Every file is written to a temporary name and renamed, so a run killed at any moment leaves
+the previous complete version: after each round, history.json (all rounds so far),
+checkpoint.pt (what resuming needs) and status.json (``running``, ``completed`` or
+``failed``, the reason, the last completed round).
 """
 
 from __future__ import annotations
@@ -22,7 +28,18 @@ PACKAGES = ("flwr", "flwr-datasets", "datasets", "torch", "torchvision", "torchm
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
-    """The folder this run will write; refuses one that exists (checked before training)."""
+    """The folder this run will write; refuses one that exists (checked before training).
+    With ``resume``, the stopped run's folder, which must exist (see ``check_resume``)."""
+    if cfg.resume:
+        path = Path(cfg.results_dir) / cfg.resume
+        status = read_status(path) if path.is_dir() else None
+        if load_checkpoint_path(path) is None or status is None:
+            raise ConfigError(f"resume={cfg.resume!r}: no stopped run with a checkpoint in "
+                              f"results-dir={cfg.results_dir!r}; accepted: the run-name of a run that "
+                              "completed at least one round")
+        if status["state"] == "completed":
+            raise ConfigError(f"resume={cfg.resume!r}: that run completed; accepted: a stopped or failed run")
+        return path
     name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.split}"
     path = Path(cfg.results_dir) / name
     if path.exists():
@@ -31,6 +48,35 @@ def run_dir_for(cfg: RunConfig) -> Path:
             "run-name not used before (earlier results are never overwritten)"
         )
     return path
+
+
+def load_checkpoint_path(path: Path) -> Path | None:
+    p = Path(path) / "checkpoint.pt"
+    return p if p.is_file() else None
+
+
+#: Run-config keys that do not change what a run computes: they may differ on resume.
+NOT_RESULT_KEYS = ("resume", "run-name", "results-dir", "cache-dir", "feature-cache", "extract-batch-size",
+                   "device", "min-nodes", "node-wait-timeout", "round-timeout", "num-server-rounds")
+
+
+def check_resume(run_dir: Path, cfg: RunConfig, partitions: list[dict]) -> None:
+    """Refuse, in one line naming the keys, a resume whose run config or partitions differ
+    from the saved ones in anything that changes results."""
+    saved = json.loads((run_dir / "config.json").read_text())["run_config"]
+    now = cfg.as_dict()
+    differ = [f"{k} ({saved.get(k)!r} saved, {now.get(k)!r} now)" for k in sorted(set(saved) | set(now))
+              if k not in NOT_RESULT_KEYS and saved.get(k) != now.get(k)]
+    if differ:
+        raise ConfigError(f"resume={cfg.resume!r}: the run config differs from the saved one in "
+                          f"{', '.join(differ)}; accepted: the saved values, or a new run-name")
+    old = {p["partition_id"]: (p["num_train"], p["num_val"], p["celeb_ids"])
+           for p in json.loads((run_dir / "partitions.json").read_text())["partitions"]}
+    new = {p["partition_id"]: (p["num_train"], p["num_val"], p["celeb_ids"]) for p in partitions}
+    if old != new:
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ConfigError(f"resume={cfg.resume!r}: the SuperNodes' data differs from the saved "
+                          f"partitions.json (partitions {changed[:10]}); accepted: the same partitions")
 
 
 def create_run_dir(path: Path) -> Path:
@@ -68,6 +114,41 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def write_status(run_dir: Path, state: str, last_round: int | None, reason: str | None = None) -> None:
+    """status.json: ``running``, ``completed`` or ``failed``, why, and the last completed round.
+    The documented contract for scripts: flwr 1.25's ``flwr run`` does not always exit non-zero."""
+    write_json(run_dir / "status.json", {"state": state, "reason": reason, "last_completed_round": last_round,
+                                         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def read_status(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "status.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    """torch.save to a temporary name, then rename."""
+    import torch
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def write_round(run_dir: Path, history: list[dict], checkpoint: dict) -> None:
+    """After each round: history.json, checkpoint.pt, then status.json (running)."""
+    write_json(run_dir / "history.json", history)
+    save_torch(run_dir / "checkpoint.pt", checkpoint)
+    write_status(run_dir, "running", checkpoint["round"])
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    import torch
+
+    path = Path(run_dir) / "checkpoint.pt"
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
 def write_run_start(run_dir: Path, cfg: RunConfig, *, kind: str, num_clients: int, device: str,
                     identities: dict, partitions: list[dict], weights_id: str) -> None:
     """config.json and partitions.json: what this run is, written before it trains."""
@@ -85,11 +166,9 @@ def write_run_start(run_dir: Path, cfg: RunConfig, *, kind: str, num_clients: in
 def write_run_end(run_dir: Path, head_state: dict, history: list[dict], test: dict,
                   extra: dict | None = None) -> None:
     """head.pt, history.json, test.json, then the plots and report.md."""
-    import torch
-
     from .report import write_report
 
-    torch.save(head_state, run_dir / "head.pt")
+    save_torch(run_dir / "head.pt", head_state)
     write_json(run_dir / "history.json", history)
     write_json(run_dir / "test.json", {**test, **(extra or {})})
     write_report(run_dir)

@@ -11,11 +11,12 @@ each round logs one line a person can follow, and the run folder gets the result
 
 from __future__ import annotations
 
+import json
 import time
 from logging import ERROR, INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -25,9 +26,10 @@ from .federation import FederationGrid, describe_nodes, wait_for_nodes
 from .features import feature_store
 from .metrics import report
 from .model import make_head, weights_digest
-from .results import create_run_dir, run_dir_for, write_best, write_run_end, write_run_start
+from .results import (check_resume, create_run_dir, load_checkpoint, run_dir_for, save_torch, write_best,
+                      write_round, write_run_end, write_run_start, write_status)
 from .selection import BestRound
-from .strategy import make_strategy
+from .strategy import RoundPolicy, make_strategy
 from .task import evaluate_stats, pick_device
 
 app = ServerApp()
@@ -56,6 +58,10 @@ def prepare(cfg: RunConfig, grid: Grid):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """Wire the parts: config, checks, the run folder, the strategy's round loop, the final
+    test. Every refusal before the run folder exists is one line and ends the run; after it
+    exists, status.json says ``running`` after each round and ``completed`` or ``failed``
+    (with the reason) at the end."""
     t_start = time.time()
     try:
         cfg = RunConfig.from_run_config(context.run_config).resolved()
@@ -63,6 +69,9 @@ def main(grid: Grid, context: Context) -> None:
             "ServerApp resolves them; working directory %s)", cfg.dataset, cfg.weights,
             cfg.results_dir, cfg.cache_dir, Path.cwd())
         run_dir, grid, identities, partitions = prepare(cfg, grid)
+        resume = load_checkpoint(run_dir) if cfg.resume else None
+        if cfg.resume:
+            check_resume(run_dir, cfg, partitions)
         num_nodes = len(grid.node_ids)
         device = pick_device(cfg)
         store = feature_store(cfg, device)
@@ -71,95 +80,61 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "celeba-fl: %s", exc)
         raise RunRefused(str(exc)) from None
 
-    create_run_dir(run_dir)
-    log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s",
-        run_dir, num_nodes, cfg.split, cfg.target, device)
-    write_run_start(run_dir, cfg, kind="federated", num_clients=num_nodes, device=str(device),
-                    identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
+    if resume is None:
+        create_run_dir(run_dir)
+        write_run_start(run_dir, cfg, kind="federated", num_clients=num_nodes, device=str(device),
+                        identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
+    write_status(run_dir, "running", resume["round"] if resume else None)
+    log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s%s", run_dir, num_nodes,
+        cfg.split, cfg.target, device, f"; resuming after round {resume['round']}" if resume else "")
+    last_round = resume["round"] if resume else None
+    try:
+        valid, test = server_part(cfg, "valid"), server_part(cfg, "test")
 
-    valid, test = server_part(cfg, "valid"), server_part(cfg, "test")
-    valid_reports: dict[int, dict] = {}
-    strategy = make_strategy(cfg, num_nodes)
-    best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
-    round_times: dict[int, float] = {}
-    t_round = [time.time()]
+        def evaluate_valid(server_round: int, arrays: ArrayRecord) -> dict:
+            head = make_head(cfg.head_dropout, state=arrays.to_torch_state_dict())
+            return report(evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
+                          where="valid")
 
-    def evaluate_valid(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        head = make_head(cfg.head_dropout, state=arrays.to_torch_state_dict())
-        stats = evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device)
-        rep = report(stats, where="valid")
-        valid_reports[server_round] = rep
-        if strategy.stopped_after is None:
-            best.update(server_round, rep, {k: v.clone() for k, v in head.state_dict().items()})
-            if best.should_stop:
-                strategy.stop(server_round)
-                log(INFO, "celeba-fl: early stopping after round %d: no better validation %s for %d "
-                    "rounds (best: round %d)", server_round, cfg.selection_metric, best.patience, best.round)
-        now = time.time()
-        round_times[server_round] = now - t_round[0]
-        t_round[0] = now
-        _log_round(server_round, cfg.num_server_rounds, strategy.history.get(server_round, {}), rep,
-                   round_times[server_round])
-        o = rep["overall"]
-        return MetricRecord({"loss": float(o["loss"]), "accuracy": float(o["accuracy"]),
-                             "auroc": float(o["auroc"] or 0.0)})
+        def on_round(history: list[dict], checkpoint: dict) -> None:
+            nonlocal last_round
+            write_round(run_dir, history, checkpoint)
+            last_round = checkpoint["round"]
 
-    result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(make_head(cfg.head_dropout, seed=cfg.seed).state_dict()),
-        num_rounds=cfg.num_server_rounds,
-        train_config=ConfigRecord({"lr": cfg.learning_rate}),  # per round: lr * lr-decay^(r-1)
-        evaluate_fn=evaluate_valid,
-    )
+        strategy = make_strategy(cfg, num_nodes)
+        best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
+        result = strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(make_head(cfg.head_dropout, seed=cfg.seed).state_dict()),
+            num_rounds=cfg.num_server_rounds,
+            train_config=ConfigRecord({"lr": cfg.learning_rate}),  # per round: lr * lr-decay^(r-1)
+            server_evaluate=evaluate_valid, best=best, on_round=on_round, resume=resume,
+            policy=RoundPolicy(cfg.round_timeout, cfg.min_reply_fraction, cfg.max_skipped_rounds),
+            node_partitions={p["node_id"]: p["partition_id"] for p in partitions},
+        )
+        last_state = result.arrays.to_torch_state_dict()
+        save_torch(run_dir / "head.pt", last_state)  # before the final test: a crash there keeps it
 
-    def test_report(state: dict) -> dict:
-        head = make_head(cfg.head_dropout, state=state)
-        return report(evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device), "test")
+        def test_report(state: dict) -> dict:
+            head = make_head(cfg.head_dropout, state=state)
+            return report(evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device), "test")
 
-    last_state = result.arrays.to_torch_state_dict()
-    test_rep = test_report(last_state)
-    last_round = strategy.stopped_after or cfg.num_server_rounds
-    history = []
-    for rnd in sorted(set(valid_reports) | set(strategy.history)):
-        entry = {"round": rnd, "seconds": round_times.get(rnd),
-                 "bytes_sent": strategy.bytes_sent.get(rnd, 0)}
-        entry.update(strategy.history.get(rnd, {}))
-        entry["server_valid"] = valid_reports.get(rnd)
-        entry["gap_train_minus_valid"] = _gaps(entry)
-        if strategy.stopped_after is not None and rnd > strategy.stopped_after:
-            entry["early_stopped"] = True
-        history.append(entry)
-    write_best(run_dir, best, test_report)
-    write_run_end(run_dir, last_state, history, test_rep,
-                  {"round": last_round, "wall_seconds": time.time() - t_start,
-                   "feature_cache": store.stats})
+        test_rep = test_report(last_state)
+        history = json.loads((run_dir / "history.json").read_text())
+        write_best(run_dir, best, test_report)
+        write_run_end(run_dir, last_state, history, test_rep,
+                      {"round": last_round, "wall_seconds": time.time() - t_start, "feature_cache": store.stats})
+    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised for flwr to end the run
+        reason = f"{type(exc).__name__}: {exc}"
+        write_status(run_dir, "failed", last_round, reason)
+        log(ERROR, "celeba-fl: run failed after round %s: %s; what was written is kept in %s",
+            last_round, reason, run_dir)
+        raise
+    write_status(run_dir, "completed", last_round)
     o = test_rep["overall"]
-    log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %.4f, AUROC %.4f, loss %.4f "
-        "(n=%d); wall time %.0fs; results in %s", o["accuracy"], o["balanced_accuracy"] or 0,
-        o["auroc"] or 0, o["loss"], o["n"], time.time() - t_start, run_dir)
-
-
-def _gaps(entry: dict) -> dict | None:
-    """Train minus server-validation loss, accuracy and AUROC: the overfitting gap."""
-    tr, va = entry.get("train"), entry.get("server_valid")
-    if not tr or not va:
-        return None
-    out = {}
-    for key in ("loss", "accuracy", "auroc"):
-        a, b = tr["overall"].get(key), va["overall"].get(key)
-        out[key] = None if a is None or b is None else a - b
-    return out
+    log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %s, AUROC %s, loss %.4f "
+        "(n=%d); wall time %.0fs; results in %s", o["accuracy"], _fmt(o["balanced_accuracy"]),
+        _fmt(o["auroc"]), o["loss"], o["n"], time.time() - t_start, run_dir)
 
 
 def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _log_round(rnd: int, total: int, hist: dict, valid: dict, seconds: float) -> None:
-    tr = hist.get("train", {})
-    fe = hist.get("federated_evaluate", {})
-    log(INFO, "celeba-fl: round %d/%d | train loss %s acc %s | fed-eval loss %s acc %s | "
-        "valid loss %s acc %s AUROC %s | %.1fs", rnd, total,
-        _fmt(tr.get("client_means", {}).get("train_loss")), _fmt(tr.get("overall", {}).get("accuracy")),
-        _fmt(fe.get("overall", {}).get("loss")), _fmt(fe.get("overall", {}).get("accuracy")),
-        _fmt(valid["overall"]["loss"]), _fmt(valid["overall"]["accuracy"]),
-        _fmt(valid["overall"]["auroc"]), seconds)
+    return "n/a" if value is None else f"{value:.4f}"

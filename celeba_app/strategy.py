@@ -12,15 +12,23 @@ in ``self.history`` (round -> {"train": ..., "federated_evaluate": ...}).
 
 from __future__ import annotations
 
-from logging import ERROR
-from typing import Iterable
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from logging import ERROR, INFO, WARNING
+from typing import Callable, Iterable, Mapping
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, QFedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, QFedAvg, Result
 
 from .federation import error_reason
 from .metrics import ALL, client_distribution, report, sum_stats, unflatten
+from .selection import BestRound
 
 NOT_SUMMED = ("num-examples", "partition_id")  # identifiers, not quantities
 HEADLINE = ("loss", "accuracy", "balanced_accuracy", "f1", "auroc")
@@ -61,13 +69,30 @@ def aggregate_reports(contents: list[RecordDict], where: str) -> dict:
     return rep
 
 
+@dataclass
+class RoundPolicy:
+    """How a round treats missing nodes and failing clients (run config keys of the same names)."""
+
+    round_timeout: float = 3600.0  # seconds a round waits for its nodes, then for their replies
+    min_reply_fraction: float = 0.5  # fewer successful train replies than this share: round skipped
+    max_skipped_rounds: int = 3  # this many skipped rounds in a row: the run fails
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (too many skipped rounds, too few nodes); the reason is the message."""
+
+
 class FairMetrics:
     """Mixin for any flwr Message-API strategy: summed-statistic metrics, a per-round history,
-    bytes sent, the per-round learning rate (``lr * lr_decay^(round-1)``) and early stopping.
+    bytes sent, the per-round learning rate (``lr * lr_decay^(round-1)``), and the round loop.
 
     The strategy's own ``aggregate_train`` still aggregates the arrays (FedAvg's weighted mean,
     FedAvgM's momentum, FedAdam's server optimiser, q-FedAvg's reweighting), so the fairness
     metrics work whichever strategy runs.
+
+    ``start`` owns the round loop, as the strategy of Flower's advanced-pytorch example does:
+    one place for the history, timing, failures, the best round, early stopping and the
+    per-round writes that make a killed run resumable.
     """
 
     def __init__(self, *args, learning_rate: float = 1e-3, lr_decay: float = 1.0, **kwargs) -> None:
@@ -81,14 +106,114 @@ class FairMetrics:
         self.bytes_sent: dict[int, int] = {}
         self.stopped_after: int | None = None
 
-    def stop(self, server_round: int) -> None:
-        """Early stopping: later rounds send nothing (the loop runs on, doing no work)."""
-        if self.stopped_after is None:
-            self.stopped_after = server_round
+    # ------------------------------------------------------------------ the round loop
+    def start(self, grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn=None, *, server_evaluate: Callable[[int, ArrayRecord], dict],
+              best: BestRound, on_round: Callable[[list[dict], dict], None] = lambda history, checkpoint: None,
+              policy: RoundPolicy | None = None, resume: dict | None = None,
+              node_partitions: Mapping[int, int] | None = None) -> Result:
+        """Rounds ``1..num_rounds`` (or from a checkpoint's next round): train, federated
+        evaluation, ``server_evaluate`` (the global head on ``valid``: a metrics report), the
+        best round and early stopping (no round runs after it), then ``on_round(history,
+        checkpoint)`` so the caller can write both before the next round starts.
+
+        Each round records the nodes sampled, the replies and each failure (node, partition,
+        error code and reason). A round with fewer successful train replies than
+        ``min_reply_fraction`` of those sampled keeps the global head and is marked skipped;
+        ``max_skipped_rounds`` in a row raise RunFailed, as do fewer connected nodes than
+        ``min_reply_fraction`` of the federation after ``round_timeout``. If no client trains in round 1, NoClientTrained.
+        Returns a flwr ``Result`` whose ``arrays`` is the last global head.
+        """
+        policy = policy or RoundPolicy(round_timeout=timeout)
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        partitions = dict(node_partitions or {})
+        arrays, history, skipped_in_row, first = initial_arrays, [], 0, 1
+        if resume is not None:
+            arrays, history, skipped_in_row, first = self._restore(resume, best)
+            log(INFO, "celeba-fl: resuming after round %d of %d", first - 1, num_rounds)
+        else:
+            t0 = time.time()
+            valid = server_evaluate(0, arrays)
+            history.append({"round": 0, "seconds": time.time() - t0, "bytes_sent": 0, "server_valid": valid,
+                            "gap_train_minus_valid": None})
+            _log_round(0, num_rounds, history[-1])
+            on_round(history, self._checkpoint(0, arrays, history, best, 0))
+        for rnd in range(first, num_rounds + 1):
+            t0 = time.time()
+            _wait_for_nodes(grid, policy)
+            entry: dict = {"round": rnd}
+            train_msgs = list(self.configure_train(rnd, arrays, train_config, grid))
+            replies = list(grid.send_and_receive(train_msgs, timeout=policy.round_timeout))
+            entry["nodes"] = {"train": _outcome(train_msgs, replies, partitions, policy.round_timeout)}
+            ok = [m for m in replies if not m.has_error()]
+            if rnd == 1 and not ok:
+                # Nothing will train in later rounds either (e.g. every node misses its data):
+                # stop with the clients' own errors instead of running empty rounds.
+                errors = [f"node {f['node_id']}: {f['reason']}" for f in entry["nodes"]["train"]["failures"]]
+                reason = "; ".join(errors[:3]) or "no client was sampled"
+                log(ERROR, "celeba-fl: no client could train in round 1 (%d sampled): %s", len(train_msgs), reason)
+                raise NoClientTrained(f"no client could train in round 1: {reason}")
+            if not train_msgs or len(ok) < math.ceil(policy.min_reply_fraction * len(train_msgs)):
+                skipped_in_row += 1
+                entry["skipped"] = True
+                log(WARNING, "celeba-fl: round %d skipped: %d of %d sampled clients replied (min-reply-fraction"
+                    "=%g); the global head is unchanged", rnd, len(ok), len(train_msgs), policy.min_reply_fraction)
+                if skipped_in_row > policy.max_skipped_rounds:
+                    raise RunFailed(f"{skipped_in_row} rounds in a row skipped (max-skipped-rounds="
+                                    f"{policy.max_skipped_rounds}); last: {len(ok)} of {len(train_msgs)} "
+                                    "sampled clients replied")
+            else:
+                skipped_in_row = 0
+                new_arrays, _ = self.aggregate_train(rnd, replies)
+                arrays = new_arrays if new_arrays is not None else arrays
+                eval_msgs = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
+                eval_replies = list(grid.send_and_receive(eval_msgs, timeout=policy.round_timeout))
+                entry["nodes"]["evaluate"] = _outcome(eval_msgs, eval_replies, partitions, policy.round_timeout)
+                self.aggregate_evaluate(rnd, eval_replies)
+            entry["bytes_sent"] = self.bytes_sent.get(rnd, 0)
+            entry.update(self.history.get(rnd, {}))
+            entry["server_valid"] = server_evaluate(rnd, arrays)
+            entry["gap_train_minus_valid"] = _gaps(entry)
+            best.update(rnd, entry["server_valid"], {k: v.clone() for k, v in arrays.to_torch_state_dict().items()})
+            entry["seconds"] = time.time() - t0
+            history.append(entry)
+            _log_round(rnd, num_rounds, entry)
+            stop = best.should_stop
+            if stop:
+                self.stopped_after = rnd
+                entry["early_stopped"] = True
+                log(INFO, "celeba-fl: early stopping after round %d: no better validation %s for %d "
+                    "rounds (best: round %d)", rnd, best.metric, best.patience, best.round)
+            on_round(history, self._checkpoint(rnd, arrays, history, best, skipped_in_row))
+            if stop:
+                break
+        return Result(arrays=arrays)
+
+    # Server-side state of flwr's strategies that a resumed run needs (FedAvgM's momentum,
+    # FedAdam's moments, the arrays they step from).
+    SERVER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
+
+    def _checkpoint(self, rnd: int, arrays: ArrayRecord, history: list[dict], best: BestRound,
+                    skipped_in_row: int) -> dict:
+        state = {k: _to_tensors(getattr(self, k)) for k in self.SERVER_STATE if getattr(self, k, None) is not None}
+        return {"round": rnd, "arrays": arrays.to_torch_state_dict(), "server_state": state,
+                "best": {"round": best.round, "value": best.value, "state": best.state,
+                         "since_best": best.since_best},
+                "skipped_in_row": skipped_in_row, "random_state": _random_state(),
+                "history_json": json.dumps(_json_safe(history))}
+
+    def _restore(self, ckpt: dict, best: BestRound) -> tuple[ArrayRecord, list[dict], int, int]:
+        for key, value in ckpt["server_state"].items():
+            setattr(self, key, _from_tensors(value, key))
+        b = ckpt["best"]
+        best.round, best.value, best.state, best.since_best = b["round"], b["value"], b["state"], b["since_best"]
+        random.setstate(_random_state_from(ckpt["random_state"]))
+        return (ArrayRecord(ckpt["arrays"]), json.loads(ckpt["history_json"]), int(ckpt["skipped_in_row"]),
+                int(ckpt["round"]) + 1)
 
     def configure_train(self, server_round, arrays: ArrayRecord, config, grid) -> Iterable[Message]:
-        if self.stopped_after is not None:
-            return []
         config["lr"] = self.learning_rate * self.lr_decay ** (server_round - 1)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         head_bytes = sum(a.numpy().nbytes for a in arrays.values())
@@ -96,22 +221,9 @@ class FairMetrics:
         self.history.setdefault(server_round, {})["lr"] = config["lr"]
         return messages
 
-    def configure_evaluate(self, server_round, arrays: ArrayRecord, config, grid) -> Iterable[Message]:
-        if self.stopped_after is not None:
-            return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
-
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        if server_round == 1 and not any(not m.has_error() for m in replies):
-            # Nothing will train in later rounds either (e.g. every node misses its data):
-            # stop with the clients' own errors instead of running empty rounds.
-            errors = [f"node {m.metadata.src_node_id}: {error_reason(m)}" for m in replies if m.has_error()]
-            reason = "; ".join(errors[:3]) or "no client replied"
-            log(ERROR, "celeba-fl: no client could train in round 1 (%d of %d failed): %s",
-                len(errors), len(replies), reason)
-            raise NoClientTrained(f"no client could train in round 1: {reason}")
-        if not replies:
+        if not any(not m.has_error() for m in replies):
             return None, None
         arrays, _ = super().aggregate_train(server_round, replies)
         contents = [m.content for m in replies if not m.has_error()]
@@ -153,11 +265,14 @@ class FairQFedAvg(FairMetrics, QFedAvg):
 
 
 def make_strategy(cfg, num_nodes: int) -> FairMetrics:
-    """The strategy named by ``cfg.strategy``, configured from the run config."""
+    """The strategy named by ``cfg.strategy``, configured from the run config.
+
+    ``min_available_nodes`` is 1: flwr's node sampling waits for it with no time limit, so
+    the round loop waits for the federation's nodes itself, at most ``round-timeout``."""
     common = dict(
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=1, min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
-        min_available_nodes=num_nodes, learning_rate=cfg.learning_rate, lr_decay=cfg.lr_decay,
+        min_available_nodes=1, learning_rate=cfg.learning_rate, lr_decay=cfg.lr_decay,
     )
     if cfg.strategy == "fedprox":
         return FairFedProx(proximal_mu=cfg.proximal_mu, **common)
@@ -170,3 +285,105 @@ def make_strategy(cfg, num_nodes: int) -> FairMetrics:
         return FairQFedAvg(client_learning_rate=cfg.learning_rate, q=cfg.qfedavg_q,
                            train_loss_key="global_loss", **common)
     return FairFedAvg(**common)
+
+
+# ---------------------------------------------------------------------- helpers of the loop
+def _wait_for_nodes(grid, policy: RoundPolicy) -> None:
+    """Go on at once with the federation's connected nodes if they are enough (at least
+    ``min_reply_fraction`` of them, and one); else wait for more, at most ``round_timeout``,
+    then RunFailed. flwr's own node sampling would wait for ever."""
+    expected = len(getattr(grid, "node_ids", ())) or 1
+    required = max(1, math.ceil(policy.min_reply_fraction * expected))
+    deadline = time.monotonic() + policy.round_timeout
+    while (connected := len(list(grid.get_node_ids()))) < required:
+        if time.monotonic() >= deadline:
+            raise RunFailed(f"{connected} of {expected} SuperNodes connected after round-timeout="
+                            f"{policy.round_timeout:g}s, {required} required (min-reply-fraction="
+                            f"{policy.min_reply_fraction:g})")
+        time.sleep(0.5)
+    if connected < expected:
+        log(WARNING, "celeba-fl: %d of %d SuperNodes connected; this round goes on with them", connected, expected)
+
+
+def _outcome(sent: list[Message], replies: list[Message], partitions: Mapping[int, int], timeout: float) -> dict:
+    """What a phase of a round got: nodes sampled, replies, and each failure with its reason."""
+    failures = []
+    for m in replies:
+        if m.has_error():
+            nid = m.metadata.src_node_id
+            failures.append({"node_id": nid, "partition_id": partitions.get(nid), "code": int(m.error.code),
+                             "reason": error_reason(m)})
+    answered = {m.metadata.src_node_id for m in replies}  # one message per node and phase
+    for m in sent:
+        if m.metadata.dst_node_id not in answered:
+            nid = m.metadata.dst_node_id
+            failures.append({"node_id": nid, "partition_id": partitions.get(nid), "code": None,
+                             "reason": f"no reply within round-timeout={timeout:g}s"})
+    for f in failures:
+        log(WARNING, "celeba-fl: client failed: node %s (partition %s): %s", f["node_id"], f["partition_id"],
+            f["reason"])
+    return {"sampled": sorted(m.metadata.dst_node_id for m in sent), "replies": len(replies),
+            "succeeded": sum(not m.has_error() for m in replies), "failures": failures}
+
+
+def _gaps(entry: dict) -> dict | None:
+    """Train minus server-validation loss, accuracy and AUROC: the overfitting gap."""
+    tr, va = entry.get("train"), entry.get("server_valid")
+    if not tr or not va:
+        return None
+    out = {}
+    for key in ("loss", "accuracy", "auroc"):
+        a, b = tr["overall"].get(key), va["overall"].get(key)
+        out[key] = None if a is None or b is None else a - b
+    return out
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _log_round(rnd: int, total: int, entry: dict) -> None:
+    tr = entry.get("train") or {}
+    fe = entry.get("federated_evaluate") or {}
+    va = entry["server_valid"]["overall"]
+    nodes = entry.get("nodes", {}).get("train")
+    replied = f" | {nodes['succeeded']}/{len(nodes['sampled'])} clients" if nodes else ""
+    log(INFO, "celeba-fl: round %d/%d | train loss %s acc %s | fed-eval loss %s acc %s | "
+        "valid loss %s acc %s AUROC %s%s%s | %.1fs", rnd, total,
+        _fmt((tr.get("client_means") or {}).get("train_loss")), _fmt((tr.get("overall") or {}).get("accuracy")),
+        _fmt((fe.get("overall") or {}).get("loss")), _fmt((fe.get("overall") or {}).get("accuracy")),
+        _fmt(va["loss"]), _fmt(va["accuracy"]), _fmt(va["auroc"]), replied,
+        " | SKIPPED" if entry.get("skipped") else "", entry.get("seconds") or 0.0)
+
+
+def _to_tensors(value):
+    """flwr strategy state (ArrayRecord, dict or list of ndarrays) -> tensors, for torch.save."""
+    if isinstance(value, ArrayRecord):
+        return {"__arrayrecord__": value.to_torch_state_dict()}
+    if isinstance(value, dict):
+        return {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
+    return [torch.from_numpy(np.array(v)) for v in value]
+
+
+def _from_tensors(value, key: str):
+    if isinstance(value, dict) and "__arrayrecord__" in value:
+        return ArrayRecord(value["__arrayrecord__"])
+    if isinstance(value, dict):
+        return {k: v.numpy() for k, v in value.items()}
+    return [v.numpy() for v in value]
+
+
+def _random_state():
+    """Python's ``random`` state (flwr samples nodes with it), as a torch-loadable value."""
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _random_state_from(saved) -> tuple:
+    return (saved[0], tuple(saved[1]), saved[2])
+
+
+def _json_safe(obj):
+    from .results import _clean
+
+    return _clean(obj)

@@ -92,7 +92,7 @@ class Procs:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.wait(timeout=grace)
+        proc.wait(timeout=max(grace, 10.0))
 
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):  # SuperNodes before the SuperLink

@@ -55,6 +55,9 @@ def test_flwr_run_writes_the_results_contract(run_config, tmp_path, split):
     assert "equalized_odds_difference" in test["gaps"]["Male"]
     assert (run / "head.pt").stat().st_size > 0
     assert (run / "report.md").exists() and (run / "best.json").exists()
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "completed" and status["last_completed_round"] == 2
+    assert last["nodes"]["train"]["succeeded"] == 3 and last["nodes"]["train"]["failures"] == []
 
 
 def test_flwr_run_refuses_bad_input_before_training(run_config):
@@ -83,4 +86,56 @@ def test_flwr_run_with_every_remedy_switch(run_config):
     assert best["overall"]["n"] == json.loads((run / "test.json").read_text())["overall"]["n"]
     assert (run / "head_best.pt").exists()
     stopped = [h["round"] for h in history if h.get("early_stopped")]
-    assert "early stopping after round" in out or not stopped
+    if "early stopping after round" in out:  # then no round runs after it
+        assert stopped == [history[-1]["round"]]
+    else:
+        assert not stopped and history[-1]["round"] == 3
+
+
+def test_a_killed_run_resumes_where_it_stopped(run_config, tmp_path):
+    """Killed after round 2 of 4, resumed: the same final head as an uninterrupted run, and a
+    continuous history."""
+    from flower_procs import Procs, overrides
+
+    run_config.update({"split": "noniid", "num-server-rounds": 4, "strategy": "fedavgm"})
+    whole = flwr_run({**run_config, "run-name": "whole"}, supernodes=3)
+    assert (Path(run_config["results-dir"]) / "whole" / "head.pt").exists(), (whole.stdout + whole.stderr)[-3000:]
+
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [str(flwr), "run", ".", "local-simulation", "--federation-config", "options.num-supernodes=3",
+           "--run-config", overrides({**run_config, "run-name": "killed"})]
+    with Procs(tmp_path / "logs") as procs:
+        procs.start("killed", cmd)
+        assert procs.wait_for("killed", "celeba-fl: round 2/4", 300), procs.logs()
+        procs.stop("killed", grace=0)  # SIGTERM then SIGKILL to the whole process group
+    run = Path(run_config["results-dir"]) / "killed"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] in ("running", "failed") and 2 <= status["last_completed_round"] < 4
+    assert not (run / "head.pt").exists() or status["state"] == "failed"
+
+    resumed = flwr_run({**run_config, "resume": "killed"}, supernodes=3)
+    out = resumed.stdout + resumed.stderr
+    assert f"resuming after round {status['last_completed_round']}" in out, out[-3000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    history = json.loads((run / "history.json").read_text())
+    assert [h["round"] for h in history] == [0, 1, 2, 3, 4]
+    import torch
+
+    a, b = torch.load(run / "head.pt"), torch.load(Path(run_config["results-dir"]) / "whole" / "head.pt")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+    changed = flwr_run({**run_config, "resume": "killed", "learning-rate": 0.01}, supernodes=3)
+    assert "that run completed" in changed.stdout + changed.stderr
+
+
+def test_a_run_that_fails_says_so_in_status_json(run_config):
+    """No reply within round-timeout in round 1: the run fails, keeps what it wrote, and says why."""
+    run_config.update({"run-name": "timeout", "round-timeout": 0.01})
+    proc = flwr_run(run_config, supernodes=3)
+    run = Path(run_config["results-dir"]) / "timeout"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed", (proc.stdout + proc.stderr)[-3000:]
+    assert "no client could train in round 1" in status["reason"]
+    assert "no reply within round-timeout=0.01s" in status["reason"]
+    assert (run / "config.json").exists() and (run / "history.json").exists()  # round 0 was written
+    print("flwr run exit code after a failed run:", proc.returncode)

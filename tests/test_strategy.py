@@ -1,14 +1,17 @@
 """Strategies aggregate arrays their own way and metrics from summed statistics."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from celeba_app.config import RunConfig
 from celeba_app.metrics import flatten, slice_stats
+from celeba_app.selection import BestRound
 from celeba_app.strategy import (FairFedAdam, FairFedAvg, FairFedAvgM, FairFedProx, FairQFedAvg,
-                                 make_strategy)
+                                 NoClientTrained, RoundPolicy, RunFailed, make_strategy)
 from celeba_app.task import bce_per_row
 
 
@@ -52,9 +55,124 @@ def test_every_strategy_aggregates_and_records_fair_metrics(name, cls):
     assert "accuracy" in headline
 
 
-def test_early_stopped_strategy_sends_nothing():
+class LoopGrid:
+    """Nodes 1..3 whose train replies are built by ``train(node, round, msg)`` (a Message or
+    an Error code); evaluate replies carry empty metrics."""
+
+    def __init__(self, train):
+        self.train, self.node_ids = train, {1, 2, 3}
+
+    def get_node_ids(self):
+        return sorted(self.node_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            nid = m.metadata.dst_node_id
+            if m.metadata.message_type == "train":
+                r = self.train(nid, int(m.content["config"]["server-round"]), m)
+                if r is None:
+                    continue  # no reply
+                reply = Message(r, reply_to=m) if isinstance(r, Error) else Message(r.content, reply_to=m)
+            else:
+                metrics = {"num-examples": 0, "partition_id": nid}
+                reply = Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=m)
+            reply.metadata.__dict__["_src_node_id"] = nid
+            out.append(reply)
+        return out
+
+
+def valid_report(losses):
+    """server_evaluate returning a report whose loss is losses[round]."""
+    def evaluate(rnd, arrays):
+        return {"overall": {"loss": losses[rnd], "accuracy": 0.5, "auroc": None}, "gaps": {}}
+    return evaluate
+
+
+def trained(nid, rnd, msg, weight=None):
+    return reply(weight if weight is not None else float(nid + rnd), 10, nid)
+
+
+def run_loop(strategy, grid, rounds=4, losses=(1, 0.9, 0.8, 0.7, 0.6), patience=0, **kw):
+    start = ArrayRecord({"1.weight": torch.zeros(1, 4), "1.bias": torch.zeros(1)})
+    written = []
+    result = strategy.start(grid, start, num_rounds=rounds, server_evaluate=valid_report(list(losses)),
+                            best=BestRound("loss", patience),
+                            on_round=lambda h, c: written.append((json.loads(json.dumps(h)), c)), **kw)
+    return result, written
+
+
+def test_early_stopping_really_stops():
+    sent = []
+    grid = LoopGrid(lambda nid, rnd, msg: sent.append(rnd) or trained(nid, rnd, msg))
+    _, written = run_loop(make_strategy(RunConfig(), 3), grid, rounds=4, losses=(1, 0.5, 0.6, 0.7, 0.8),
+                          patience=2)
+    history = written[-1][0]
+    assert [h["round"] for h in history] == [0, 1, 2, 3]  # stopped after round 3: no round 4 at all
+    assert history[-1]["early_stopped"] and sorted(set(sent)) == [1, 2, 3]
+    assert [c["round"] for _, c in written] == [0, 1, 2, 3]  # every round written as it ended
+
+
+def test_a_failing_client_is_survived_and_recorded():
+    def train(nid, rnd, msg):
+        return Error(code=2, reason="celeba-fl: row 7 of client-2/train cannot be decoded") \
+            if nid == 2 and rnd == 2 else trained(nid, rnd, msg)
+    _, written = run_loop(make_strategy(RunConfig(), 3), LoopGrid(train), rounds=3,
+                          node_partitions={1: 10, 2: 20, 3: 30})
+    r2 = written[-1][0][2]
+    assert r2["nodes"]["train"]["sampled"] == [1, 2, 3] and r2["nodes"]["train"]["succeeded"] == 2
+    assert r2["nodes"]["train"]["failures"] == [{"node_id": 2, "partition_id": 20, "code": 2,
+                                                 "reason": "row 7 of client-2/train cannot be decoded"}]
+    assert r2["train"]["num_clients"] == 2 and not r2.get("skipped")
+
+
+def test_rounds_without_enough_replies_are_skipped_then_the_run_fails():
+    def train(nid, rnd, msg):
+        return trained(nid, rnd, msg) if rnd == 1 else (None if nid == 3 else Error(code=2, reason="boom"))
     strategy = make_strategy(RunConfig(), 3)
-    strategy.stop(3)
-    start = ArrayRecord({"1.weight": torch.zeros(1, 4)})
-    assert list(strategy.configure_train(4, start, ConfigRecord(), FakeGrid())) == []
-    assert list(strategy.configure_evaluate(4, start, ConfigRecord(), FakeGrid())) == []
+    with pytest.raises(RunFailed, match="3 rounds in a row skipped .max-skipped-rounds=2.; last: 0 of 3"):
+        run_loop(strategy, LoopGrid(train), rounds=5, policy=RoundPolicy(round_timeout=1, max_skipped_rounds=2))
+    result, written = run_loop(make_strategy(RunConfig(), 3), LoopGrid(train), rounds=3,
+                               policy=RoundPolicy(round_timeout=1, max_skipped_rounds=5))
+    history = written[-1][0]
+    assert history[2]["skipped"] and history[3]["skipped"]
+    assert {"node_id": 3, "partition_id": None, "code": None,
+            "reason": "no reply within round-timeout=1s"} in history[2]["nodes"]["train"]["failures"]
+    after_round_1 = written[1][1]["arrays"]
+    assert all(torch.equal(result.arrays.to_torch_state_dict()[k], v) for k, v in after_round_1.items())
+
+
+def test_no_client_training_in_round_1_ends_the_run_with_their_errors():
+    grid = LoopGrid(lambda nid, rnd, msg: Error(code=2, reason="celeba-fl: data-path='/x': no such folder"))
+    with pytest.raises(NoClientTrained, match="node 1: data-path='/x': no such folder"):
+        run_loop(make_strategy(RunConfig(), 3), grid, rounds=3)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam"])
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_head(name):
+    """The checkpoint holds the server's state (FedAvgM momentum, FedAdam moments): a strategy
+    restored after round 2 ends where an uninterrupted one does."""
+    grid = LoopGrid(lambda nid, rnd, msg: trained(nid, rnd, msg, weight=float(nid * rnd % 5)))
+    cfg = RunConfig.from_run_config({"strategy": name})
+    full, _ = run_loop(make_strategy(cfg, 3), grid, rounds=4)
+    _, written = run_loop(make_strategy(cfg, 3), grid, rounds=2)
+    checkpoint = torch.load(_saved(written[-1][1]), weights_only=True)
+    resumed, rest = run_loop(make_strategy(cfg, 3), grid, rounds=4, resume=checkpoint)
+    assert [h["round"] for h in rest[-1][0]] == [0, 1, 2, 3, 4]
+    for k, v in full.arrays.to_torch_state_dict().items():
+        assert (resumed.arrays.to_torch_state_dict()[k] - v).abs().max() < 1e-6, k
+    if name != "fedavg":  # the server state matters: without it, round 3 differs
+        fresh, _ = run_loop(make_strategy(cfg, 3), grid, rounds=4,
+                            resume={**checkpoint, "server_state": {}})
+        assert not torch.allclose(fresh.arrays.to_torch_state_dict()["1.weight"],
+                                  full.arrays.to_torch_state_dict()["1.weight"])
+
+
+def _saved(checkpoint):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    buf.seek(0)
+    return buf

@@ -1,0 +1,56 @@
+"""The run folder: per-round writes, status.json, and what a resume may change."""
+
+import json
+
+import pytest
+import torch
+
+from celeba_app.config import ConfigError, RunConfig
+from celeba_app.results import (check_resume, create_run_dir, load_checkpoint, read_status, run_dir_for,
+                                write_round, write_run_start, write_status)
+
+PARTS = [{"partition_id": 0, "num_train": 5, "num_val": 1, "celeb_ids": [1, 2]},
+         {"partition_id": 1, "num_train": 4, "num_val": 1, "celeb_ids": [3]}]
+
+
+@pytest.fixture
+def stopped_run(tmp_path):
+    cfg = RunConfig(results_dir=str(tmp_path), run_name="r1", learning_rate=0.005)
+    run = create_run_dir(run_dir_for(cfg))
+    write_run_start(run, cfg, kind="federated", num_clients=2, device="cpu", identities={}, partitions=PARTS,
+                    weights_id="w")
+    write_round(run, [{"round": 0}, {"round": 1}], {"round": 1, "arrays": {"w": torch.ones(2)}})
+    return cfg, run
+
+
+def test_each_round_leaves_history_checkpoint_and_status(stopped_run):
+    _, run = stopped_run
+    assert [h["round"] for h in json.loads((run / "history.json").read_text())] == [0, 1]
+    assert torch.equal(load_checkpoint(run)["arrays"]["w"], torch.ones(2))
+    assert read_status(run)["state"] == "running" and read_status(run)["last_completed_round"] == 1
+    assert not list(run.glob("*.tmp"))  # written, then renamed
+
+
+def test_resume_takes_the_stopped_runs_folder_and_refuses_a_completed_one(stopped_run):
+    cfg, run = stopped_run
+    resumed = RunConfig(results_dir=cfg.results_dir, resume="r1")
+    assert run_dir_for(resumed) == run
+    write_status(run, "completed", 1)
+    with pytest.raises(ConfigError, match="resume='r1': that run completed"):
+        run_dir_for(resumed)
+    with pytest.raises(ConfigError, match="resume='nope': no stopped run with a checkpoint"):
+        run_dir_for(RunConfig(results_dir=cfg.results_dir, resume="nope"))
+
+
+def test_resume_refuses_a_config_or_partitions_that_change_results(stopped_run):
+    cfg, run = stopped_run
+    same = RunConfig(results_dir=cfg.results_dir, resume="r1", learning_rate=0.005, num_server_rounds=20,
+                     cache_dir="/elsewhere", round_timeout=60.0)  # none of these changes results
+    check_resume(run, same, PARTS)
+    with pytest.raises(ConfigError) as info:
+        check_resume(run, RunConfig(resume="r1", learning_rate=0.01, seed=1), PARTS)
+    assert str(info.value).startswith("resume='r1': the run config differs from the saved one in "
+                                      "learning-rate (0.005 saved, 0.01 now), seed (42 saved, 1 now)")
+    moved = [PARTS[0], {**PARTS[1], "celeb_ids": [4]}]
+    with pytest.raises(ConfigError, match=r"differs from the saved partitions.json \(partitions \[1\]\)"):
+        check_resume(run, same, moved)
