@@ -88,3 +88,31 @@ def test_refused_runs_end_with_one_line(celeba_dir, weights_file, tmp_path):
     for proc in (lonely, refused, bad):
         assert proc.returncode is not None  # it returned: the run ended
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_supernode_that_vanishes_mid_run_is_survived_and_reported(celeba_dir, weights_file, tmp_path):
+    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), "image-size": 32,
+                  "num-server-rounds": 3, "local-epochs": 1, "results-dir": str(tmp_path / "outputs"),
+                  "cache-dir": str(tmp_path / "cache"), "run-name": "vanished", "min-nodes": 3,
+                  "node-wait-timeout": 60.0, "round-timeout": 20.0}
+    with Procs(tmp_path / "logs") as procs:
+        ports = Ports()
+        start_superlink(procs, ports, workdir=tmp_path)
+        for i in range(3):
+            start_supernode(procs, ports, f"supernode-{i}", {"partition-id": i, "num-partitions": 3},
+                            workdir=tmp_path)
+        cmd_name = "flwr-run"
+        from flower_procs import BIN, ROOT, overrides
+        procs.start(cmd_name, [str(BIN / "flwr"), "run", str(ROOT), "local-deployment", "--stream",
+                               "--federation-config", f"address='127.0.0.1:{ports.control}'",
+                               "--run-config", overrides(run_config)])
+        assert procs.wait_for(cmd_name, "celeba-fl: round 1/3", 300), procs.logs()
+        procs.stop("supernode-2")
+        assert procs.wait_for(cmd_name, "celeba-fl: test accuracy", 300), procs.logs()
+    run = tmp_path / "outputs" / "vanished"
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    history = json.loads((run / "history.json").read_text())
+    later = [h for h in history if h["round"] >= 2]
+    assert all(h["train"]["num_clients"] == 2 for h in later), [h.get("nodes") for h in later]
+    report = (run / "report.md").read_text()
+    assert "Training metrics cover fewer clients than the federation's 3 in rounds 2 (2 of 3), 3 (2 of 3)" in report
