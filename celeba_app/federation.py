@@ -83,12 +83,14 @@ def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig) -> list[dict
     """Ask every node to describe its data; the partitions.json entries, by partition id.
 
     Refuses (ConfigError, one line naming the nodes) when a node replies with an error or not
-    at all within ``node-wait-timeout``, when two nodes claim one partition id, or when nodes
+    at all within ``round-timeout``, when two nodes claim one partition id, or when nodes
     of one dataset disagree on ``num-partitions``.
     """
     messages = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=nid,
                         message_type="query") for nid in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=max(cfg.node_wait_timeout, 60.0)))
+    # Describing loads each node's data (a first download of the hub dataset included): as
+    # long as a round may take.
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     by_node: dict[int, dict] = {}
     failed: dict[str, list[int]] = {}  # reason -> nodes
     for reply in replies:
