@@ -209,7 +209,7 @@ def failure_lines(history: list[dict], num_clients: int | None) -> list[str]:
                 lines.append(f"| {h['round']} | {phase} | {f['node_id']} | {f.get('partition_id')} | "
                              f"{f.get('code')} | {f['reason']} |")
     short = [f"{h['round']} ({h['train']['num_clients']} of {num_clients})" for h in history
-             if h.get("train") and num_clients and h["train"]["num_clients"] < num_clients]
+             if num_clients and (h.get("train") or {}).get("num_clients", num_clients) < num_clients]
     skipped = [str(h["round"]) for h in history if h.get("skipped")]
     if not lines and not short and not skipped:
         return []

@@ -131,3 +131,27 @@ def test_unreachable_weights_stop_before_anything_is_written(tmp_path, celeba_di
     assert centralized.main(["--project", str(ROOT), "--run-config", rc, "--num-partitions", "3"]) == 2
     assert "weights='imagenet' could not be downloaded" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_partial_run_gets_a_report_marked_incomplete_naming_failed_clients(two_runs, tmp_path):
+    """A run stopped after round 1 (no test.json yet), whose round 1 lost a client."""
+    import shutil
+
+    from celeba_app.results import write_status
+
+    run = tmp_path / "partial"
+    shutil.copytree(two_runs[0], run)
+    for name in ("test.json", "best.json", "head.pt", "report.md"):
+        (run / name).unlink()
+    history = json.loads((run / "history.json").read_text())[:2]
+    history[1]["train"]["num_clients"] = 3
+    history[1]["nodes"] = {"train": {"sampled": [11, 12, 13, 14], "replies": 4, "succeeded": 3, "failures": [
+        {"node_id": 12, "partition_id": 1, "code": 2, "reason": "row 7 of client-1/train cannot be decoded"}]}}
+    (run / "history.json").write_text(json.dumps(history))
+    write_status(run, "failed", 1, "RunFailed: 4 rounds in a row skipped")
+    text = (report.write_report(run)).read_text()
+    assert "**Incomplete run**: status `failed`, last completed round 1 (RunFailed: 4 rounds in a row skipped)" in text
+    assert "resume='partial'" in text
+    assert "Training metrics cover fewer clients than the federation's 4 in rounds 1 (3 of 4)." in text
+    assert "| 1 | train | 12 | 1 | 2 | row 7 of client-1/train cannot be decoded |" in text
+    assert "## Final metrics" not in text and (run / "learning_curves.png").exists()
