@@ -337,8 +337,10 @@ def _tensor_sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
-def load_cached(path: Path, n: int) -> torch.Tensor | None:
-    """The cached tensor at ``path``, or None when missing, truncated, corrupt or mis-sized."""
+def load_cached(path: Path, n: int, key: CacheKey | None = None) -> torch.Tensor | None:
+    """The cached tensor at ``path``, or None when missing, truncated, corrupt, mis-sized or
+    written for another key: the key's fields and ``n`` saved with the tensor (``save_cached``)
+    must equal ``key``'s, so a file renamed, copied or swapped onto this path is rebuilt."""
     if not path.exists():
         return None
     try:
@@ -346,6 +348,12 @@ def load_cached(path: Path, n: int) -> torch.Tensor | None:
         feats = blob["features"]
         if tuple(feats.shape) != (n, FEATURE_DIM) or _tensor_sha(feats) != blob["sha256"]:
             raise ValueError("shape or checksum mismatch")
+        if key is not None:
+            expected = {**key.__dict__, "n": n}
+            saved = blob.get("meta") or {}
+            differ = sorted(k for k in expected if saved.get(k) != expected[k])
+            if differ:
+                raise ValueError(f"written for another key (differs in {', '.join(differ)})")
         return feats.float()
     except Exception as exc:  # any unreadable file is rebuilt, never trusted
         log.warning("Feature cache file %s is unusable (%s); rebuilding it", path, exc)
@@ -415,7 +423,7 @@ class FeatureStore:
             self.stats["memory_hits"] += 1
             return _MEMORY[digest]
         path = self.cache_dir / digest[:2] / f"{digest}.pt" if use_cache else None
-        feats = load_cached(path, n) if path is not None else None
+        feats = load_cached(path, n, key) if path is not None else None
         if feats is not None:
             self.stats["disk_hits"] += 1
         else:

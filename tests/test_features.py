@@ -120,6 +120,25 @@ def test_corrupt_cache_file_is_detected_and_rebuilt(backbone, part, tmp_path, da
     assert F.load_cached(path, len(part)) is not None  # rewritten whole
 
 
+def test_cache_files_swapped_on_disk_are_rebuilt_not_trusted(backbone, part, tmp_path):
+    """Two files of one row count (the two views of a part), swapped: each is refused because
+    the key saved in it is not the key it is loaded for, and recomputed."""
+    F.clear_memory_cache()
+    store = store_for(backbone, tmp_path)
+    both = store.for_part(part, hflip=True)
+    assert store.stats["computed"] == 2
+    paths = {v: store.cache_dir / d[:2] / f"{d}.pt" for v in F.VIEWS for d in [store.key(part.rows_id, v).digest()]}
+    orig, flip = paths["orig"].read_bytes(), paths["hflip"].read_bytes()
+    paths["orig"].write_bytes(flip)
+    paths["hflip"].write_bytes(orig)
+    assert F.load_cached(paths["orig"], len(part)) is not None  # sound file, wrong place
+    assert F.load_cached(paths["orig"], len(part), store.key(part.rows_id, "orig")) is None
+    F.clear_memory_cache()
+    again = store.for_part(part, hflip=True)
+    assert store.stats["computed"] == 4 and store.stats["disk_hits"] == 0
+    assert torch.equal(again, both)
+
+
 def test_cache_off_recomputes_every_time(backbone, part, tmp_path):
     ex = F.Extractor(backbone, "torch", torch.device("cpu"), 32)
     store = F.FeatureStore(ex, "w", None, batch_size=8)
