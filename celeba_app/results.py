@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +31,9 @@ PACKAGES = ("flwr", "flwr-datasets", "datasets", "torch", "torchvision", "torchm
 
 def run_dir_for(cfg: RunConfig) -> Path:
     """The folder this run will write; refuses one that exists (checked before training).
-    With ``resume``, the stopped run's folder, which must exist (see ``check_resume``)."""
+    With ``resume``, the stopped run's folder, which must exist (see ``check_resume``).
+    First of all, ``results-dir`` must be a folder this process can write (or create)."""
+    check_results_dir(cfg.results_dir)
     if cfg.resume:
         path = Path(cfg.results_dir) / cfg.resume
         status = read_status(path) if path.is_dir() else None
@@ -48,6 +52,30 @@ def run_dir_for(cfg: RunConfig) -> Path:
             "run-name not used before (earlier results are never overwritten)"
         )
     return path
+
+
+_WRITABLE = "accepted: a folder this process can write (created if missing)"
+
+
+def check_results_dir(results_dir: str) -> None:
+    """Refuse, in one line, a ``results-dir`` that is a file (or below one) or that cannot be
+    written: probed by creating and removing a hidden file in it, or in its nearest existing
+    parent when it does not exist yet (nothing is created that stays)."""
+    root = Path(results_dir)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"results-dir={results_dir!r} is a file; {_WRITABLE}")
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"results-dir={results_dir!r} cannot be created: {str(existing)!r} is a file; {_WRITABLE}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".celeba-fl-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"results-dir={results_dir!r} cannot be written ({exc.strerror or exc} in "
+                          f"{str(existing)!r}); {_WRITABLE}") from exc
 
 
 def load_checkpoint_path(path: Path) -> Path | None:
@@ -80,8 +108,23 @@ def check_resume(run_dir: Path, cfg: RunConfig, partitions: list[dict]) -> None:
 
 
 def create_run_dir(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir(exist_ok=False)
+    """Create the run folder; a ConfigError (one line) if it appeared since ``run_dir_for``
+    checked (two runs of one run-name started at once: the second is refused) or cannot be made."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"results-dir={str(path.parent)!r} cannot be created ({exc.strerror or exc}); "
+                          f"{_WRITABLE}") from exc
+    try:
+        path.mkdir(exist_ok=False)
+    except FileExistsError as exc:
+        raise ConfigError(
+            f"run-name={path.name!r} already exists in results-dir={str(path.parent)!r} (another run "
+            "created it after this one started); accepted: a run-name not used before (earlier results "
+            "are never overwritten)") from exc
+    except OSError as exc:
+        raise ConfigError(f"results-dir={str(path.parent)!r} cannot be written ({exc.strerror or exc}); "
+                          f"{_WRITABLE}") from exc
     return path
 
 

@@ -76,12 +76,13 @@ def main(grid: Grid, context: Context) -> None:
         device = pick_device(cfg)
         store = feature_store(cfg, device)
         store.extractor  # noqa: B018 - loads the weights now: a bad file is refused before training
+        if resume is None:
+            create_run_dir(run_dir)  # refused if a run of the same run-name created it meanwhile
     except ConfigError as exc:
         log(ERROR, "celeba-fl: %s", exc)
         raise RunRefused(str(exc)) from None
 
     if resume is None:
-        create_run_dir(run_dir)
         write_run_start(run_dir, cfg, kind="federated", num_clients=num_nodes, device=str(device),
                         identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
     write_status(run_dir, "running", resume["round"] if resume else None)

@@ -54,3 +54,46 @@ def test_resume_refuses_a_config_or_partitions_that_change_results(stopped_run):
     moved = [PARTS[0], {**PARTS[1], "celeb_ids": [4]}]
     with pytest.raises(ConfigError, match=r"differs from the saved partitions.json \(partitions \[1\]\)"):
         check_resume(run, same, moved)
+
+
+def test_results_dir_that_is_a_file_or_below_one_is_refused_in_one_line(tmp_path):
+    afile = tmp_path / "outputs"
+    afile.write_text("not a folder")
+    with pytest.raises(ConfigError) as info:
+        run_dir_for(RunConfig(results_dir=str(afile), run_name="r"))
+    assert str(info.value) == (f"results-dir={str(afile)!r} is a file; accepted: a folder this process can "
+                               "write (created if missing)")
+    with pytest.raises(ConfigError, match=rf"results-dir='{afile}/runs' cannot be created: '{afile}' is a file"):
+        run_dir_for(RunConfig(results_dir=str(afile / "runs"), run_name="r"))
+    with pytest.raises(ConfigError, match="is a file"):  # before looking for the run to resume
+        run_dir_for(RunConfig(results_dir=str(afile), resume="r"))
+
+
+def test_results_dir_that_cannot_be_written_is_refused(tmp_path):
+    import os
+
+    if os.geteuid() == 0:  # root writes through permissions, not into sysfs
+        if not os.path.isdir("/sys/kernel"):
+            pytest.skip("root without sysfs: no folder root cannot write")
+        ro = "/sys/celeba-fl-results"
+    else:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        ro = str(tmp_path / "ro" / "outputs")
+    with pytest.raises(ConfigError) as info:
+        run_dir_for(RunConfig(results_dir=ro, run_name="r"))
+    assert str(info.value).startswith(f"results-dir={ro!r} cannot be written (")
+    assert str(info.value).endswith("accepted: a folder this process can write (created if missing)")
+    assert "\n" not in str(info.value)
+
+
+def test_two_runs_of_one_run_name_started_at_once_second_is_refused(tmp_path):
+    cfg = RunConfig(results_dir=str(tmp_path), run_name="same")
+    first, second = run_dir_for(cfg), run_dir_for(cfg)  # both checked before either created it
+    create_run_dir(first)
+    (first / "status.json").write_text("{}")
+    with pytest.raises(ConfigError) as info:
+        create_run_dir(second)
+    assert str(info.value).startswith(f"run-name='same' already exists in results-dir={str(tmp_path)!r} "
+                                      "(another run created it after this one started)")
+    assert (first / "status.json").read_text() == "{}"
