@@ -194,11 +194,16 @@ def load_checkpoint(run_dir: Path) -> dict | None:
 
 def write_run_start(run_dir: Path, cfg: RunConfig, *, kind: str, num_clients: int, device: str,
                     identities: dict, partitions: list[dict], weights_id: str) -> None:
-    """config.json and partitions.json: what this run is, written before it trains."""
+    """config.json and partitions.json: what this run is, written before it trains.
+    ``dataset.fingerprint`` is the dataset's content identity (data.dataset_fingerprint: a
+    local folder's files, a hub dataset's name), so two runs on folders of one name differ."""
+    from .data import _cache_dir, dataset_fingerprint
+
     write_json(run_dir / "config.json", {
         "kind": kind, "run_config": cfg.as_dict(), "seed": cfg.seed, "num_clients": num_clients,
         "device": device, "packages": package_versions(),
-        "dataset": {"spec": cfg.dataset, "identities_per_split": identities},
+        "dataset": {"spec": cfg.dataset, "fingerprint": dataset_fingerprint(cfg.dataset, _cache_dir(cfg, None)),
+                    "identities_per_split": identities},
         "weights": {"spec": cfg.weights, "digest": weights_id},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })

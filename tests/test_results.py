@@ -97,3 +97,29 @@ def test_two_runs_of_one_run_name_started_at_once_second_is_refused(tmp_path):
     assert str(info.value).startswith(f"run-name='same' already exists in results-dir={str(tmp_path)!r} "
                                       "(another run created it after this one started)")
     assert (first / "status.json").read_text() == "{}"
+
+
+def test_config_json_records_the_datasets_content_and_same_named_folders_are_not_mixed(tmp_path):
+    """Two folders of one name (celeba-mini) with different rows: config.json tells them apart,
+    and each folder's server parts are its own rows (the datasets cache is per content)."""
+    import pyarrow.parquet as pq
+
+    from celeba_app import data
+    from conftest import make_celeba
+
+    folders = [make_celeba(tmp_path / "a" / "celeba-mini", n_train_ids=4, n_eval_ids=3, seed=1),
+               make_celeba(tmp_path / "b" / "celeba-mini", n_train_ids=4, n_eval_ids=5, seed=2)]
+    recorded, sizes = [], []
+    for i, folder in enumerate(folders):
+        cfg = RunConfig(dataset=str(folder), results_dir=str(tmp_path / "out"), run_name=f"r{i}",
+                        cache_dir=str(tmp_path / "cache"))
+        run = create_run_dir(run_dir_for(cfg))
+        write_run_start(run, cfg, kind="federated", num_clients=1, device="cpu", identities={}, partitions=[],
+                        weights_id="w")
+        recorded.append(json.loads((run / "config.json").read_text())["dataset"]["fingerprint"])
+        assert recorded[-1] == data.dataset_fingerprint(str(folder))
+        data.clear_caches()
+        sizes.append(len(data.server_part(cfg, "valid")))
+        assert sizes[-1] == pq.read_metadata(folder / "valid-00000-of-00001.parquet").num_rows
+    assert recorded[0] != recorded[1] and sizes[0] != sizes[1]
+    assert data._load_kwargs(str(folders[0]), recorded[0]) != data._load_kwargs(str(folders[1]), recorded[1])
