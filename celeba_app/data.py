@@ -41,7 +41,7 @@ SPLIT_NAMES = ("train", "valid", "test")
 #: The file celeba-partition writes into each partition folder (partition id, partitioning).
 PARTITION_META = "partition.json"
 #: Bump when what the parts cache stores, or how parts are made, changes.
-PARTS_VERSION = "1"
+PARTS_VERSION = "2"  # 2: label and attribute values checked (booleans or 0/1)
 
 #: Per-process caches: FederatedDataset objects keyed by what shapes the partitioning, and
 #: each client's parts (so a message costs no re-reading of labels or row identities).
@@ -280,8 +280,13 @@ def load_federated(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
     if key not in _FDS:
         fds = _new_fds(cfg.dataset, {"train": build_partitioner(cfg, num_partitions)}, True, cfg.seed,
                        _cache_dir(cfg, None))
-        _load_split(cfg, fds, cfg.dataset, "train")
+        train = _load_split(cfg, fds, cfg.dataset, "train")
         _check_schema(cfg, fds, SPLIT_NAMES)
+        # The whole split, so every client refuses alike; the noniid partitioner groups by these.
+        binary = [cfg.target, *cfg.sensitive_attributes]
+        if cfg.split == "noniid":
+            binary += [a for a in cfg.noniid_attributes if a not in binary]
+        _check_split_values(cfg.dataset, "train", train, binary, _cache_dir(cfg, None))
         _FDS[key] = fds
     return _FDS[key]
 
@@ -328,9 +333,55 @@ def numpy_rows_digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str) -> Part:
+def check_binary(spec: str, split: str, columns: Mapping[str, np.ndarray]) -> None:
+    """Refuse (one line naming the dataset, split, column and the distinct values found) a
+    label or attribute column that is not booleans or integers 0/1: e.g. the -1/1 of the
+    original list_attr_celeba.txt, which would otherwise train and test on garbage silently."""
+    for column, values in columns.items():
+        v = np.asarray(values)
+        if v.dtype == np.bool_:
+            continue
+        if v.dtype.kind in "iu":
+            found = np.unique(v).tolist()
+            if set(found) <= {0, 1}:
+                continue
+        else:
+            try:
+                found = np.unique(v).tolist()
+            except TypeError:  # mixed Python objects (e.g. None among booleans)
+                found = sorted(set(v.tolist()), key=lambda x: (type(x).__name__, repr(x)))
+        shown = ", ".join(repr(x) for x in found[:10]) + (f", ... ({len(found)} in all)" if len(found) > 10 else "")
+        raise ConfigError(f"dataset={spec!r} split {split!r} column {column!r} has values [{shown}]; "
+                          "accepted: booleans or 0/1")
+
+
+def _check_split_values(spec: str, split: str, ds: Dataset, columns: list[str], memo_dir: str | None) -> None:
+    """``check_binary`` over the named columns of a whole split (no image is read): as a local
+    folder's parquet files hold them, then as ``datasets`` reads them. The files first because
+    ``datasets`` casts every split of a folder to the first split's column types, so an
+    integer -1/1 split next to a boolean train split would read as all True."""
+    if is_local_path(spec):
+        import pyarrow.parquet as pq
+        from datasets import load_dataset_builder
+
+        fingerprint = dataset_fingerprint(spec, memo_dir)
+        files = load_dataset_builder(spec, **_load_kwargs(spec, fingerprint)).config.data_files
+        for path in files.get(split, []):
+            if str(path).endswith(".parquet"):
+                have = set(pq.read_schema(path).names)
+                raw = pq.read_table(path, columns=[c for c in columns if c in have])
+                check_binary(spec, split, {c: raw.column(c).to_numpy(zero_copy_only=False)
+                                           for c in raw.column_names})
+    table = ds.select_columns(columns).with_format("numpy")[:]
+    check_binary(spec, split, {c: table[c] for c in columns})
+
+
+def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str, *, source: str, split: str) -> Part:
+    """A Part of ``rows`` of split ``split`` of ``source`` (a dataset spec or data-path): its
+    labels and sensitive attributes, refused unless booleans or 0/1 (``check_binary``)."""
     columns = rows.select_columns(["celeb_id", cfg.target, *cfg.sensitive_attributes])
     table = columns.with_format("numpy")[:]
+    check_binary(source, split, {c: table[c] for c in (cfg.target, *cfg.sensitive_attributes)})
     return Part(
         name=name,
         rows=rows,
@@ -389,8 +440,9 @@ def _client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
     train_idx, val_idx = local_split(partition, cfg.val_fraction, by_identity=node.holdout_by_identity,
                                      seed=cfg.seed + node.partition_id)
     pid, data_id = node.partition_id, dataset_fingerprint(node.data_path or cfg.dataset, node.cache_dir)
-    return (make_part(cfg, f"client-{pid}/train", partition.select(train_idx), data_id),
-            make_part(cfg, f"client-{pid}/val", partition.select(val_idx), data_id))
+    source = node.data_path or cfg.dataset
+    return (make_part(cfg, f"client-{pid}/train", partition.select(train_idx), data_id, source=source, split="train"),
+            make_part(cfg, f"client-{pid}/val", partition.select(val_idx), data_id, source=source, split="train"))
 
 
 def local_train_split(cfg: RunConfig, node: NodeData) -> Dataset:
@@ -399,8 +451,9 @@ def local_train_split(cfg: RunConfig, node: NodeData) -> Dataset:
     from flwr_datasets.partitioner import IidPartitioner
 
     fds = _new_fds(node.data_path, {"train": IidPartitioner(num_partitions=1)}, False, cfg.seed, node.cache_dir)
-    _load_split(cfg, fds, node.data_path, "train")
+    train = _load_split(cfg, fds, node.data_path, "train")
     _check_schema(cfg, fds, ("train",), node.data_path)
+    _check_split_values(node.data_path, "train", train, [cfg.target, *cfg.sensitive_attributes], node.cache_dir)
     return fds.load_partition(0, "train")
 
 
@@ -475,6 +528,9 @@ def load_server(cfg: RunConfig) -> FederatedDataset:
         fds = _new_fds(cfg.dataset, {}, True, cfg.seed, _cache_dir(cfg, None))
         _load_split(cfg, fds, cfg.dataset, "valid")
         _check_schema(cfg, fds, ("valid", "test"))
+        for split in ("valid", "test"):  # refused here, before the server waits for any node
+            _check_split_values(cfg.dataset, split, fds.load_split(split), [cfg.target, *cfg.sensitive_attributes],
+                                _cache_dir(cfg, None))
         _FDS[key] = fds
     return _FDS[key]
 
@@ -484,7 +540,7 @@ def server_part(cfg: RunConfig, split: str) -> Part:
     if split not in ("valid", "test"):
         raise ValueError(f"split={split!r}; accepted: valid, test")
     data_id = dataset_fingerprint(cfg.dataset, _cache_dir(cfg, None))
-    return make_part(cfg, split, load_server(cfg).load_split(split), data_id)
+    return make_part(cfg, split, load_server(cfg).load_split(split), data_id, source=cfg.dataset, split=split)
 
 
 def server_identities(cfg: RunConfig) -> dict[str, set[int]]:

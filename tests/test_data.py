@@ -4,7 +4,7 @@ import pytest
 from celeba_app import data
 from celeba_app.config import ConfigError, RunConfig
 from celeba_app.data import NodeData, check_identity_disjoint, client_parts, load_federated, server_part
-from conftest import make_celeba
+from conftest import make_celeba, recode_column
 
 
 def cfg_for(path, **kw):
@@ -72,3 +72,55 @@ def test_blobs_yield_every_image_in_order(celeba_dir):
     blobs = [b for batch in part.blobs(7) for b in batch]
     assert len(blobs) == len(part) and all(b[:2] == b"\xff\xd8" for b in blobs)
     assert np.isin(part.labels, [0, 1]).all()
+
+
+def minus_one_one(values):
+    return np.where(values.astype(bool), 1, -1)
+
+
+def test_labels_encoded_minus_one_one_are_refused_naming_split_column_and_values(tmp_path):
+    root = make_celeba(tmp_path / "pm1", n_train_ids=8, n_eval_ids=3)
+    recode_column(root, "test", "Smiling", minus_one_one)  # datasets reads it as train's booleans: all True
+    cfg = cfg_for(root)
+    with pytest.raises(ConfigError) as info:
+        server_part(cfg, "test")
+    assert str(info.value) == (f"dataset={str(root)!r} split 'test' column 'Smiling' has values [-1, 1]; "
+                               "accepted: booleans or 0/1")
+
+
+def test_a_dataset_converted_from_list_attr_celeba_is_refused_by_clients_and_server(tmp_path):
+    root = make_celeba(tmp_path / "pm1", n_train_ids=8, n_eval_ids=3)
+    for split in ("train", "valid", "test"):
+        recode_column(root, split, "Smiling", minus_one_one)
+    cfg = cfg_for(root)
+    with pytest.raises(ConfigError, match=r"split 'train' column 'Smiling' has values \[-1, 1\]; accepted"):
+        client_parts(cfg, NodeData.partition(cfg, 0, 2))
+    with pytest.raises(ConfigError, match=r"split 'valid' column 'Smiling' has values \[-1, 1\]; accepted"):
+        data.server_identities(cfg)  # the server's first look at its data
+
+
+def test_sensitive_attribute_of_train_not_binary_is_refused_on_every_client(tmp_path):
+    root = make_celeba(tmp_path / "pm1", n_train_ids=8, n_eval_ids=3)
+    recode_column(root, "train", "Pale_Skin", lambda v: np.where(v, 2.0, 0.0), dtype="float64")
+    cfg = cfg_for(root)
+    for pid in range(2):
+        with pytest.raises(ConfigError, match=r"split 'train' column 'Pale_Skin' has values \[0.0, 2.0\]; "
+                                              "accepted: booleans or 0/1"):
+            client_parts(cfg, NodeData.partition(cfg, pid, 2))
+
+
+def test_integer_zero_one_labels_are_accepted(tmp_path):
+    root = make_celeba(tmp_path / "int01", n_train_ids=8, n_eval_ids=3)
+    recode_column(root, "valid", "Smiling", lambda v: v.astype(np.int64))
+    valid = server_part(cfg_for(root), "valid")
+    assert set(valid.labels.tolist()) == {0, 1}
+
+
+def test_noniid_grouping_attributes_are_checked_for_noniid_only(tmp_path):
+    root = make_celeba(tmp_path / "young", n_train_ids=8, n_eval_ids=3)
+    recode_column(root, "train", "Young", minus_one_one)
+    kw = {"sensitive-attributes": "Male", "noniid-attributes": "Male,Young"}
+    client_parts(cfg_for(root, **kw), NodeData.partition(cfg_for(root, **kw), 0, 2))  # iid: Young unused
+    cfg = cfg_for(root, split="noniid", **kw)
+    with pytest.raises(ConfigError, match=r"split 'train' column 'Young' has values \[-1, 1\]; accepted"):
+        client_parts(cfg, NodeData.partition(cfg, 0, 2))
