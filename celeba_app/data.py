@@ -282,6 +282,10 @@ def load_federated(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
                        _cache_dir(cfg, None))
         train = _load_split(cfg, fds, cfg.dataset, "train")
         _check_schema(cfg, fds, SPLIT_NAMES)
+        if num_partitions > len(train):  # some client would get no row (iid: an IndexError inside flwr-datasets)
+            raise ConfigError(f"num-partitions={num_partitions} is more than the {len(train)} rows of "
+                              f"dataset={cfg.dataset!r} split 'train'; accepted: at most {len(train)} "
+                              "partitions (every client needs at least one row)")
         # The whole split, so every client refuses alike; the noniid partitioner groups by these.
         binary = [cfg.target, *cfg.sensitive_attributes]
         if cfg.split == "noniid":
@@ -339,7 +343,7 @@ def check_binary(spec: str, split: str, columns: Mapping[str, np.ndarray]) -> No
     original list_attr_celeba.txt, which would otherwise train and test on garbage silently."""
     for column, values in columns.items():
         v = np.asarray(values)
-        if v.dtype == np.bool_:
+        if v.dtype == np.bool_ or v.size == 0:  # an empty part (e.g. no local validation) reads as float
             continue
         if v.dtype.kind in "iu":
             found = np.unique(v).tolist()
@@ -433,6 +437,8 @@ def _client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
     if node.data_path is None:
         try:
             partition = load_federated(cfg, node.num_partitions).load_partition(node.partition_id, "train")
+        except ConfigError:
+            raise
         except ValueError as exc:  # the partitioner's refusal, e.g. more clients than identities
             raise ConfigError(f"{exc} (num-partitions={node.num_partitions})") from exc
     else:
@@ -454,6 +460,9 @@ def local_train_split(cfg: RunConfig, node: NodeData) -> Dataset:
     train = _load_split(cfg, fds, node.data_path, "train")
     _check_schema(cfg, fds, ("train",), node.data_path)
     _check_split_values(node.data_path, "train", train, [cfg.target, *cfg.sensitive_attributes], node.cache_dir)
+    if len(train) == 0:
+        raise ConfigError(f"data-path={node.data_path!r} split 'train' has no rows; accepted: a folder "
+                          "with this node's training rows, e.g. one written by celeba-partition")
     return fds.load_partition(0, "train")
 
 

@@ -124,3 +124,15 @@ def test_noniid_grouping_attributes_are_checked_for_noniid_only(tmp_path):
     cfg = cfg_for(root, split="noniid", **kw)
     with pytest.raises(ConfigError, match=r"split 'train' column 'Young' has values \[-1, 1\]; accepted"):
         client_parts(cfg, NodeData.partition(cfg, 0, 2))
+
+
+@pytest.mark.parametrize("split", ["iid", "noniid"])
+def test_more_clients_than_training_rows_is_refused_before_training(tmp_path, split):
+    root = make_celeba(tmp_path / "three", n_train_ids=3, n_eval_ids=2, per_id=(1, 1))  # 3 train rows
+    cfg = cfg_for(root, split=split)
+    for pid in (0, 4):
+        with pytest.raises(ConfigError) as info:
+            client_parts(cfg, NodeData.partition(cfg, pid, 5))
+        assert str(info.value) == (f"num-partitions=5 is more than the 3 rows of dataset={str(root)!r} split "
+                                   "'train'; accepted: at most 3 partitions (every client needs at least one row)")
+    assert [len(client_parts(cfg, NodeData.partition(cfg, pid, 3))[0]) for pid in range(3)] == [1, 1, 1]
