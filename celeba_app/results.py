@@ -1,7 +1,7 @@
 """The run folder: ``<results-dir>/<run-name>/`` and the files of the results contract.
 
 config.json, partitions.json, history.json, status.json, checkpoint.pt, test.json and head.pt
-(see README, "Results"). A run never writes into an existing folder: a clashing run-name is
+(see README, "Results"); skipped_rows.json with ``bad-images="skip"``. A run never writes into an existing folder: a clashing run-name is
 refused before training, so nothing an earlier run wrote is ever overwritten; only
 ``resume='<run-name>'`` continues a stopped run in its own folder.
 
@@ -209,6 +209,18 @@ def write_run_start(run_dir: Path, cfg: RunConfig, *, kind: str, num_clients: in
     })
     write_json(run_dir / "partitions.json", {"split": cfg.split, "num_partitions": num_clients,
                                              "partitions": partitions})
+
+
+def write_skipped_rows(run_dir: Path, cfg: RunConfig, server_parts: list, partitions: list[dict]) -> None:
+    """skipped_rows.json (``bad-images="skip"`` only): every row left out because its image
+    cannot be decoded, the server's valid/test parts' and the clients' (from their
+    descriptions, also in partitions.json), each {"part", "row", "split_row", "celeb_id",
+    "error"}; an empty list when none was."""
+    if cfg.bad_images != "skip":
+        return
+    rows = [r for part in server_parts for r in part.skipped_rows]
+    rows += [r for entry in partitions for r in entry.get("skipped_rows", [])]
+    write_json(run_dir / "skipped_rows.json", rows)
 
 
 def write_run_end(run_dir: Path, head_state: dict, history: list[dict], test: dict,

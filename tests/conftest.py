@@ -81,6 +81,22 @@ def recode_column(root: Path, split: str, column: str, recode, dtype: str = "int
     pq.write_table(table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()}), path)
 
 
+def truncate_image(root: Path, split: str, row: int, keep: float = 0.6) -> bytes:
+    """Cut the JPEG of one row (index in the split's file) of a make_celeba split to ``keep``
+    of its bytes, in place, as a partly copied file would be; returns the whole JPEG."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = root / f"{split}-00000-of-00001.parquet"
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    whole = images[row]["bytes"]
+    images[row] = {**images[row], "bytes": whole[:int(len(whole) * keep)]}
+    column = pa.array(images, type=table.schema.field("image").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", column), path)
+    return whole
+
+
 @pytest.fixture(scope="session")
 def celeba_dir(tmp_path_factory) -> Path:
     return make_celeba(tmp_path_factory.mktemp("data") / "celeba-tiny")

@@ -139,6 +139,29 @@ def test_cache_files_swapped_on_disk_are_rebuilt_not_trusted(backbone, part, tmp
     assert torch.equal(again, both)
 
 
+def test_a_jpeg_cut_short_is_caught_by_the_decoder_not_decoded_partly(part):
+    """torchvision's decode_jpeg raises on a truncated JPEG (libjpeg-turbo would otherwise
+    fill the missing rows with grey): the image check relies on it."""
+    whole = next(part.blobs(1))[0]
+    cut = whole[:int(len(whole) * 0.6)]
+    with pytest.raises(RuntimeError, match="Image is incomplete or truncated"):
+        F.decode([whole, cut])
+    assert F.undecodable([[whole, whole], [cut, whole, b"not an image"]]) == [
+        (2, "Image is incomplete or truncated"), (4, F.undecodable([[b"not an image"]])[0][1])]
+    assert F.undecodable([[whole[:-2]]])  # even the end-of-image marker missing
+
+
+def test_a_part_with_rows_left_out_embeds_what_it_holds(backbone, celeba_dir, tmp_path):
+    from conftest import make_celeba, truncate_image
+
+    root = make_celeba(tmp_path / "cut", n_train_ids=4, n_eval_ids=3)
+    truncate_image(root, "valid", 1)
+    part = server_part(RunConfig(dataset=str(root), bad_images="skip", cache_dir=str(tmp_path / "c")), "valid")
+    F.clear_memory_cache()
+    feats = store_for(backbone, tmp_path).for_part(part)
+    assert feats.shape == (len(part), 1280) and len(part.skipped_rows) == 1
+
+
 def test_cache_off_recomputes_every_time(backbone, part, tmp_path):
     ex = F.Extractor(backbone, "torch", torch.device("cpu"), 32)
     store = F.FeatureStore(ex, "w", None, batch_size=8)

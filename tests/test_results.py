@@ -123,3 +123,18 @@ def test_config_json_records_the_datasets_content_and_same_named_folders_are_not
         assert sizes[-1] == pq.read_metadata(folder / "valid-00000-of-00001.parquet").num_rows
     assert recorded[0] != recorded[1] and sizes[0] != sizes[1]
     assert data._load_kwargs(str(folders[0]), recorded[0]) != data._load_kwargs(str(folders[1]), recorded[1])
+
+
+def test_skipped_rows_json_lists_the_servers_and_the_clients_rows_left_out(tmp_path):
+    from types import SimpleNamespace
+
+    from celeba_app.results import write_skipped_rows
+
+    row = {"part": "test", "row": 3, "split_row": 17, "celeb_id": 42, "error": "Image is incomplete or truncated"}
+    client = {**row, "part": "client-1/train", "split_row": 5}
+    parts = [SimpleNamespace(skipped_rows=[]), SimpleNamespace(skipped_rows=[row])]
+    partitions = [{**PARTS[0], "skipped_rows": []}, {**PARTS[1], "skipped_rows": [client]}]
+    write_skipped_rows(tmp_path, RunConfig(bad_images="skip"), parts, partitions)
+    assert json.loads((tmp_path / "skipped_rows.json").read_text()) == [row, client]
+    write_skipped_rows(tmp_path / "x", RunConfig(), parts, partitions)  # bad-images = "fail": nothing skipped
+    assert not (tmp_path / "x").exists()
