@@ -32,7 +32,7 @@ from .data import (NodeData, Part, check_identity_disjoint, client_parts, load_f
 from .features import feature_store
 from .metrics import report
 from .model import make_head, weights_digest
-from .results import create_run_dir, run_dir_for, write_best, write_run_end, write_run_start
+from .results import create_run_dir, run_dir_for, write_best, write_run_end, write_run_start, write_skipped_rows
 from .selection import BestRound
 from .task import evaluate_stats, group_balance_weights, pick_device, train_head
 
@@ -52,21 +52,24 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
     identities = check_identity_disjoint(cfg, num_partitions)
     try:
         partitions = partition_summary(cfg, num_partitions)
+    except ConfigError:
+        raise
     except ValueError as exc:  # e.g. more clients than identities
         raise ConfigError(f"{exc} ({num_partitions} partitions)") from exc
     device = pick_device(cfg)
     store = feature_store(cfg, device)
     store.extractor  # noqa: B018 - loads the weights: may fail before anything is written
+    valid, test = server_part(cfg, "valid"), server_part(cfg, "test")  # images checked (bad-images)
     create_run_dir(run_dir)
     write_run_start(run_dir, cfg, kind="centralized", num_clients=num_partitions, device=str(device),
                     identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
+    write_skipped_rows(run_dir, cfg, [valid, test], partitions)
     trains, vals = zip(*(client_parts(cfg, NodeData.partition(cfg, pid, num_partitions))
                          for pid in range(num_partitions)))
     print(f"celeba-fl centralized: embedding {sum(map(len, trains))} training images "
           f"({num_partitions} clients' parts) ...", flush=True)
     x_train, y_train, a_train = _union(list(trains), [store.for_part(p, cfg.augment_hflip) for p in trains])
     x_val, y_val, a_val = _union(list(vals), [store.for_part(p) for p in vals])
-    valid, test = server_part(cfg, "valid"), server_part(cfg, "test")
     f_valid, f_test = store.for_part(valid), store.for_part(test)
     plain_train = x_train[0] if cfg.augment_hflip else x_train
 

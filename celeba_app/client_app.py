@@ -19,6 +19,7 @@ cache dir, and the dataset and backbone are loaded only when something is not ca
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -55,9 +56,12 @@ def _node(context: Context) -> tuple[RunConfig, NodeData]:
 
 
 def describe_record(entry: dict) -> ConfigRecord:
-    """A partitions.json entry as a ConfigRecord (None values left out; group rates flat)."""
-    record = {k: v for k, v in entry.items() if v is not None and k != "group_rates"}
+    """A partitions.json entry as a ConfigRecord (None values left out; group rates flat;
+    skipped rows as one JSON string)."""
+    record = {k: v for k, v in entry.items() if v is not None and k not in ("group_rates", "skipped_rows")}
     record.update({f"group_rate|{a}": r for a, r in entry["group_rates"].items() if r is not None})
+    if "skipped_rows" in entry:
+        record["skipped_rows"] = json.dumps(entry["skipped_rows"])
     return ConfigRecord(record)
 
 

@@ -38,6 +38,7 @@ SELECTION_METRICS = {  # name -> True when larger is better
 }
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 DEVICES = ("auto", "cpu", "cuda")
+BAD_IMAGES = ("fail", "skip")
 # image-size: the side of the square the aligned faces (178x218) are resized to. Below 32,
 # MobileNetV2's five stride-2 stages leave less than one feature cell. Above 1024 nothing is
 # gained (that is already ~5x upsampling of the source) and the cost is not survivable: the
@@ -167,6 +168,7 @@ class RunConfig:
     min_reply_fraction: float = 0.5
     max_skipped_rounds: int = 3
     resume: str = ""
+    bad_images: str = "fail"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -243,6 +245,8 @@ class RunConfig:
             raise ConfigError(
                 f"feature-runtime={self.feature_runtime!r} is not known; accepted: {', '.join(RUNTIMES)}"
             )
+        if self.bad_images not in BAD_IMAGES:
+            raise ConfigError(f"bad-images={self.bad_images!r} is not known; accepted: {', '.join(BAD_IMAGES)}")
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is not known; accepted: {', '.join(DEVICES)}")
         positive = {

@@ -41,7 +41,9 @@ SPLIT_NAMES = ("train", "valid", "test")
 #: The file celeba-partition writes into each partition folder (partition id, partitioning).
 PARTITION_META = "partition.json"
 #: Bump when what the parts cache stores, or how parts are made, changes.
-PARTS_VERSION = "1"
+PARTS_VERSION = "2"  # 2: label and attribute values checked (booleans or 0/1), bad images left out or refused
+#: Bump when what makes an image undecodable changes: every part's images are checked again.
+IMAGES_CHECK_VERSION = "1"
 
 #: Per-process caches: FederatedDataset objects keyed by what shapes the partitioning, and
 #: each client's parts (so a message costs no re-reading of labels or row identities).
@@ -60,6 +62,10 @@ class Part:
     attributes: dict[str, np.ndarray] = field(default_factory=dict)
     celeb_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     load_rows: Callable[[], Dataset] | None = field(default=None, repr=False)
+    #: Rows left out because their image cannot be decoded (``bad-images="skip"``): one dict
+    #: per row, {"part", "row" (index in the part before leaving out), "split_row" (index in
+    #: the split), "celeb_id", "error"}. The arrays above and ``rows`` no longer hold them.
+    skipped_rows: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -280,8 +286,17 @@ def load_federated(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
     if key not in _FDS:
         fds = _new_fds(cfg.dataset, {"train": build_partitioner(cfg, num_partitions)}, True, cfg.seed,
                        _cache_dir(cfg, None))
-        _load_split(cfg, fds, cfg.dataset, "train")
+        train = _load_split(cfg, fds, cfg.dataset, "train")
         _check_schema(cfg, fds, SPLIT_NAMES)
+        if num_partitions > len(train):  # some client would get no row (iid: an IndexError inside flwr-datasets)
+            raise ConfigError(f"num-partitions={num_partitions} is more than the {len(train)} rows of "
+                              f"dataset={cfg.dataset!r} split 'train'; accepted: at most {len(train)} "
+                              "partitions (every client needs at least one row)")
+        # The whole split, so every client refuses alike; the noniid partitioner groups by these.
+        binary = [cfg.target, *cfg.sensitive_attributes]
+        if cfg.split == "noniid":
+            binary += [a for a in cfg.noniid_attributes if a not in binary]
+        _check_split_values(cfg.dataset, "train", train, binary, _cache_dir(cfg, None))
         _FDS[key] = fds
     return _FDS[key]
 
@@ -312,10 +327,14 @@ def rows_identity(ds: Dataset, data_id: str) -> str:
     """Identity of exactly these rows of exactly this data, for the feature cache: the data's
     content fingerprint (``dataset_fingerprint``) and the original row indices and identities
     (hence split, partitioning and client id)."""
-    indices = ds._indices  # noqa: SLF001 - the row mapping left by shuffle/select
-    rows = indices.column(0).to_numpy() if indices is not None else np.arange(len(ds))
     ids = np.asarray(ds["celeb_id"], dtype=np.int64)
-    return numpy_rows_digest(np.frombuffer(data_id.encode(), dtype=np.uint8), rows, ids)
+    return numpy_rows_digest(np.frombuffer(data_id.encode(), dtype=np.uint8), split_rows(ds), ids)
+
+
+def split_rows(ds: Dataset) -> np.ndarray:
+    """Each row's index in its split (the row mapping left by shuffle/select)."""
+    indices = ds._indices  # noqa: SLF001
+    return indices.column(0).to_numpy() if indices is not None else np.arange(len(ds))
 
 
 def numpy_rows_digest(*arrays: np.ndarray) -> str:
@@ -328,10 +347,65 @@ def numpy_rows_digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str) -> Part:
+def check_binary(spec: str, split: str, columns: Mapping[str, np.ndarray]) -> None:
+    """Refuse (one line naming the dataset, split, column and the distinct values found) a
+    label or attribute column that is not booleans or integers 0/1: e.g. the -1/1 of the
+    original list_attr_celeba.txt, which would otherwise train and test on garbage silently."""
+    for column, values in columns.items():
+        v = np.asarray(values)
+        if v.dtype == np.bool_ or v.size == 0:  # an empty part (e.g. no local validation) reads as float
+            continue
+        if v.dtype.kind in "iu":
+            found = np.unique(v).tolist()
+            if set(found) <= {0, 1}:
+                continue
+        else:
+            try:
+                found = np.unique(v).tolist()
+            except TypeError:  # mixed Python objects (e.g. None among booleans)
+                found = sorted(set(v.tolist()), key=lambda x: (type(x).__name__, repr(x)))
+        shown = ", ".join(repr(x) for x in found[:10]) + (f", ... ({len(found)} in all)" if len(found) > 10 else "")
+        raise ConfigError(f"dataset={spec!r} split {split!r} column {column!r} has values [{shown}]; "
+                          "accepted: booleans or 0/1")
+
+
+def _check_split_values(spec: str, split: str, ds: Dataset, columns: list[str], memo_dir: str | None) -> None:
+    """``check_binary`` over the named columns of a whole split (no image is read): as a local
+    folder's parquet files hold them, then as ``datasets`` reads them. The files first because
+    ``datasets`` casts every split of a folder to the first split's column types, so an
+    integer -1/1 split next to a boolean train split would read as all True."""
+    if is_local_path(spec):
+        import pyarrow.parquet as pq
+        from datasets import load_dataset_builder
+
+        fingerprint = dataset_fingerprint(spec, memo_dir)
+        files = load_dataset_builder(spec, **_load_kwargs(spec, fingerprint)).config.data_files
+        for path in files.get(split, []):
+            if str(path).endswith(".parquet"):
+                have = set(pq.read_schema(path).names)
+                raw = pq.read_table(path, columns=[c for c in columns if c in have])
+                check_binary(spec, split, {c: raw.column(c).to_numpy(zero_copy_only=False)
+                                           for c in raw.column_names})
+    table = ds.select_columns(columns).with_format("numpy")[:]
+    check_binary(spec, split, {c: table[c] for c in columns})
+
+
+def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str, *, source: str, split: str,
+              memo_dir: str | None = None, may_be_empty: bool = False) -> Part:
+    """A Part of ``rows`` of split ``split`` of ``source`` (a dataset spec or data-path): its
+    labels and sensitive attributes, refused unless booleans or 0/1 (``check_binary``), and
+    its images, each of which must decode (``bad-images``): ``fail`` refuses the first one
+    that cannot (ConfigError naming the part, the row and the celeb_id), ``skip`` leaves such
+    rows out of the Part (``Part.skipped_rows`` lists them; a warning names each).
+
+    The images are checked once per set of rows: the result is kept under
+    ``<memo_dir>/checked`` (the rows' identity names it), so a run whose embeddings are cached
+    decodes nothing here. ``may_be_empty``: a part that every row may leave (local validation).
+    """
     columns = rows.select_columns(["celeb_id", cfg.target, *cfg.sensitive_attributes])
     table = columns.with_format("numpy")[:]
-    return Part(
+    check_binary(source, split, {c: table[c] for c in (cfg.target, *cfg.sensitive_attributes)})
+    part = Part(
         name=name,
         rows=rows,
         rows_id=rows_identity(rows, data_id),
@@ -339,6 +413,56 @@ def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str) -> Part:
         attributes={a: np.asarray(table[a], dtype=np.int64) for a in cfg.sensitive_attributes},
         celeb_ids=np.asarray(table["celeb_id"], dtype=np.int64),
     )
+    bad = _undecodable_rows(part, memo_dir)
+    if not bad:
+        return part
+    in_split = split_rows(rows)
+    found = [{"part": name, "row": r, "split_row": int(in_split[r]), "celeb_id": int(part.celeb_ids[r]),
+              "error": error} for r, error in bad]
+    where = f"dataset={source!r} split {split!r}" + (f" part {name!r}" if name != split else "")
+    first = found[0]
+    row = f"row {first['row']} (row {first['split_row']} of the split, celeb_id {first['celeb_id']})"
+    if cfg.bad_images == "fail":
+        more = f" (and {len(found) - 1} more in this part)" if len(found) > 1 else ""
+        raise ConfigError(f"{where} {row}: the image cannot be decoded ({first['error']}){more}; accepted: "
+                          "decodable images, or bad-images='skip' to leave such rows out")
+    keep = np.setdiff1d(np.arange(len(part)), [r for r, _ in bad])
+    if len(keep) == 0 and not may_be_empty:
+        raise ConfigError(f"{where}: none of its {len(part)} images can be decoded (e.g. {row}: "
+                          f"{first['error']}); accepted: a part with at least one decodable image")
+    flwr_log = logging.getLogger("flwr")
+    for f in found[:10]:
+        flwr_log.warning("celeba-fl: bad-images='skip': left out %s row %d (row %d of split %r of %s, celeb_id %d): "
+                         "the image cannot be decoded (%s)", name, f["row"], f["split_row"], split, source,
+                         f["celeb_id"], f["error"])
+    if len(found) > 10:
+        flwr_log.warning("celeba-fl: bad-images='skip': and %d more rows of %s left out", len(found) - 10, name)
+    kept = rows.select(keep)
+    return Part(name=name, rows=kept, rows_id=rows_identity(kept, data_id), labels=part.labels[keep],
+                attributes={a: v[keep] for a, v in part.attributes.items()}, celeb_ids=part.celeb_ids[keep],
+                skipped_rows=found)
+
+
+def _undecodable_rows(part: Part, memo_dir: str | None) -> list[tuple[int, str]]:
+    """(row, reason) of the part's images that cannot be decoded (features.undecodable): one
+    decode per image, remembered under ``<memo_dir>/checked/<rows identity>``."""
+    memo = Path(memo_dir) / "checked" / f"{part.rows_id}-v{IMAGES_CHECK_VERSION}.json" if memo_dir else None
+    if memo is not None and memo.is_file():
+        try:
+            saved = json.loads(memo.read_text())
+            if saved["rows"] == len(part):
+                return [(int(r), str(e)) for r, e in saved["bad"]]
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: checked again
+    from .features import undecodable
+
+    bad = undecodable(part.blobs(64)) if len(part) else []
+    if memo is not None:
+        try:
+            atomic_write_bytes(memo, json.dumps({"rows": len(part), "bad": bad}).encode())
+        except OSError as exc:  # a memo only: a full or read-only disk costs time
+            logging.getLogger("flwr").warning("celeba-fl: could not record the image check (%s); continuing", exc)
+    return bad
 
 
 # --------------------------------------------------------------------------- a node's parts
@@ -369,7 +493,7 @@ def _parts_key(cfg: RunConfig, node: NodeData) -> str:
         "data_path": node.data_path is not None, "partition_id": node.partition_id,
         "num_partitions": node.num_partitions, "by_identity": node.holdout_by_identity,
         "val_fraction": cfg.val_fraction, "seed": cfg.seed, "target": cfg.target,
-        "sensitive": cfg.sensitive_attributes,
+        "sensitive": cfg.sensitive_attributes, "bad_images": cfg.bad_images,
     }
     if node.data_path is None:
         spec.update(split=cfg.split, alpha=cfg.noniid_alpha, noniid=cfg.noniid_attributes)
@@ -382,6 +506,8 @@ def _client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
     if node.data_path is None:
         try:
             partition = load_federated(cfg, node.num_partitions).load_partition(node.partition_id, "train")
+        except ConfigError:
+            raise
         except ValueError as exc:  # the partitioner's refusal, e.g. more clients than identities
             raise ConfigError(f"{exc} (num-partitions={node.num_partitions})") from exc
     else:
@@ -389,8 +515,11 @@ def _client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
     train_idx, val_idx = local_split(partition, cfg.val_fraction, by_identity=node.holdout_by_identity,
                                      seed=cfg.seed + node.partition_id)
     pid, data_id = node.partition_id, dataset_fingerprint(node.data_path or cfg.dataset, node.cache_dir)
-    return (make_part(cfg, f"client-{pid}/train", partition.select(train_idx), data_id),
-            make_part(cfg, f"client-{pid}/val", partition.select(val_idx), data_id))
+    source, memo = node.data_path or cfg.dataset, node.cache_dir
+    return (make_part(cfg, f"client-{pid}/train", partition.select(train_idx), data_id, source=source,
+                      split="train", memo_dir=memo),
+            make_part(cfg, f"client-{pid}/val", partition.select(val_idx), data_id, source=source,
+                      split="train", memo_dir=memo, may_be_empty=True))
 
 
 def local_train_split(cfg: RunConfig, node: NodeData) -> Dataset:
@@ -399,8 +528,12 @@ def local_train_split(cfg: RunConfig, node: NodeData) -> Dataset:
     from flwr_datasets.partitioner import IidPartitioner
 
     fds = _new_fds(node.data_path, {"train": IidPartitioner(num_partitions=1)}, False, cfg.seed, node.cache_dir)
-    _load_split(cfg, fds, node.data_path, "train")
+    train = _load_split(cfg, fds, node.data_path, "train")
     _check_schema(cfg, fds, ("train",), node.data_path)
+    _check_split_values(node.data_path, "train", train, [cfg.target, *cfg.sensitive_attributes], node.cache_dir)
+    if len(train) == 0:
+        raise ConfigError(f"data-path={node.data_path!r} split 'train' has no rows; accepted: a folder "
+                          "with this node's training rows, e.g. one written by celeba-partition")
     return fds.load_partition(0, "train")
 
 
@@ -411,6 +544,7 @@ def _save_parts(node: NodeData, key: str, parts: tuple[Part, Part]) -> None:
         arrays[f"{tag}|celeb_ids"] = part.celeb_ids
         arrays[f"{tag}|rows_id"] = np.array(part.rows_id)
         arrays[f"{tag}|name"] = np.array(part.name)
+        arrays[f"{tag}|skipped"] = np.array(json.dumps(part.skipped_rows))
         for a, v in part.attributes.items():
             arrays[f"{tag}|attr|{a}"] = v
     buf = io.BytesIO()
@@ -434,6 +568,7 @@ def _load_parts(cfg: RunConfig, node: NodeData, key: str) -> tuple[Part, Part] |
                     labels=z[f"{tag}|labels"], celeb_ids=z[f"{tag}|celeb_ids"],
                     attributes={a: z[f"{tag}|attr|{a}"] for a in cfg.sensitive_attributes},
                     load_rows=functools.partial(_rows_of, cfg, node, len(out)),
+                    skipped_rows=json.loads(str(z[f"{tag}|skipped"])),
                 ))
     except Exception as exc:  # unreadable or from another version: rebuilt, never trusted
         logging.getLogger("flwr").warning("celeba-fl: parts cache %s is unusable (%s); rebuilding", path, exc)
@@ -462,6 +597,7 @@ def describe_node(cfg: RunConfig, node: NodeData) -> dict:
             for a in cfg.sensitive_attributes
         },
         "celeb_ids": sorted(set(np.concatenate([train.celeb_ids, val.celeb_ids]).tolist())),
+        "skipped_rows": train.skipped_rows + val.skipped_rows,  # bad-images='skip'
     }
 
 
@@ -475,6 +611,9 @@ def load_server(cfg: RunConfig) -> FederatedDataset:
         fds = _new_fds(cfg.dataset, {}, True, cfg.seed, _cache_dir(cfg, None))
         _load_split(cfg, fds, cfg.dataset, "valid")
         _check_schema(cfg, fds, ("valid", "test"))
+        for split in ("valid", "test"):  # refused here, before the server waits for any node
+            _check_split_values(cfg.dataset, split, fds.load_split(split), [cfg.target, *cfg.sensitive_attributes],
+                                _cache_dir(cfg, None))
         _FDS[key] = fds
     return _FDS[key]
 
@@ -483,8 +622,10 @@ def server_part(cfg: RunConfig, split: str) -> Part:
     """The server's ``valid`` or ``test`` split."""
     if split not in ("valid", "test"):
         raise ValueError(f"split={split!r}; accepted: valid, test")
-    data_id = dataset_fingerprint(cfg.dataset, _cache_dir(cfg, None))
-    return make_part(cfg, split, load_server(cfg).load_split(split), data_id)
+    memo = _cache_dir(cfg, None)
+    data_id = dataset_fingerprint(cfg.dataset, memo)
+    return make_part(cfg, split, load_server(cfg).load_split(split), data_id, source=cfg.dataset, split=split,
+                     memo_dir=memo)
 
 
 def server_identities(cfg: RunConfig) -> dict[str, set[int]]:

@@ -17,6 +17,7 @@ Every refusal is a ``ConfigError`` with one line.
 
 from __future__ import annotations
 
+import json
 import time
 from logging import INFO, WARNING
 from typing import Any, Iterable
@@ -72,6 +73,8 @@ def parse_description(record: ConfigRecord) -> dict:
     for key, value in record.items():
         if key.startswith("group_rate|"):
             entry["group_rates"][key.split("|", 1)[1]] = value
+        elif key == "skipped_rows":  # client_app.describe_record: one JSON string
+            entry[key] = json.loads(value)
         else:
             entry[key] = list(value) if isinstance(value, list) else value
     entry.setdefault("target_rate", None)

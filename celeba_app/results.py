@@ -1,7 +1,7 @@
 """The run folder: ``<results-dir>/<run-name>/`` and the files of the results contract.
 
 config.json, partitions.json, history.json, status.json, checkpoint.pt, test.json and head.pt
-(see README, "Results"). A run never writes into an existing folder: a clashing run-name is
+(see README, "Results"); skipped_rows.json with ``bad-images="skip"``. A run never writes into an existing folder: a clashing run-name is
 refused before training, so nothing an earlier run wrote is ever overwritten; only
 ``resume='<run-name>'`` continues a stopped run in its own folder.
 
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +31,9 @@ PACKAGES = ("flwr", "flwr-datasets", "datasets", "torch", "torchvision", "torchm
 
 def run_dir_for(cfg: RunConfig) -> Path:
     """The folder this run will write; refuses one that exists (checked before training).
-    With ``resume``, the stopped run's folder, which must exist (see ``check_resume``)."""
+    With ``resume``, the stopped run's folder, which must exist (see ``check_resume``).
+    First of all, ``results-dir`` must be a folder this process can write (or create)."""
+    check_results_dir(cfg.results_dir)
     if cfg.resume:
         path = Path(cfg.results_dir) / cfg.resume
         status = read_status(path) if path.is_dir() else None
@@ -48,6 +52,30 @@ def run_dir_for(cfg: RunConfig) -> Path:
             "run-name not used before (earlier results are never overwritten)"
         )
     return path
+
+
+_WRITABLE = "accepted: a folder this process can write (created if missing)"
+
+
+def check_results_dir(results_dir: str) -> None:
+    """Refuse, in one line, a ``results-dir`` that is a file (or below one) or that cannot be
+    written: probed by creating and removing a hidden file in it, or in its nearest existing
+    parent when it does not exist yet (nothing is created that stays)."""
+    root = Path(results_dir)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"results-dir={results_dir!r} is a file; {_WRITABLE}")
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"results-dir={results_dir!r} cannot be created: {str(existing)!r} is a file; {_WRITABLE}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".celeba-fl-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"results-dir={results_dir!r} cannot be written ({exc.strerror or exc} in "
+                          f"{str(existing)!r}); {_WRITABLE}") from exc
 
 
 def load_checkpoint_path(path: Path) -> Path | None:
@@ -80,8 +108,23 @@ def check_resume(run_dir: Path, cfg: RunConfig, partitions: list[dict]) -> None:
 
 
 def create_run_dir(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir(exist_ok=False)
+    """Create the run folder; a ConfigError (one line) if it appeared since ``run_dir_for``
+    checked (two runs of one run-name started at once: the second is refused) or cannot be made."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"results-dir={str(path.parent)!r} cannot be created ({exc.strerror or exc}); "
+                          f"{_WRITABLE}") from exc
+    try:
+        path.mkdir(exist_ok=False)
+    except FileExistsError as exc:
+        raise ConfigError(
+            f"run-name={path.name!r} already exists in results-dir={str(path.parent)!r} (another run "
+            "created it after this one started); accepted: a run-name not used before (earlier results "
+            "are never overwritten)") from exc
+    except OSError as exc:
+        raise ConfigError(f"results-dir={str(path.parent)!r} cannot be written ({exc.strerror or exc}); "
+                          f"{_WRITABLE}") from exc
     return path
 
 
@@ -151,16 +194,33 @@ def load_checkpoint(run_dir: Path) -> dict | None:
 
 def write_run_start(run_dir: Path, cfg: RunConfig, *, kind: str, num_clients: int, device: str,
                     identities: dict, partitions: list[dict], weights_id: str) -> None:
-    """config.json and partitions.json: what this run is, written before it trains."""
+    """config.json and partitions.json: what this run is, written before it trains.
+    ``dataset.fingerprint`` is the dataset's content identity (data.dataset_fingerprint: a
+    local folder's files, a hub dataset's name), so two runs on folders of one name differ."""
+    from .data import _cache_dir, dataset_fingerprint
+
     write_json(run_dir / "config.json", {
         "kind": kind, "run_config": cfg.as_dict(), "seed": cfg.seed, "num_clients": num_clients,
         "device": device, "packages": package_versions(),
-        "dataset": {"spec": cfg.dataset, "identities_per_split": identities},
+        "dataset": {"spec": cfg.dataset, "fingerprint": dataset_fingerprint(cfg.dataset, _cache_dir(cfg, None)),
+                    "identities_per_split": identities},
         "weights": {"spec": cfg.weights, "digest": weights_id},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     write_json(run_dir / "partitions.json", {"split": cfg.split, "num_partitions": num_clients,
                                              "partitions": partitions})
+
+
+def write_skipped_rows(run_dir: Path, cfg: RunConfig, server_parts: list, partitions: list[dict]) -> None:
+    """skipped_rows.json (``bad-images="skip"`` only): every row left out because its image
+    cannot be decoded, the server's valid/test parts' and the clients' (from their
+    descriptions, also in partitions.json), each {"part", "row", "split_row", "celeb_id",
+    "error"}; an empty list when none was."""
+    if cfg.bad_images != "skip":
+        return
+    rows = [r for part in server_parts for r in part.skipped_rows]
+    rows += [r for entry in partitions for r in entry.get("skipped_rows", [])]
+    write_json(run_dir / "skipped_rows.json", rows)
 
 
 def write_run_end(run_dir: Path, head_state: dict, history: list[dict], test: dict,

@@ -2,9 +2,11 @@
 tests on ``test``. The same code runs under the Simulation Engine and the Deployment Engine.
 
 Order matters for the user: everything that can be wrong with the configuration or the data
-is checked first (config values, the server's ``valid``/``test`` and their schema, a fresh
-run folder, the SuperNodes that connected and what each says its data is, identities
-disjoint from ``valid``/``test``), before any embedding is computed or any round runs. Then
+is checked first (config values, a results-dir it can write, the server's ``valid``/``test``
+with their schema and label values, the SuperNodes that connected and what each says its
+data is, identities disjoint from ``valid``/``test``, the weights, the images of
+``valid``/``test`` (``bad-images``), a fresh run folder), before any embedding is computed
+or any round runs. Then
 each round logs one line a person can follow, and the run folder gets the results contract
 (results.py).
 """
@@ -27,7 +29,7 @@ from .features import feature_store
 from .metrics import report
 from .model import make_head, weights_digest
 from .results import (check_resume, create_run_dir, load_checkpoint, run_dir_for, save_torch, write_best,
-                      write_round, write_run_end, write_run_start, write_status)
+                      write_round, write_run_end, write_run_start, write_skipped_rows, write_status)
 from .selection import BestRound
 from .strategy import RoundPolicy, make_strategy
 from .task import evaluate_stats, pick_device
@@ -76,21 +78,23 @@ def main(grid: Grid, context: Context) -> None:
         device = pick_device(cfg)
         store = feature_store(cfg, device)
         store.extractor  # noqa: B018 - loads the weights now: a bad file is refused before training
+        # valid/test: their images are checked here (bad-images), before the run folder exists
+        valid, test = server_part(cfg, "valid"), server_part(cfg, "test")
+        if resume is None:
+            create_run_dir(run_dir)  # refused if a run of the same run-name created it meanwhile
     except ConfigError as exc:
         log(ERROR, "celeba-fl: %s", exc)
         raise RunRefused(str(exc)) from None
 
     if resume is None:
-        create_run_dir(run_dir)
         write_run_start(run_dir, cfg, kind="federated", num_clients=num_nodes, device=str(device),
                         identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
+        write_skipped_rows(run_dir, cfg, [valid, test], partitions)
     write_status(run_dir, "running", resume["round"] if resume else None)
     log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s%s", run_dir, num_nodes,
         cfg.split, cfg.target, device, f"; resuming after round {resume['round']}" if resume else "")
     last_round = resume["round"] if resume else None
     try:
-        valid, test = server_part(cfg, "valid"), server_part(cfg, "test")
-
         def evaluate_valid(server_round: int, arrays: ArrayRecord) -> dict:
             head = make_head(cfg.head_dropout, state=arrays.to_torch_state_dict())
             return report(evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),

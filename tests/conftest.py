@@ -63,6 +63,40 @@ def make_celeba(root: Path, n_train_ids: int = 60, n_eval_ids: int = 12, seed: i
     return root
 
 
+def recode_column(root: Path, split: str, column: str, recode, dtype: str = "int64") -> None:
+    """Rewrite one column of a make_celeba split in place: ``recode(values) -> values`` of
+    ``dtype`` (the parquet file's features metadata follows, so ``datasets`` reads it as such):
+    e.g. the -1/1 integers of the original list_attr_celeba.txt."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = root / f"{split}-00000-of-00001.parquet"
+    table = pq.read_table(path)
+    values = recode(table.column(column).to_numpy(zero_copy_only=False))
+    table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, type=pa.type_for_alias(dtype)))
+    meta = json.loads(table.schema.metadata[b"huggingface"])
+    meta["info"]["features"][column] = {"dtype": dtype, "_type": "Value"}
+    pq.write_table(table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()}), path)
+
+
+def truncate_image(root: Path, split: str, row: int, keep: float = 0.6) -> bytes:
+    """Cut the JPEG of one row (index in the split's file) of a make_celeba split to ``keep``
+    of its bytes, in place, as a partly copied file would be; returns the whole JPEG."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = root / f"{split}-00000-of-00001.parquet"
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    whole = images[row]["bytes"]
+    images[row] = {**images[row], "bytes": whole[:int(len(whole) * keep)]}
+    column = pa.array(images, type=table.schema.field("image").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", column), path)
+    return whole
+
+
 @pytest.fixture(scope="session")
 def celeba_dir(tmp_path_factory) -> Path:
     return make_celeba(tmp_path_factory.mktemp("data") / "celeba-tiny")

@@ -34,6 +34,7 @@ def test_pyproject_keys_all_parse(tmp_path):
     ({"feature-runtime": "tensorrt"}, "feature-runtime='tensorrt' is not known; accepted: auto, torch, onnx, onnx-int8"),
     ({"run-name": "../escape"}, "run-name='../escape' is not valid"),
     ({"target": "Male"}, "target='Male' is also in sensitive-attributes"),
+    ({"bad-images": "drop"}, "bad-images='drop' is not known; accepted: fail, skip"),
 ])
 def test_bad_values_are_named_with_what_is_accepted(override, message):
     with pytest.raises(ConfigError) as info:

@@ -4,7 +4,7 @@ import pytest
 from celeba_app import data
 from celeba_app.config import ConfigError, RunConfig
 from celeba_app.data import NodeData, check_identity_disjoint, client_parts, load_federated, server_part
-from conftest import make_celeba
+from conftest import make_celeba, recode_column, truncate_image
 
 
 def cfg_for(path, **kw):
@@ -72,3 +72,168 @@ def test_blobs_yield_every_image_in_order(celeba_dir):
     blobs = [b for batch in part.blobs(7) for b in batch]
     assert len(blobs) == len(part) and all(b[:2] == b"\xff\xd8" for b in blobs)
     assert np.isin(part.labels, [0, 1]).all()
+
+
+def minus_one_one(values):
+    return np.where(values.astype(bool), 1, -1)
+
+
+def test_labels_encoded_minus_one_one_are_refused_naming_split_column_and_values(tmp_path):
+    root = make_celeba(tmp_path / "pm1", n_train_ids=8, n_eval_ids=3)
+    recode_column(root, "test", "Smiling", minus_one_one)  # datasets reads it as train's booleans: all True
+    cfg = cfg_for(root)
+    with pytest.raises(ConfigError) as info:
+        server_part(cfg, "test")
+    assert str(info.value) == (f"dataset={str(root)!r} split 'test' column 'Smiling' has values [-1, 1]; "
+                               "accepted: booleans or 0/1")
+
+
+def test_a_dataset_converted_from_list_attr_celeba_is_refused_by_clients_and_server(tmp_path):
+    root = make_celeba(tmp_path / "pm1", n_train_ids=8, n_eval_ids=3)
+    for split in ("train", "valid", "test"):
+        recode_column(root, split, "Smiling", minus_one_one)
+    cfg = cfg_for(root)
+    with pytest.raises(ConfigError, match=r"split 'train' column 'Smiling' has values \[-1, 1\]; accepted"):
+        client_parts(cfg, NodeData.partition(cfg, 0, 2))
+    with pytest.raises(ConfigError, match=r"split 'valid' column 'Smiling' has values \[-1, 1\]; accepted"):
+        data.server_identities(cfg)  # the server's first look at its data
+
+
+def test_sensitive_attribute_of_train_not_binary_is_refused_on_every_client(tmp_path):
+    root = make_celeba(tmp_path / "pm1", n_train_ids=8, n_eval_ids=3)
+    recode_column(root, "train", "Pale_Skin", lambda v: np.where(v, 2.0, 0.0), dtype="float64")
+    cfg = cfg_for(root)
+    for pid in range(2):
+        with pytest.raises(ConfigError, match=r"split 'train' column 'Pale_Skin' has values \[0.0, 2.0\]; "
+                                              "accepted: booleans or 0/1"):
+            client_parts(cfg, NodeData.partition(cfg, pid, 2))
+
+
+def test_integer_zero_one_labels_are_accepted(tmp_path):
+    root = make_celeba(tmp_path / "int01", n_train_ids=8, n_eval_ids=3)
+    recode_column(root, "valid", "Smiling", lambda v: v.astype(np.int64))
+    valid = server_part(cfg_for(root), "valid")
+    assert set(valid.labels.tolist()) == {0, 1}
+
+
+def test_noniid_grouping_attributes_are_checked_for_noniid_only(tmp_path):
+    root = make_celeba(tmp_path / "young", n_train_ids=8, n_eval_ids=3)
+    recode_column(root, "train", "Young", minus_one_one)
+    kw = {"sensitive-attributes": "Male", "noniid-attributes": "Male,Young"}
+    client_parts(cfg_for(root, **kw), NodeData.partition(cfg_for(root, **kw), 0, 2))  # iid: Young unused
+    cfg = cfg_for(root, split="noniid", **kw)
+    with pytest.raises(ConfigError, match=r"split 'train' column 'Young' has values \[-1, 1\]; accepted"):
+        client_parts(cfg, NodeData.partition(cfg, 0, 2))
+
+
+@pytest.mark.parametrize("split", ["iid", "noniid"])
+def test_more_clients_than_training_rows_is_refused_before_training(tmp_path, split):
+    root = make_celeba(tmp_path / "three", n_train_ids=3, n_eval_ids=2, per_id=(1, 1))  # 3 train rows
+    cfg = cfg_for(root, split=split)
+    for pid in (0, 4):
+        with pytest.raises(ConfigError) as info:
+            client_parts(cfg, NodeData.partition(cfg, pid, 5))
+        assert str(info.value) == (f"num-partitions=5 is more than the 3 rows of dataset={str(root)!r} split "
+                                   "'train'; accepted: at most 3 partitions (every client needs at least one row)")
+    assert [len(client_parts(cfg, NodeData.partition(cfg, pid, 3))[0]) for pid in range(3)] == [1, 1, 1]
+
+
+class FlwrWarnings(list):
+    """Warnings logged on Flower's logger (which does not propagate to pytest's caplog)."""
+
+    def __enter__(self):
+        import logging
+
+        self.handler = logging.Handler(logging.WARNING)
+        self.handler.emit = lambda record: self.append(record.getMessage())
+        logging.getLogger("flwr").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("flwr").removeHandler(self.handler)
+
+
+def celeb_ids_of(root, split):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(root / f"{split}-00000-of-00001.parquet", columns=["celeb_id"]).column(0).to_pylist()
+
+
+def test_undecodable_image_fails_naming_split_row_and_celeb_id_or_is_skipped(tmp_path):
+    root = make_celeba(tmp_path / "cut", n_train_ids=8, n_eval_ids=3)
+    truncate_image(root, "test", 2)  # a JPEG cut to 60% of its bytes
+    ids = celeb_ids_of(root, "test")
+    skip = cfg_for(root, **{"bad-images": "skip", "cache-dir": str(tmp_path / "c1")})
+    with FlwrWarnings() as warned:
+        part = server_part(skip, "test")
+    [rec] = part.skipped_rows
+    assert rec == {"part": "test", "row": rec["row"], "split_row": 2, "celeb_id": ids[2],
+                   "error": "Image is incomplete or truncated"}
+    assert any(f"left out test row {rec['row']} (row 2 of split 'test'" in w and f"celeb_id {ids[2]})" in w
+               for w in warned)
+    # Left out everywhere: arrays, rows and images agree, and every image left decodes.
+    assert len(part) == len(ids) - 1 == len(part.rows) == len(part.celeb_ids) == len(part.attributes["Male"])
+    assert sorted(part.celeb_ids.tolist()) == sorted(ids[:2] + ids[3:])
+    from celeba_app.features import undecodable
+    assert undecodable(part.blobs(4)) == [] and sum(map(len, part.blobs(4))) == len(part)
+
+    data.clear_caches()
+    with pytest.raises(ConfigError) as info:  # bad-images = "fail", the default
+        server_part(cfg_for(root, **{"cache-dir": str(tmp_path / "c2")}), "test")
+    assert str(info.value) == (f"dataset={str(root)!r} split 'test' row {rec['row']} (row 2 of the split, celeb_id "
+                               f"{ids[2]}): the image cannot be decoded (Image is incomplete or truncated); "
+                               "accepted: decodable images, or bad-images='skip' to leave such rows out")
+
+
+def test_images_are_checked_once_per_set_of_rows(tmp_path, monkeypatch):
+    """A later run (embeddings cached) decodes nothing to build its parts."""
+    from celeba_app import features
+
+    root = make_celeba(tmp_path / "cut", n_train_ids=8, n_eval_ids=3)
+    truncate_image(root, "valid", 0)
+    cfg = cfg_for(root, **{"bad-images": "skip", "cache-dir": str(tmp_path / "cache")})
+    first = server_part(cfg, "valid")
+    data.clear_caches()
+    monkeypatch.setattr(features, "undecodable", lambda batches: pytest.fail("images decoded again"))
+    again = server_part(cfg, "valid")
+    assert again.skipped_rows == first.skipped_rows and again.rows_id == first.rows_id != ""
+    assert len(again) == len(first)
+
+
+def test_client_parts_leave_out_or_refuse_an_undecodable_training_image(tmp_path):
+    from celeba_app import client_app
+    from celeba_app.federation import parse_description
+
+    root = make_celeba(tmp_path / "cut", n_train_ids=8, n_eval_ids=3)
+    truncate_image(root, "train", 5)
+    n = len(celeb_ids_of(root, "train"))
+    cfg = cfg_for(root, **{"bad-images": "skip", "cache-dir": str(tmp_path / "cache")})
+    entries = [data.describe_node(cfg, NodeData.partition(cfg, pid, 2, str(tmp_path / "cache"))) for pid in range(2)]
+    skipped = [r for e in entries for r in e["skipped_rows"]]
+    assert [r["split_row"] for r in skipped] == [5] and skipped[0]["part"].startswith("client-")
+    assert sum(e["num_train"] + e["num_val"] for e in entries) == n - 1
+    holder = next(e for e in entries if e["skipped_rows"])
+    assert parse_description(client_app.describe_record(holder))["skipped_rows"] == holder["skipped_rows"]
+    # From the parts cache in a new process: the same rows, and the images of exactly those rows.
+    data.clear_caches()
+    pid = holder["partition_id"]
+    cached = client_parts(cfg, NodeData.partition(cfg, pid, 2, str(tmp_path / "cache")))
+    assert [r for p in cached for r in p.skipped_rows] == holder["skipped_rows"] and cached[0].rows is None
+    assert [sum(map(len, p.blobs(4))) for p in cached] == [len(p) for p in cached]
+
+    data.clear_caches()
+    fail = cfg_for(root, **{"cache-dir": str(tmp_path / "cache")})
+    with pytest.raises(ConfigError, match=rf"split 'train' part '{skipped[0]['part']}' row {skipped[0]['row']} "
+                                          rf"\(row 5 of the split, celeb_id {skipped[0]['celeb_id']}\): the image "
+                                          "cannot be decoded"):
+        client_parts(fail, NodeData.partition(fail, pid, 2))
+    client_parts(fail, NodeData.partition(fail, 1 - pid, 2))  # the other client's images are sound
+
+
+def test_a_part_left_without_rows_is_refused(tmp_path):
+    root = make_celeba(tmp_path / "cut", n_train_ids=2, n_eval_ids=1, per_id=(1, 1))
+    truncate_image(root, "valid", 0)
+    with pytest.raises(ConfigError, match=r"split 'valid': none of its 1 images can be decoded"):
+        server_part(cfg_for(root, **{"bad-images": "skip"}), "valid")

@@ -120,6 +120,48 @@ def test_corrupt_cache_file_is_detected_and_rebuilt(backbone, part, tmp_path, da
     assert F.load_cached(path, len(part)) is not None  # rewritten whole
 
 
+def test_cache_files_swapped_on_disk_are_rebuilt_not_trusted(backbone, part, tmp_path):
+    """Two files of one row count (the two views of a part), swapped: each is refused because
+    the key saved in it is not the key it is loaded for, and recomputed."""
+    F.clear_memory_cache()
+    store = store_for(backbone, tmp_path)
+    both = store.for_part(part, hflip=True)
+    assert store.stats["computed"] == 2
+    paths = {v: store.cache_dir / d[:2] / f"{d}.pt" for v in F.VIEWS for d in [store.key(part.rows_id, v).digest()]}
+    orig, flip = paths["orig"].read_bytes(), paths["hflip"].read_bytes()
+    paths["orig"].write_bytes(flip)
+    paths["hflip"].write_bytes(orig)
+    assert F.load_cached(paths["orig"], len(part)) is not None  # sound file, wrong place
+    assert F.load_cached(paths["orig"], len(part), store.key(part.rows_id, "orig")) is None
+    F.clear_memory_cache()
+    again = store.for_part(part, hflip=True)
+    assert store.stats["computed"] == 4 and store.stats["disk_hits"] == 0
+    assert torch.equal(again, both)
+
+
+def test_a_jpeg_cut_short_is_caught_by_the_decoder_not_decoded_partly(part):
+    """torchvision's decode_jpeg raises on a truncated JPEG (libjpeg-turbo would otherwise
+    fill the missing rows with grey): the image check relies on it."""
+    whole = next(part.blobs(1))[0]
+    cut = whole[:int(len(whole) * 0.6)]
+    with pytest.raises(RuntimeError, match="Image is incomplete or truncated"):
+        F.decode([whole, cut])
+    assert F.undecodable([[whole, whole], [cut, whole, b"not an image"]]) == [
+        (2, "Image is incomplete or truncated"), (4, F.undecodable([[b"not an image"]])[0][1])]
+    assert F.undecodable([[whole[:-2]]])  # even the end-of-image marker missing
+
+
+def test_a_part_with_rows_left_out_embeds_what_it_holds(backbone, celeba_dir, tmp_path):
+    from conftest import make_celeba, truncate_image
+
+    root = make_celeba(tmp_path / "cut", n_train_ids=4, n_eval_ids=3)
+    truncate_image(root, "valid", 1)
+    part = server_part(RunConfig(dataset=str(root), bad_images="skip", cache_dir=str(tmp_path / "c")), "valid")
+    F.clear_memory_cache()
+    feats = store_for(backbone, tmp_path).for_part(part)
+    assert feats.shape == (len(part), 1280) and len(part.skipped_rows) == 1
+
+
 def test_cache_off_recomputes_every_time(backbone, part, tmp_path):
     ex = F.Extractor(backbone, "torch", torch.device("cpu"), 32)
     store = F.FeatureStore(ex, "w", None, batch_size=8)

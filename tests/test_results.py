@@ -54,3 +54,87 @@ def test_resume_refuses_a_config_or_partitions_that_change_results(stopped_run):
     moved = [PARTS[0], {**PARTS[1], "celeb_ids": [4]}]
     with pytest.raises(ConfigError, match=r"differs from the saved partitions.json \(partitions \[1\]\)"):
         check_resume(run, same, moved)
+
+
+def test_results_dir_that_is_a_file_or_below_one_is_refused_in_one_line(tmp_path):
+    afile = tmp_path / "outputs"
+    afile.write_text("not a folder")
+    with pytest.raises(ConfigError) as info:
+        run_dir_for(RunConfig(results_dir=str(afile), run_name="r"))
+    assert str(info.value) == (f"results-dir={str(afile)!r} is a file; accepted: a folder this process can "
+                               "write (created if missing)")
+    with pytest.raises(ConfigError, match=rf"results-dir='{afile}/runs' cannot be created: '{afile}' is a file"):
+        run_dir_for(RunConfig(results_dir=str(afile / "runs"), run_name="r"))
+    with pytest.raises(ConfigError, match="is a file"):  # before looking for the run to resume
+        run_dir_for(RunConfig(results_dir=str(afile), resume="r"))
+
+
+def test_results_dir_that_cannot_be_written_is_refused(tmp_path):
+    import os
+
+    if os.geteuid() == 0:  # root writes through permissions, not into sysfs
+        if not os.path.isdir("/sys/kernel"):
+            pytest.skip("root without sysfs: no folder root cannot write")
+        ro = "/sys/celeba-fl-results"
+    else:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        ro = str(tmp_path / "ro" / "outputs")
+    with pytest.raises(ConfigError) as info:
+        run_dir_for(RunConfig(results_dir=ro, run_name="r"))
+    assert str(info.value).startswith(f"results-dir={ro!r} cannot be written (")
+    assert str(info.value).endswith("accepted: a folder this process can write (created if missing)")
+    assert "\n" not in str(info.value)
+
+
+def test_two_runs_of_one_run_name_started_at_once_second_is_refused(tmp_path):
+    cfg = RunConfig(results_dir=str(tmp_path), run_name="same")
+    first, second = run_dir_for(cfg), run_dir_for(cfg)  # both checked before either created it
+    create_run_dir(first)
+    (first / "status.json").write_text("{}")
+    with pytest.raises(ConfigError) as info:
+        create_run_dir(second)
+    assert str(info.value).startswith(f"run-name='same' already exists in results-dir={str(tmp_path)!r} "
+                                      "(another run created it after this one started)")
+    assert (first / "status.json").read_text() == "{}"
+
+
+def test_config_json_records_the_datasets_content_and_same_named_folders_are_not_mixed(tmp_path):
+    """Two folders of one name (celeba-mini) with different rows: config.json tells them apart,
+    and each folder's server parts are its own rows (the datasets cache is per content)."""
+    import pyarrow.parquet as pq
+
+    from celeba_app import data
+    from conftest import make_celeba
+
+    folders = [make_celeba(tmp_path / "a" / "celeba-mini", n_train_ids=4, n_eval_ids=3, seed=1),
+               make_celeba(tmp_path / "b" / "celeba-mini", n_train_ids=4, n_eval_ids=5, seed=2)]
+    recorded, sizes = [], []
+    for i, folder in enumerate(folders):
+        cfg = RunConfig(dataset=str(folder), results_dir=str(tmp_path / "out"), run_name=f"r{i}",
+                        cache_dir=str(tmp_path / "cache"))
+        run = create_run_dir(run_dir_for(cfg))
+        write_run_start(run, cfg, kind="federated", num_clients=1, device="cpu", identities={}, partitions=[],
+                        weights_id="w")
+        recorded.append(json.loads((run / "config.json").read_text())["dataset"]["fingerprint"])
+        assert recorded[-1] == data.dataset_fingerprint(str(folder))
+        data.clear_caches()
+        sizes.append(len(data.server_part(cfg, "valid")))
+        assert sizes[-1] == pq.read_metadata(folder / "valid-00000-of-00001.parquet").num_rows
+    assert recorded[0] != recorded[1] and sizes[0] != sizes[1]
+    assert data._load_kwargs(str(folders[0]), recorded[0]) != data._load_kwargs(str(folders[1]), recorded[1])
+
+
+def test_skipped_rows_json_lists_the_servers_and_the_clients_rows_left_out(tmp_path):
+    from types import SimpleNamespace
+
+    from celeba_app.results import write_skipped_rows
+
+    row = {"part": "test", "row": 3, "split_row": 17, "celeb_id": 42, "error": "Image is incomplete or truncated"}
+    client = {**row, "part": "client-1/train", "split_row": 5}
+    parts = [SimpleNamespace(skipped_rows=[]), SimpleNamespace(skipped_rows=[row])]
+    partitions = [{**PARTS[0], "skipped_rows": []}, {**PARTS[1], "skipped_rows": [client]}]
+    write_skipped_rows(tmp_path, RunConfig(bad_images="skip"), parts, partitions)
+    assert json.loads((tmp_path / "skipped_rows.json").read_text()) == [row, client]
+    write_skipped_rows(tmp_path / "x", RunConfig(), parts, partitions)  # bad-images = "fail": nothing skipped
+    assert not (tmp_path / "x").exists()
