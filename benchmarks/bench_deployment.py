@@ -10,7 +10,8 @@ Deployment Engine starts one ClientApp process per message, so later rounds show
 message costs once the embeddings are on the node's disk), then the same run config as a
 simulation over the same partitions of the whole dataset. Prints wall times, per-round
 times and the max abs difference between the two final heads. Every process it starts is
-ended by process group, also on failure.
+ended by process group, also on failure. ``--kill-node-after-round K`` ends the last SuperNode
+once round K is logged and prints how long the run took to finish and what report.md says.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from flower_procs import BIN, Ports, Procs, flwr_run_deployment, overrides, start_superlink, start_supernode  # noqa: E402
+from flower_procs import (BIN, Ports, Procs, flwr_run_deployment, overrides, start_superlink,  # noqa: E402
+                          start_supernode)
 
 
 def rounds_line(run: Path) -> str:
@@ -45,6 +47,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--split", default="noniid")
     parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument("--kill-node-after-round", type=int, default=0,
+                        help="end the last SuperNode once this round is logged (0: never)")
+    parser.add_argument("--round-timeout", type=float, default=3600.0)
     args = parser.parse_args()
     data, weights = Path(args.data).resolve(), Path(args.weights).resolve()
     work = Path(tempfile.mkdtemp(prefix="bench-deployment-"))
@@ -60,10 +65,21 @@ def main() -> int:
             start_supernode(procs, ports, f"supernode-{i}", workdir=work, node_config={
                 "data-path": str(work / "parts" / f"partition_{i}"), "cache-dir": str(work / f"node-{i}-cache")})
         t0 = time.time()
-        proc = flwr_run_deployment(procs, ports, {**common, "dataset": str(work / "parts" / "server"),
-                                                  "results-dir": str(work / "outputs"), "run-name": "deployed",
-                                                  "cache-dir": str(work / "server-cache"),
-                                                  "min-nodes": args.nodes}, timeout=3600)
+        run_config = {**common, "dataset": str(work / "parts" / "server"), "results-dir": str(work / "outputs"),
+                      "run-name": "deployed", "cache-dir": str(work / "server-cache"), "min-nodes": args.nodes,
+                      "round-timeout": args.round_timeout}
+        if args.kill_node_after_round:
+            procs.start("flwr-run", [str(BIN / "flwr"), "run", str(ROOT), "local-deployment", "--stream",
+                                     "--federation-config", f"address='127.0.0.1:{ports.control}'",
+                                     "--run-config", overrides(run_config)])
+            procs.wait_for("flwr-run", f"celeba-fl: round {args.kill_node_after_round}/", 3600)
+            t_kill = time.time()
+            procs.stop(f"supernode-{args.nodes - 1}")
+            procs.procs["flwr-run"].wait(timeout=3600)
+            print(f"supernode-{args.nodes - 1} ended after round {args.kill_node_after_round}; "
+                  f"the run finished {time.time() - t_kill:.0f}s later")
+        else:
+            flwr_run_deployment(procs, ports, run_config, timeout=3600)
         wall = time.time() - t0
         run = work / "outputs" / "deployed"
         if not (run / "test.json").exists():
@@ -71,6 +87,11 @@ def main() -> int:
             return 1
     test = json.loads((run / "test.json").read_text())["overall"]
     print(f"deployment  wall {wall:.0f}s | {rounds_line(run)} | test acc {test['accuracy']:.4f}")
+    if args.kill_node_after_round:
+        report = (run / "report.md").read_text()
+        start = report.find("## Client failures")
+        print(report[start:report.find("\n## ", start + 5)] if start >= 0 else "(report.md: no client failures)")
+        print("status.json:", json.loads((run / "status.json").read_text()))
     if args.skip_simulation:
         return 0
     t0 = time.time()
