@@ -319,6 +319,7 @@ def _outcome(sent: list[Message], replies: list[Message], partitions: Mapping[in
             nid = m.metadata.dst_node_id
             failures.append({"node_id": nid, "partition_id": partitions.get(nid), "code": None,
                              "reason": f"no reply within round-timeout={timeout:g}s"})
+    failures.sort(key=lambda f: f["node_id"])  # flwr samples in random order
     for f in failures:
         log(WARNING, "celeba-fl: client failed: node %s (partition %s): %s", f["node_id"], f["partition_id"],
             f["reason"])

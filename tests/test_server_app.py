@@ -1,0 +1,63 @@
+"""The ServerApp's main, in-process, against a grid whose nodes answer with the real ClientApp's
+query handler: what a failing run leaves in its folder."""
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, Error, RecordDict
+
+from celeba_app import server_app
+from celeba_app.strategy import NoClientTrained
+from test_federation import FakeGrid, replies_from_messages  # noqa: F401 - the fixture is used
+
+
+class FailingTrainGrid(FakeGrid):
+    """Nodes 1-3 describe partitions 0-2 truthfully, then fail every train message, as a
+    Flower ClientApp whose handler raised does (an error reply)."""
+
+    def __init__(self, run_config):
+        super().__init__({1: 0, 2: 0, 3: 0}, {n: {"partition-id": n - 1, "num-partitions": 3} for n in (1, 2, 3)},
+                         run_config)
+        self.replies = []
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            if msg.metadata.message_type == "query":
+                [reply] = self.send_and_receive([msg])
+            else:
+                reply = _error_reply(msg, "<class 'OSError'>:<'disk on fire'>")
+            ids.append(f"m{len(self.replies)}")
+            reply.metadata.__dict__["_reply_to_message_id"] = ids[-1]
+            self.replies.append(reply)
+        return ids
+
+    def pull_messages(self, ids):
+        out, self.replies = [r for r in self.replies if r.metadata.reply_to_message_id in ids], []
+        return out
+
+
+def _error_reply(msg, reason):
+    from flwr.app import Message
+
+    reply = Message(content=RecordDict(), dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+    reply.content = None
+    reply.error = Error(code=2, reason=reason)
+    reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+    return reply
+
+
+def test_a_run_that_fails_after_its_folder_exists_says_why_in_status_json(run_config):
+    run_config.update({"run-name": "failing", "min-nodes": 3, "round-timeout": 60.0})
+    grid = FailingTrainGrid(run_config)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(NoClientTrained, match="node 1: <class 'OSError'>:<'disk on fire'>"):
+        server_app.main(grid, context)
+    run = Path(run_config["results-dir"]) / "failing"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and status["last_completed_round"] == 0
+    assert status["reason"].startswith("NoClientTrained: no client could train in round 1: node 1: ")
+    assert [h["round"] for h in json.loads((run / "history.json").read_text())] == [0]  # kept
+    parts = json.loads((run / "partitions.json").read_text())["partitions"]
+    assert [p["partition_id"] for p in parts] == [0, 1, 2] and [p["node_id"] for p in parts] == [1, 2, 3]
