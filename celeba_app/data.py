@@ -131,7 +131,10 @@ def _content_sha(path: Path, st: os.stat_result, memo_dir: str | Path | None) ->
             h.update(chunk)
     digest = h.hexdigest()
     if memo is not None:
-        atomic_write_bytes(memo, digest.encode())
+        try:
+            atomic_write_bytes(memo, digest.encode())
+        except OSError as exc:  # a memo only: a full or read-only disk costs time
+            logging.getLogger("flwr").warning("celeba-fl: could not record a fingerprint (%s); continuing", exc)
     return digest
 
 

@@ -468,7 +468,11 @@ class FeatureStore:
             if len(feats) != n:
                 raise RuntimeError(f"expected {n} embeddings for {label}, got {len(feats)}")
             if path is not None:
-                save_cached(path, feats, {**key.__dict__, "n": n, "label": label})
+                try:
+                    save_cached(path, feats, {**key.__dict__, "n": n, "label": label})
+                except OSError as exc:  # the cache is optional: a full disk costs time, not the run
+                    progress_log.warning("celeba-fl: could not write the embedding cache (%s); "
+                                         "continuing without it", exc)
         if use_cache:
             _MEMORY[digest] = feats
         return feats

@@ -242,3 +242,14 @@ def test_int8_runtime_approximates_fp32_with_one_model_per_machine(healthy_backb
     [m2] = (tmp_path / "q2" / "onnx").glob("*-int8-*.onnx")
     assert m1.read_bytes() == m2.read_bytes()
     assert q_store.extractor.runtime_id == "onnx-cpu-int8-r1" != o_store.extractor.runtime_id
+
+
+def test_a_cache_disk_that_cannot_be_written_costs_time_not_the_run(backbone, part, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(F, "save_cached", full)
+    F.clear_memory_cache()
+    store = store_for(backbone, tmp_path)
+    feats = store.for_part(part)
+    assert feats.shape == (len(part), 1280) and store.stats["computed"] == 1
