@@ -95,7 +95,8 @@ class FairMetrics:
     per-round writes that make a killed run resumable.
     """
 
-    def __init__(self, *args, learning_rate: float = 1e-3, lr_decay: float = 1.0, **kwargs) -> None:
+    def __init__(self, *args, learning_rate: float = 1e-3, lr_decay: float = 1.0, sampling_seed: int = 0,
+                 **kwargs) -> None:
         # Metrics are summed in aggregate_*; skip FedAvg's weighted mean of every key.
         kwargs.setdefault("train_metrics_aggr_fn", lambda records, key: MetricRecord())
         kwargs.setdefault("evaluate_metrics_aggr_fn", lambda records, key: MetricRecord())
@@ -105,6 +106,7 @@ class FairMetrics:
         self.history: dict[int, dict] = {}
         self.bytes_sent: dict[int, int] = {}
         self.stopped_after: int | None = None
+        self.sampling_seed = sampling_seed
 
     # ------------------------------------------------------------------ the round loop
     def start(self, grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
@@ -130,6 +132,7 @@ class FairMetrics:
         evaluate_config = evaluate_config or ConfigRecord()
         partitions = dict(node_partitions or {})
         arrays, history, skipped_in_row, first = initial_arrays, [], 0, 1
+        random.seed(self.sampling_seed)  # flwr samples nodes with Python's random
         if resume is not None:
             arrays, history, skipped_in_row, first = self._restore(resume, best)
             log(INFO, "celeba-fl: resuming after round %d of %d", first - 1, num_rounds)
@@ -222,7 +225,9 @@ class FairMetrics:
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        # Replies arrive in any order, and a float sum depends on its order: sorted by
+        # partition, the same run gives the same head bit for bit (resumed or not).
+        replies = sorted(replies, key=_partition_order)
         if not any(not m.has_error() for m in replies):
             return None, None
         arrays, _ = super().aggregate_train(server_round, replies)
@@ -272,7 +277,7 @@ def make_strategy(cfg, num_nodes: int) -> FairMetrics:
     common = dict(
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=1, min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
-        min_available_nodes=1, learning_rate=cfg.learning_rate, lr_decay=cfg.lr_decay,
+        min_available_nodes=1, learning_rate=cfg.learning_rate, lr_decay=cfg.lr_decay, sampling_seed=cfg.seed,
     )
     if cfg.strategy == "fedprox":
         return FairFedProx(proximal_mu=cfg.proximal_mu, **common)
@@ -288,6 +293,14 @@ def make_strategy(cfg, num_nodes: int) -> FairMetrics:
 
 
 # ---------------------------------------------------------------------- helpers of the loop
+def _partition_order(reply: Message) -> tuple:
+    """Sort key of a reply: successful ones by the partition id in their metrics."""
+    if reply.has_error():
+        return (1, reply.metadata.src_node_id)
+    metrics = next(iter(reply.content.metric_records.values()), {})
+    return (0, int(metrics.get("partition_id", -1)), reply.metadata.src_node_id)
+
+
 def _wait_for_nodes(grid, policy: RoundPolicy) -> None:
     """Go on at once with the federation's connected nodes if they are enough (at least
     ``min_reply_fraction`` of them, and one); else wait for more, at most ``round_timeout``,
