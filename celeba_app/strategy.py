@@ -34,7 +34,7 @@ NOT_SUMMED = ("num-examples", "partition_id")  # identifiers, not quantities
 HEADLINE = ("loss", "accuracy", "balanced_accuracy", "f1", "auroc")
 
 
-class NoClientTrained(RuntimeError):
+class NoClientTrained(Exception):
     """Every client failed in round 1: the run ends with their errors."""
 
 
@@ -78,8 +78,9 @@ class RoundPolicy:
     max_skipped_rounds: int = 3  # this many skipped rounds in a row: the run fails
 
 
-class RunFailed(RuntimeError):
-    """The run cannot go on (too many skipped rounds, too few nodes); the reason is the message."""
+class RunFailed(Exception):
+    """The run cannot go on (too many skipped rounds, too few nodes); the reason is the message.
+    Not a RuntimeError: flwr-serverapp reports those as "Failed to start run" (exit code 203)."""
 
 
 class FairMetrics:
