@@ -170,11 +170,20 @@ class FederationGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         if is_simulation(self._grid):
             return list(self._grid.send_and_receive(messages, timeout=timeout))
-        pending = set(self._grid.push_messages(messages))
+        messages = list(messages)
+        ids = list(self._grid.push_messages(messages))
+        sent_to = dict(zip(ids, (m.metadata.dst_node_id for m in messages)))
+        pending = set(ids)
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending and (end is None or time.monotonic() < end):
             got = list(self._grid.pull_messages(pending))
+            for reply in got:
+                # The SuperLink answers for a node that stopped sending heartbeats (an error
+                # reply whose source is not that node): name the node it was sent to.
+                node = sent_to.get(reply.metadata.reply_to_message_id)
+                if node is not None and reply.metadata.src_node_id != node:
+                    reply.metadata.__dict__["_src_node_id"] = node
             replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
             if pending:

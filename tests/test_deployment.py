@@ -114,5 +114,7 @@ def test_a_supernode_that_vanishes_mid_run_is_survived_and_reported(celeba_dir, 
     history = json.loads((run / "history.json").read_text())
     later = [h for h in history if h["round"] >= 2]
     assert all(h["train"]["num_clients"] == 2 for h in later), [h.get("nodes") for h in later]
+    failures = [f for h in later for f in h["nodes"]["train"]["failures"]]
+    assert failures and all(f["partition_id"] == 2 for f in failures), failures  # the node that was ended
     report = (run / "report.md").read_text()
     assert "Training metrics cover fewer clients than the federation's 3 in rounds 2 (2 of 3), 3 (2 of 3)" in report
