@@ -225,12 +225,15 @@ def write_skipped_rows(run_dir: Path, cfg: RunConfig, server_parts: list, partit
 
 def write_run_end(run_dir: Path, head_state: dict, history: list[dict], test: dict,
                   extra: dict | None = None) -> None:
-    """head.pt, history.json, test.json, then the plots and report.md."""
+    """head.pt, history.json, test.json, status.json (completed), then the plots and report.md
+    (which reads the status: a report written before it would call the run incomplete). A
+    failure while reporting is recorded as ``failed`` by the caller, the JSON kept."""
     from .report import write_report
 
     save_torch(run_dir / "head.pt", head_state)
     write_json(run_dir / "history.json", history)
     write_json(run_dir / "test.json", {**test, **(extra or {})})
+    write_status(run_dir, "completed", (extra or {}).get("round", history[-1]["round"] if history else None))
     write_report(run_dir)
 
 
