@@ -133,8 +133,7 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "celeba-fl: run failed after round %s: %s; what was written is kept in %s",
             last_round, reason, run_dir)
         raise
-    write_status(run_dir, "completed", last_round)
-    o = test_rep["overall"]
+    o = test_rep["overall"]  # status.json says completed: write_run_end wrote it before the report
     log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %s, AUROC %s, loss %.4f "
         "(n=%d); wall time %.0fs; results in %s", o["accuracy"], _fmt(o["balanced_accuracy"]),
         _fmt(o["auroc"]), o["loss"], o["n"], time.time() - t_start, run_dir)
