@@ -18,6 +18,7 @@ Every refusal is a ``ConfigError`` with one line.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from logging import INFO, WARNING
 from typing import Any, Iterable
@@ -148,6 +149,43 @@ def _nodes(nodes: list[int], show: int = 3) -> str:
     return f"node{'s' if len(nodes) > 1 else ''} {', '.join(map(str, nodes[:show]))}{more}"
 
 
+ENGINE_PICKUP_S = 120.0
+"""Seconds within which a running Simulation Engine takes a message it was sent (it takes every
+message within milliseconds once its actors exist; starting Ray and the actors takes seconds)."""
+
+
+class EngineStopped(Exception):
+    """The Simulation Engine took none of the messages sent to it: it is not running.
+    Not a RuntimeError: flwr reports those as "Failed to start run"."""
+
+
+def undelivered(grid: Grid, message_ids: Iterable[str]) -> set[str] | None:
+    """Of ``message_ids``, those the Simulation Engine has not taken yet; None where the grid
+    cannot tell (the Deployment Engine, or a Flower whose in-memory state differs from 1.25's).
+
+    Flower 1.25's engine waits for the ServerApp thread when its backend fails (e.g. an
+    ActorPool with no actors, for ``num-gpus`` > 0 on a machine without a GPU), and the
+    ServerApp would wait for replies until ``round-timeout``. The engine takes each message
+    from the in-memory LinkState (setting its ``delivered_at``) as soon as it runs.
+    """
+    store = getattr(getattr(grid, "state", None), "message_ins_store", None)
+    if not isinstance(store, dict):
+        return None
+    return {mid for mid in message_ids
+            if mid in store and not getattr(store[mid].metadata, "delivered_at", "x")}
+
+
+def engine_running() -> bool:
+    """True while Flower 1.25's Simulation Engine takes messages in this process: its thread
+    running ``add_messages_to_queue`` (Python names a thread after its target) is alive.
+
+    The ServerApp runs in a thread of ``flower-simulation``; on Ctrl-C (SIGINT) the engine
+    stops (that thread ends, Ray is shut down) but the process waits for the ServerApp thread,
+    which would wait for replies until ``round-timeout``.
+    """
+    return any(t.name.endswith("(add_messages_to_queue)") and t.is_alive() for t in threading.enumerate())
+
+
 class FederationGrid:
     """A Grid whose ``get_node_ids`` lists only the described nodes still connected, and whose
     ``send_and_receive`` polls for replies every ``poll_s`` seconds; every other call goes to
@@ -156,27 +194,46 @@ class FederationGrid:
     Strategies sample from it, so a node that joins later (and was never described) receives
     nothing. Flower 1.25's GrpcGrid (the Deployment Engine) sleeps 3 s between polls, which
     puts a floor of 3 s under each of a round's two phases (train, evaluate) whatever the
-    clients cost; the Simulation Engine's in-memory grid is used as it is.
+    clients cost. Under the Simulation Engine, ``send_and_receive`` raises EngineStopped when
+    the engine, once seen running, has stopped (``engine_running``), or when it has taken none
+    of the messages within ``engine_pickup_s`` seconds (it never started).
     """
 
-    def __init__(self, grid: Grid, node_ids: Iterable[int], poll_s: float = 0.2) -> None:
+    def __init__(self, grid: Grid, node_ids: Iterable[int], poll_s: float = 0.2,
+                 engine_pickup_s: float = ENGINE_PICKUP_S) -> None:
         self._grid = grid
         self.node_ids = set(node_ids)
         self.poll_s = poll_s
+        self.engine_pickup_s = engine_pickup_s
+        self._engine_seen = False
 
     def get_node_ids(self) -> list[int]:
         return [nid for nid in self._grid.get_node_ids() if nid in self.node_ids]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        if is_simulation(self._grid):
-            return list(self._grid.send_and_receive(messages, timeout=timeout))
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
         sent_to = dict(zip(ids, (m.metadata.dst_node_id for m in messages)))
         pending = set(ids)
-        end = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        end = None if timeout is None else start + timeout
+        simulation = is_simulation(self._grid)
+        check_pickup = simulation
         replies: list[Message] = []
         while pending and (end is None or time.monotonic() < end):
+            if simulation and engine_running():
+                self._engine_seen = True
+            elif simulation and self._engine_seen:
+                raise EngineStopped(f"the Simulation Engine stopped while {len(pending)} repl(ies) were "
+                                    "awaited: it was interrupted (Ctrl-C) or crashed (see its log above)")
+            if check_pickup and time.monotonic() - start > self.engine_pickup_s:
+                check_pickup = False  # once: a running engine took them all at once
+                waiting = undelivered(self._grid, ids)
+                if not replies and waiting == set(ids):
+                    raise EngineStopped(
+                        f"the Simulation Engine took none of the {len(ids)} message(s) sent to it "
+                        f"within {self.engine_pickup_s:.0f}s: it is not running (see its error "
+                        "above, e.g. a backend asking for num-gpus > 0 on a machine without a GPU)")
             got = list(self._grid.pull_messages(pending))
             for reply in got:
                 # The SuperLink answers for a node that stopped sending heartbeats (an error
@@ -187,7 +244,9 @@ class FederationGrid:
             replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
             if pending:
-                time.sleep(self.poll_s)
+                # Under simulation, pulling is a dict lookup, and on Ctrl-C flwr run kills the
+                # engine's process 0.25 s after the signal: notice in time to write status.json
+                time.sleep(min(self.poll_s, 0.05) if simulation else self.poll_s)
         return replies
 
     def __getattr__(self, name: str) -> Any:

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .results import read_status  # noqa: E402
+from .results import process_ended, read_status  # noqa: E402
 
 SOURCES = (("train", "train"), ("federated_evaluate", "federated eval (clients' held-out)"),
            ("local_validation", "clients' held-out (central)"), ("server_valid", "server valid"))
@@ -242,8 +242,12 @@ def write_report(run_dir: Path) -> Path:
     lines = [f"# Run `{run['name']}`", ""]
     status = read_status(run_dir)
     if status and status["state"] != "completed":
+        reason = status.get("reason")
+        if process_ended(status):
+            reason = (f"its process (pid {status['pid']} on {status['host']}) has ended without recording "
+                      "why: killed by a signal it could not handle (SIGKILL, SIGTERM), out of memory or a power loss")
         lines += [f"**Incomplete run**: status `{status['state']}`, last completed round "
-                  f"{status['last_completed_round']}" + (f" ({status['reason']})" if status.get("reason") else "")
+                  f"{status['last_completed_round']}" + (f" ({reason})" if reason else "")
                   + ". The figures below cover the rounds written so far; resume it with "
                   f"`--run-config \"resume='{run['name']}'\"`.", ""]
     lines += failure_lines(history, (run["config"] or {}).get("num_clients"))

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -151,17 +152,25 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary name beside ``path``, unique to this process and thread: two writers of one
+    file (the round loop and a signal's exit handler) never share a half-written file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = _tmp_name(path)
     tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
     tmp.replace(path)
 
 
 def write_status(run_dir: Path, state: str, last_round: int | None, reason: str | None = None) -> None:
-    """status.json: ``running``, ``completed`` or ``failed``, why, and the last completed round.
+    """status.json: ``running``, ``completed`` or ``failed``, why, the last completed round, and
+    the writing process (``host``, ``pid``: see ``process_ended``).
     The documented contract for scripts: flwr 1.25's ``flwr run`` does not always exit non-zero."""
     write_json(run_dir / "status.json", {"state": state, "reason": reason, "last_completed_round": last_round,
-                                         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                         "host": platform.node(), "pid": os.getpid()})
 
 
 def read_status(run_dir: Path) -> dict | None:
@@ -169,11 +178,26 @@ def read_status(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def process_ended(status: dict) -> bool:
+    """True when a ``running`` status was written by a process of this host that no longer
+    exists: it was killed without a chance to record why (SIGKILL, out of memory, power loss).
+    False when it may still run, or runs on another host (which this process cannot see)."""
+    if status.get("state") != "running" or status.get("host") != platform.node() or not status.get("pid"):
+        return False
+    try:
+        os.kill(int(status["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def save_torch(path: Path, obj: Any) -> None:
     """torch.save to a temporary name, then rename."""
     import torch
 
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = _tmp_name(path)
     torch.save(obj, tmp)
     tmp.replace(path)
 

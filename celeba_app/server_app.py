@@ -19,6 +19,7 @@ from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.exit import add_exit_handler
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -94,6 +95,19 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s%s", run_dir, num_nodes,
         cfg.split, cfg.target, device, f"; resuming after round {resume['round']}" if resume else "")
     last_round = resume["round"] if resume else None
+    interrupted: str | None = None  # set by a signal (see on_signal)
+    finished = False
+
+    def on_signal() -> None:
+        """Flower's handler for SIGINT/SIGTERM/SIGQUIT (Ctrl-C, ``flwr stop``) calls this
+        before the process exits: status.json says ``failed`` and why, not ``running``."""
+        nonlocal interrupted
+        if not finished and interrupted is None:
+            interrupted = (f"interrupted by a signal (Ctrl-C, SIGTERM or flwr stop) after round {last_round}; "
+                           f"resume with resume='{run_dir.name}'")
+            write_status(run_dir, "failed", last_round, interrupted)
+
+    add_exit_handler(on_signal)
     try:
         def evaluate_valid(server_round: int, arrays: ArrayRecord) -> dict:
             head = make_head(cfg.head_dropout, state=arrays.to_torch_state_dict())
@@ -104,6 +118,8 @@ def main(grid: Grid, context: Context) -> None:
             nonlocal last_round
             write_round(run_dir, history, checkpoint)
             last_round = checkpoint["round"]
+            if interrupted:  # the round ended while the process was stopping: still failed
+                write_status(run_dir, "failed", last_round, interrupted)
 
         strategy = make_strategy(cfg, num_nodes)
         best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
@@ -125,10 +141,14 @@ def main(grid: Grid, context: Context) -> None:
         test_rep = test_report(last_state)
         history = json.loads((run_dir / "history.json").read_text())
         write_best(run_dir, best, test_report)
+        finished = True
         write_run_end(run_dir, last_state, history, test_rep,
                       {"round": last_round, "wall_seconds": time.time() - t_start, "feature_cache": store.stats})
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised for flwr to end the run
-        reason = f"{type(exc).__name__}: {exc}"
+        finished = True
+        reason = interrupted or (
+            "stopped by the user (flwr stop)" if type(exc).__name__ == "RunNotRunningException"
+            else f"{type(exc).__name__}: {exc}")
         write_status(run_dir, "failed", last_round, reason)
         log(ERROR, "celeba-fl: run failed after round %s: %s; what was written is kept in %s",
             last_round, reason, run_dir)

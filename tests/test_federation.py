@@ -115,3 +115,69 @@ def test_description_survives_the_config_record():
 def test_federation_grid_hides_nodes_that_were_not_described():
     grid = FederationGrid(FakeGrid({1: 0, 2: 0, 3: 0}), [1, 3])
     assert grid.get_node_ids() == [1, 3]
+
+
+def _query(node_id: int) -> Message:
+    return Message(content=RecordDict(), dst_node_id=node_id, message_type="query")
+
+
+def test_a_stopped_simulation_engine_is_named_instead_of_waiting_for_round_timeout():
+    from sim_grid import in_memory_grid
+
+    from celeba_app.federation import EngineStopped
+
+    grid, nodes = in_memory_grid(2)
+    federation = FederationGrid(grid, nodes, poll_s=0.05, engine_pickup_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(EngineStopped, match="took none of the 2 message"):
+        federation.send_and_receive([_query(n) for n in nodes], timeout=30)
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_running_engine_that_is_slow_to_reply_is_waited_for():
+    """The engine took the messages (as Flower's does at once) but has not replied yet: the
+    wait is the round's timeout, not the engine check's."""
+    import threading
+
+    from sim_grid import in_memory_grid
+
+    grid, nodes = in_memory_grid(2)
+    federation = FederationGrid(grid, nodes, poll_s=0.05, engine_pickup_s=0.3)
+
+    def engine():
+        for _ in range(40):
+            for n in nodes:
+                grid.state.get_message_ins(node_id=n, limit=1)
+            time.sleep(0.02)
+
+    threading.Thread(target=engine, daemon=True).start()
+    t0 = time.monotonic()
+    assert federation.send_and_receive([_query(n) for n in nodes], timeout=1.5) == []
+    assert time.monotonic() - t0 >= 1.5
+
+
+def test_an_engine_that_stops_mid_round_ends_the_wait_at_once():
+    """Ctrl-C stops Flower's engine (its ``add_messages_to_queue`` thread ends) while the
+    ServerApp thread waits for replies: the wait ends with EngineStopped, not round-timeout."""
+    import threading
+
+    from sim_grid import in_memory_grid
+
+    from celeba_app.federation import EngineStopped
+
+    grid, nodes = in_memory_grid(2)
+    federation = FederationGrid(grid, nodes, poll_s=0.05, engine_pickup_s=60)
+    stop = threading.Event()
+
+    def add_messages_to_queue():  # named as Flower's engine thread
+        while not stop.is_set():
+            for n in nodes:
+                grid.state.get_message_ins(node_id=n, limit=1)
+            time.sleep(0.02)
+
+    threading.Thread(target=add_messages_to_queue, daemon=True).start()
+    threading.Timer(0.5, stop.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(EngineStopped, match="stopped while 2 repl"):
+        federation.send_and_receive([_query(n) for n in nodes], timeout=30)
+    assert time.monotonic() - t0 < 5

@@ -138,3 +138,20 @@ def test_skipped_rows_json_lists_the_servers_and_the_clients_rows_left_out(tmp_p
     assert json.loads((tmp_path / "skipped_rows.json").read_text()) == [row, client]
     write_skipped_rows(tmp_path / "x", RunConfig(), parts, partitions)  # bad-images = "fail": nothing skipped
     assert not (tmp_path / "x").exists()
+
+
+def test_a_running_status_whose_process_has_ended_is_told_apart(tmp_path):
+    import platform
+    import subprocess
+    import sys
+
+    from celeba_app.results import process_ended, write_status
+
+    write_status(tmp_path, "running", 3)
+    status = read_status(tmp_path)
+    assert status["pid"] == __import__("os").getpid() and not process_ended(status)  # this process runs
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    assert process_ended({**status, "pid": int(gone)})
+    assert not process_ended({**status, "pid": int(gone), "host": platform.node() + "-elsewhere"})
+    assert not process_ended({**status, "pid": int(gone), "state": "failed"})

@@ -61,3 +61,46 @@ def test_a_run_that_fails_after_its_folder_exists_says_why_in_status_json(run_co
     assert [h["round"] for h in json.loads((run / "history.json").read_text())] == [0]  # kept
     parts = json.loads((run / "partitions.json").read_text())["partitions"]
     assert [p["partition_id"] for p in parts] == [0, 1, 2] and [p["node_id"] for p in parts] == [1, 2, 3]
+
+
+class InterruptedGrid(FailingTrainGrid):
+    """A signal arrives (Flower calls its exit handlers) while round 1's train messages are
+    out; the replies that follow are errors, as from an engine that stopped."""
+
+    def __init__(self, run_config, handlers):
+        super().__init__(run_config)
+        self.handlers = handlers
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if any(m.metadata.message_type != "query" for m in messages):
+            for handler in self.handlers:
+                handler()
+        return super().push_messages(messages)
+
+
+def test_a_signal_during_a_round_leaves_failed_and_why_in_status_json(run_config, monkeypatch):
+    handlers = []
+    monkeypatch.setattr(server_app, "add_exit_handler", handlers.append)
+    run_config.update({"run-name": "signalled", "min-nodes": 3, "round-timeout": 60.0})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(NoClientTrained):
+        server_app.main(InterruptedGrid(run_config, handlers), context)
+    assert len(handlers) == 1
+    status = json.loads((Path(run_config["results-dir"]) / "signalled" / "status.json").read_text())
+    assert status["state"] == "failed" and status["last_completed_round"] == 0
+    assert status["reason"].startswith("interrupted by a signal (Ctrl-C, SIGTERM or flwr stop) after round 0; "
+                                       "resume with resume='signalled'"), status
+
+
+def test_an_exit_handler_of_a_finished_run_writes_nothing(run_config, monkeypatch):
+    handlers = []
+    monkeypatch.setattr(server_app, "add_exit_handler", handlers.append)
+    run_config.update({"run-name": "done", "min-nodes": 3, "round-timeout": 60.0})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(NoClientTrained):
+        server_app.main(FailingTrainGrid(run_config), context)
+    path = Path(run_config["results-dir"]) / "done" / "status.json"
+    before = path.read_text()
+    handlers[0]()  # the process exits later, e.g. at the next run's Ctrl-C
+    assert path.read_text() == before

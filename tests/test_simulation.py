@@ -126,3 +126,37 @@ def test_a_killed_run_resumes_where_it_stopped(run_config, tmp_path):
 
     changed = flwr_run({**run_config, "resume": "killed", "learning-rate": 0.01}, supernodes=3)
     assert "that run completed" in changed.stdout + changed.stderr
+
+
+def _ray_agents() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "ray/dashboard/agent.py|ray/_private/runtime_env/agent/main.py"],
+                         capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_ctrl_c_leaves_failed_in_status_json_and_no_processes(run_config, tmp_path):
+    """SIGINT to ``flwr run``'s process group (Ctrl-C in its terminal) during round 3: status.json
+    says failed and why, and Ray's agents are gone within 20 s (pyproject's init-args)."""
+    import os
+    import signal
+    import time
+
+    from flower_procs import Procs, overrides
+
+    run_config.update({"num-server-rounds": 30, "run-name": "ctrl-c"})
+    agents_before = _ray_agents()
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [str(flwr), "run", ".", "local-simulation", "--federation-config", "options.num-supernodes=3",
+           "--run-config", overrides(run_config)]
+    with Procs(tmp_path / "logs") as procs:
+        proc = procs.start("run", cmd)
+        assert procs.wait_for("run", "celeba-fl: round 2/30", 300), procs.logs()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+    status = json.loads((Path(run_config["results-dir"]) / "ctrl-c" / "status.json").read_text())
+    assert status["state"] == "failed" and status["last_completed_round"] >= 2, status
+    assert "Simulation Engine stopped" in status["reason"], status
+    deadline = time.time() + 20
+    while _ray_agents() - agents_before and time.time() < deadline:
+        time.sleep(1)
+    assert not _ray_agents() - agents_before
