@@ -68,13 +68,18 @@ def describe_record(entry: dict) -> ConfigRecord:
 @app.query()
 @refusals_as_errors
 def query(msg: Message, context: Context) -> Message:
-    """Describe this node's data: sizes, target and group rates, celeb_ids."""
+    """Describe this node's data: sizes, target and group rates, celeb_ids, and how many
+    embeddings it has yet to compute (``to_embed``)."""
     cfg, node = _node(context)
     if cfg.weights != "imagenet" and not Path(cfg.weights).expanduser().is_file():
         raise ConfigError(f"weights={cfg.weights!r} (resolved on this node to "
                           f"{str(Path(cfg.weights).expanduser().resolve())!r}): no such file; accepted: "
                           "'imagenet' or a mobilenet_v2 state_dict file this node can read")
     entry = describe_node(cfg, node)
+    store = feature_store(cfg, pick_device(cfg), node.cache_dir)
+    train, val = client_parts(cfg, node)
+    # not a partitions.json field: the server's plan for round 1 (server_app.log_plan)
+    entry["to_embed"] = store.missing(train, cfg.augment_hflip) + store.missing(val)
     return Message(content=RecordDict({"partition": describe_record(entry)}), reply_to=msg)
 
 

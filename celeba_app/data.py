@@ -41,9 +41,9 @@ SPLIT_NAMES = ("train", "valid", "test")
 #: The file celeba-partition writes into each partition folder (partition id, partitioning).
 PARTITION_META = "partition.json"
 #: Bump when what the parts cache stores, or how parts are made, changes.
-PARTS_VERSION = "2"  # 2: label and attribute values checked (booleans or 0/1), bad images left out or refused
+PARTS_VERSION = "3"  # 3: where each row lives (split, row index); 2: label and attribute values checked (booleans or 0/1), bad images left out or refused
 #: Bump when what makes an image undecodable changes: every part's images are checked again.
-IMAGES_CHECK_VERSION = "1"
+IMAGES_CHECK_VERSION = "2"  # 2: remembered per row of the split
 
 #: Per-process caches: FederatedDataset objects keyed by what shapes the partitioning, and
 #: each client's parts (so a message costs no re-reading of labels or row identities).
@@ -66,17 +66,25 @@ class Part:
     #: per row, {"part", "row" (index in the part before leaving out), "split_row" (index in
     #: the split), "celeb_id", "error"}. The arrays above and ``rows`` no longer hold them.
     skipped_rows: list[dict] = field(default_factory=list)
+    #: Where each row lives, the key of the per-row caches (row_store.py): the data's content
+    #: fingerprint, the split's name and size, and each row's index in the split (N,) int64.
+    data_id: str = ""
+    split: str = ""
+    split_size: int = 0
+    split_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def blobs(self, batch_size: int) -> Iterator[list[bytes]]:
-        """The encoded images, in row order, ``batch_size`` at a time (no decoding here)."""
+    def blobs(self, batch_size: int, positions: np.ndarray | None = None) -> Iterator[list[bytes]]:
+        """The encoded images, in row order, ``batch_size`` at a time (no decoding here); only
+        those at ``positions`` (indices into this part, ascending) when given."""
         from datasets import Image
 
         if self.rows is None:
             self.rows = self.load_rows()
-        raw = self.rows.select_columns(["image"]).cast_column("image", Image(decode=False))
+        rows = self.rows if positions is None else self.rows.select(np.asarray(positions, dtype=np.int64))
+        raw = rows.select_columns(["image"]).cast_column("image", Image(decode=False))
         for batch in raw.iter(batch_size=batch_size):
             out = []
             for item in batch["image"]:
@@ -415,6 +423,7 @@ def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str, *, source:
         labels=np.asarray(table[cfg.target], dtype=np.int64),
         attributes={a: np.asarray(table[a], dtype=np.int64) for a in cfg.sensitive_attributes},
         celeb_ids=np.asarray(table["celeb_id"], dtype=np.int64),
+        data_id=data_id, split=split, split_size=rows.data.num_rows, split_rows=split_rows(rows),
     )
     bad = _undecodable_rows(part, memo_dir)
     if not bad:
@@ -443,29 +452,53 @@ def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str, *, source:
     kept = rows.select(keep)
     return Part(name=name, rows=kept, rows_id=rows_identity(kept, data_id), labels=part.labels[keep],
                 attributes={a: v[keep] for a, v in part.attributes.items()}, celeb_ids=part.celeb_ids[keep],
-                skipped_rows=found)
+                skipped_rows=found, data_id=data_id, split=split, split_size=part.split_size,
+                split_rows=part.split_rows[keep])
 
 
 def _undecodable_rows(part: Part, memo_dir: str | None) -> list[tuple[int, str]]:
     """(row, reason) of the part's images that cannot be decoded (features.undecodable): one
-    decode per image, remembered under ``<memo_dir>/checked/<rows identity>``."""
-    memo = Path(memo_dir) / "checked" / f"{part.rows_id}-v{IMAGES_CHECK_VERSION}.json" if memo_dir else None
-    if memo is not None and memo.is_file():
-        try:
-            saved = json.loads(memo.read_text())
-            if saved["rows"] == len(part):
-                return [(int(r), str(e)) for r, e in saved["bad"]]
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable: checked again
+    decode per image, remembered per row of the split under ``<memo_dir>/checked``
+    (row_store.py: 1.0 for a row that cannot be decoded, whose reason goes to ``reasons.json``
+    beside it), so another partitioning of the same data decodes nothing again."""
     from .features import undecodable
+    from .row_store import RowStore, file_lock
 
-    bad = undecodable(part.blobs(64)) if len(part) else []
-    if memo is not None:
+    if len(part) == 0:
+        return []
+    store = None
+    if memo_dir and part.split_size:
+        key = {"data": part.data_id, "split": part.split, "version": IMAGES_CHECK_VERSION}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        store = RowStore(Path(memo_dir) / "checked" / digest, key, part.split_size, width=1)
+    values, have = store.read(part.split_rows) if store else (np.zeros((len(part), 1), np.float32),
+                                                              np.zeros(len(part), bool))
+    reasons = _read_reasons(store) if store is not None and (values[have, 0] > 0).any() else {}
+    found = {}
+    for pos in np.flatnonzero(have & (values[:, 0] > 0)):
+        found[int(pos)] = reasons.get(str(int(part.split_rows[pos])), "cannot be decoded")
+    todo = np.flatnonzero(~have)
+    new = {int(todo[i]): reason for i, reason in undecodable(part.blobs(64, todo))} if len(todo) else {}
+    found.update(new)
+    if store is not None and len(todo):
         try:
-            atomic_write_bytes(memo, json.dumps({"rows": len(part), "bad": bad}).encode())
+            with file_lock(store.lock.with_suffix(".reasons.lock")):
+                merged = {**_read_reasons(store), **{str(int(part.split_rows[p])): r for p, r in new.items()}}
+                if new:
+                    atomic_write_bytes(store.root.with_name(store.root.name + ".reasons.json"),
+                                       json.dumps(merged).encode())
+            store.write(part.split_rows[todo], np.array([[float(int(t) in new)] for t in todo], np.float32))
         except OSError as exc:  # a memo only: a full or read-only disk costs time
             logging.getLogger("flwr").warning("celeba-fl: could not record the image check (%s); continuing", exc)
-    return bad
+    return sorted(found.items())
+
+
+def _read_reasons(store) -> dict[str, str]:
+    """{split row (str): reason} of the rows an image check found undecodable."""
+    try:
+        return json.loads(store.root.with_name(store.root.name + ".reasons.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 # --------------------------------------------------------------------------- a node's parts
@@ -548,6 +581,8 @@ def _save_parts(node: NodeData, key: str, parts: tuple[Part, Part]) -> None:
         arrays[f"{tag}|rows_id"] = np.array(part.rows_id)
         arrays[f"{tag}|name"] = np.array(part.name)
         arrays[f"{tag}|skipped"] = np.array(json.dumps(part.skipped_rows))
+        arrays[f"{tag}|where"] = np.array(json.dumps([part.data_id, part.split, part.split_size]))
+        arrays[f"{tag}|split_rows"] = part.split_rows
         for a, v in part.attributes.items():
             arrays[f"{tag}|attr|{a}"] = v
     buf = io.BytesIO()
@@ -566,7 +601,9 @@ def _load_parts(cfg: RunConfig, node: NodeData, key: str) -> tuple[Part, Part] |
         with np.load(path) as z:
             out = []
             for tag in ("train", "val"):
+                data_id, split, split_size = json.loads(str(z[f"{tag}|where"]))
                 out.append(Part(
+                    data_id=data_id, split=split, split_size=split_size, split_rows=z[f"{tag}|split_rows"],
                     name=str(z[f"{tag}|name"]), rows=None, rows_id=str(z[f"{tag}|rows_id"]),
                     labels=z[f"{tag}|labels"], celeb_ids=z[f"{tag}|celeb_ids"],
                     attributes={a: z[f"{tag}|attr|{a}"] for a in cfg.sensitive_attributes},

@@ -14,12 +14,12 @@ local epoch removes nearly all of the compute of a federated run.
   copy of the exported model: ~1.6x faster on a 2-core CPU, but its embeddings are an
   approximation (mean cosine ~0.9 to fp32; see ``quantize``), so it is never picked by
   ``auto``.
-* Cache: ``_MEMORY`` below is this module's documented per-process cache (key -> tensor). On
-  disk, one file per entry under ``cache-dir``, written to a temporary name and renamed so two
-  processes filling one entry never leave a torn file; a checksum catches a truncated or
-  corrupt file, which is then rebuilt. The key covers everything that changes an embedding:
-  the rows (dataset identity and exactly which rows, hence partitioning and client id), the
-  weights digest, image size, view (flip), runtime and this module's ``EXTRACTOR_VERSION``.
+* Cache: embeddings are kept per row of a split (``FeatureStore``, row_store.py): each row is
+  computed once per cache dir, whichever partitioning puts it in whichever client's part. The
+  key (``EmbeddingKey``) covers everything that changes an embedding: the data's content
+  fingerprint, the split, the weights digest, image size, view (flip), runtime and this
+  module's ``EXTRACTOR_VERSION``; a per-row checksum catches a torn or damaged row, which is
+  then computed again.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .model import FEATURE_DIM, Backbone
+from .row_store import RowStore
 
 log = logging.getLogger(__name__)
 #: Flower's logger: its console handler shows progress lines next to the round lines (and
@@ -57,8 +58,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIEWS = ("orig", "hflip")
 
-#: Per-process memory cache of embeddings, key -> float32 tensor (N, 1280). Documented global.
-_MEMORY: dict[str, torch.Tensor] = {}
+#: Seconds between progress lines of a long embedding (``Progress``).
+PROGRESS_EVERY_S = 15.0
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -316,7 +317,8 @@ def _has_onnxruntime() -> bool:
     return find_spec("onnxruntime") is not None and find_spec("onnx") is not None
 
 
-def extract(extractor: Extractor, blobs: Iterable[Sequence[bytes]], hflip: bool = False) -> torch.Tensor:
+def extract(extractor: Extractor, blobs: Iterable[Sequence[bytes]], hflip: bool = False,
+            progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """float32 (N, 1280) CPU embeddings of every batch of encoded images, in order.
 
     On the CPU, one thread decodes and resizes the next batch while the backbone runs on the
@@ -330,9 +332,15 @@ def extract(extractor: Extractor, blobs: Iterable[Sequence[bytes]], hflip: bool 
     """
     size, device = extractor.image_size, extractor.decode_device
     outs: list[torch.Tensor] = []
+
+    def done(out: torch.Tensor) -> None:
+        outs.append(out)
+        if progress is not None:
+            progress(len(out))
+
     if device.type != "cpu":
         for batch in blobs:
-            outs.append(extractor(decode_resize(batch, size, hflip, device)))
+            done(extractor(decode_resize(batch, size, hflip, device)))
     else:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -341,19 +349,20 @@ def extract(extractor: Extractor, blobs: Iterable[Sequence[bytes]], hflip: bool 
             for batch in blobs:
                 fut = pool.submit(decode_resize, batch, size, hflip)
                 if pending is not None:
-                    outs.append(extractor(pending.result()))
+                    done(extractor(pending.result()))
                 pending = fut
             if pending is not None:
-                outs.append(extractor(pending.result()))
+                done(extractor(pending.result()))
     return torch.cat(outs).cpu() if outs else torch.empty(0, FEATURE_DIM)
 
 
 # --------------------------------------------------------------------------- the cache
 @dataclass(frozen=True)
-class CacheKey:
-    """Everything that changes an embedding."""
+class EmbeddingKey:
+    """Everything that changes the embeddings of a split's rows: one RowStore each."""
 
-    rows: str  # identity of the exact rows (dataset identity + row indices), see data.py
+    data: str  # the data's content fingerprint (data.dataset_fingerprint)
+    split: str
     weights: str
     image_size: int
     runtime: str
@@ -364,52 +373,19 @@ class CacheKey:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _tensor_sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
-
-
-def load_cached(path: Path, n: int, key: CacheKey | None = None) -> torch.Tensor | None:
-    """The cached tensor at ``path``, or None when missing, truncated, corrupt, mis-sized or
-    written for another key: the key's fields and ``n`` saved with the tensor (``save_cached``)
-    must equal ``key``'s, so a file renamed, copied or swapped onto this path is rebuilt."""
-    if not path.exists():
-        return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        feats = blob["features"]
-        if tuple(feats.shape) != (n, FEATURE_DIM) or _tensor_sha(feats) != blob["sha256"]:
-            raise ValueError("shape or checksum mismatch")
-        if key is not None:
-            expected = {**key.__dict__, "n": n}
-            saved = blob.get("meta") or {}
-            differ = sorted(k for k in expected if saved.get(k) != expected[k])
-            if differ:
-                raise ValueError(f"written for another key (differs in {', '.join(differ)})")
-        return feats.float()
-    except Exception as exc:  # any unreadable file is rebuilt, never trusted
-        log.warning("Feature cache file %s is unusable (%s); rebuilding it", path, exc)
-        return None
-
-
-def save_cached(path: Path, feats: torch.Tensor, meta: dict) -> None:
-    """Write then rename: a reader sees the old file, the new one, or none; never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"features": feats, "sha256": _tensor_sha(feats), "meta": meta}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class FeatureStore:
-    """Embeddings of sets of rows, computed at most once per process and once per cache dir.
+    """Embeddings of a Part's rows, each row computed once per cache dir (whichever part,
+    partitioning or client holds it), or every time with no cache dir.
+
+    On disk: one RowStore (row_store.py) per ``EmbeddingKey`` under ``<cache-dir>/features``:
+    (split size, 1280) float32 by the row's index in its split. A part reads the rows it
+    holds and computes only those nobody computed before; the OS's page cache, not this
+    process, keeps them in memory, shared by every process of the machine.
 
     ``extractor`` is an ``Extractor`` or a function that builds one: built on the first
     miss only, so a process whose embeddings are all cached never loads the backbone. With a
     function, ``image_size`` and ``runtime_id`` (the cache key's) must be given.
+    ``stats``: rows read from the cache, rows computed, and the seconds spent computing.
     """
 
     def __init__(self, extractor: Extractor | Callable[[], Extractor], weights_id: str,
@@ -424,7 +400,7 @@ class FeatureStore:
         self.weights_id = weights_id
         self.cache_dir = Path(cache_dir) / "features" if cache_dir else None
         self.batch_size = batch_size
-        self.stats = {"memory_hits": 0, "disk_hits": 0, "computed": 0, "extract_seconds": 0.0}
+        self.stats = {"rows_cached": 0, "rows_computed": 0, "extract_seconds": 0.0}
 
     @property
     def extractor(self) -> Extractor:
@@ -435,58 +411,80 @@ class FeatureStore:
                 raise RuntimeError(f"runtime {self._extractor.runtime_id} != {self.runtime_id} of the cache key")
         return self._extractor
 
-    def key(self, rows_id: str, view: str) -> CacheKey:
-        return CacheKey(rows=rows_id, weights=self.weights_id, image_size=self.image_size,
-                        runtime=self.runtime_id, view=view)
+    def key(self, part, view: str) -> EmbeddingKey:
+        return EmbeddingKey(data=part.data_id, split=part.split, weights=self.weights_id,
+                            image_size=self.image_size, runtime=self.runtime_id, view=view)
 
-    def get(self, rows_id: str, n: int, blobs: Callable[[int], Iterable[Sequence[bytes]]],
-            view: str = "orig", label: str = "") -> torch.Tensor:
-        """(n, 1280) embeddings of the rows named ``rows_id``; ``blobs(batch_size)`` yields
-        their encoded images in order and is only called on a miss."""
+    def rows(self, part, view: str) -> RowStore | None:
+        """The RowStore of ``part``'s split for ``view``; None without a cache dir."""
+        if self.cache_dir is None or not part.split_size:
+            return None
+        key = self.key(part, view)
+        return RowStore(self.cache_dir / key.digest(), key.__dict__, part.split_size, FEATURE_DIM)
+
+    def get(self, part, view: str = "orig") -> torch.Tensor:
+        """float32 (len(part), 1280) embeddings of ``part``'s rows for ``view``."""
         if view not in VIEWS:
             raise ValueError(f"view={view!r} is not known; accepted: {', '.join(VIEWS)}")
+        n = len(part)
         if n == 0:
             return torch.empty(0, FEATURE_DIM)
-        key = self.key(rows_id, view)
-        digest = key.digest()
-        use_cache = self.cache_dir is not None
-        if use_cache and digest in _MEMORY:
-            self.stats["memory_hits"] += 1
-            return _MEMORY[digest]
-        path = self.cache_dir / digest[:2] / f"{digest}.pt" if use_cache else None
-        feats = load_cached(path, n, key) if path is not None else None
-        if feats is not None:
-            self.stats["disk_hits"] += 1
-        else:
+        store = self.rows(part, view)
+        values, have = store.read(part.split_rows) if store else (np.zeros((n, FEATURE_DIM), np.float32),
+                                                                  np.zeros(n, bool))
+        missing = np.flatnonzero(~have)
+        self.stats["rows_cached"] += n - len(missing)
+        if len(missing):
             t0 = time.perf_counter()
-            feats = extract(self.extractor, blobs(self.batch_size), hflip=(view == "hflip"))
+            feats = extract(self.extractor, part.blobs(self.batch_size, None if len(missing) == n else missing),
+                            hflip=(view == "hflip"), progress=Progress(len(missing), f"{part.name} ({view})"))
             dt = time.perf_counter() - t0
-            self.stats["computed"] += 1
+            self.stats["rows_computed"] += len(missing)
             self.stats["extract_seconds"] += dt
-            progress_log.log(INFO, "celeba-fl: embedded %d images of %s (%s) in %.1fs, %.0f img/s, %s", n,
-                     label or rows_id[:12], view, dt, n / max(dt, 1e-9), self.runtime_id)
-            if len(feats) != n:
-                raise RuntimeError(f"expected {n} embeddings for {label}, got {len(feats)}")
-            if path is not None:
+            progress_log.log(INFO, "celeba-fl: embedded %d images of %s (%s) in %.1fs, %.0f img/s, %s%s",
+                             len(missing), part.name, view, dt, len(missing) / max(dt, 1e-9), self.runtime_id,
+                             f"; {n - len(missing)} more read from the cache" if len(missing) < n else "")
+            if len(feats) != len(missing):
+                raise RuntimeError(f"expected {len(missing)} embeddings for {part.name}, got {len(feats)}")
+            values[missing] = feats.numpy()
+            if store is not None:
                 try:
-                    save_cached(path, feats, {**key.__dict__, "n": n, "label": label})
+                    store.write(part.split_rows[missing], values[missing])
                 except OSError as exc:  # the cache is optional: a full disk costs time, not the run
                     progress_log.warning("celeba-fl: could not write the embedding cache (%s); "
                                          "continuing without it", exc)
-        if use_cache:
-            _MEMORY[digest] = feats
-        return feats
+        return torch.from_numpy(values)
+
+    def missing(self, part, hflip: bool = False) -> int:
+        """How many embeddings ``for_part(part, hflip)`` would compute now (for a plan)."""
+        views = VIEWS if hflip else VIEWS[:1]
+        stores = [self.rows(part, v) for v in views]
+        return sum(len(part) - int(s.filled(part.split_rows).sum()) if s else len(part) for s in stores)
 
     def for_part(self, part, hflip: bool = False) -> torch.Tensor:
         """Embeddings of a data.Part: (N, 1280), or (2, N, 1280) with the flipped view."""
         views = VIEWS if hflip else VIEWS[:1]
-        feats = [self.get(part.rows_id, len(part), part.blobs, v, part.name) for v in views]
+        feats = [self.get(part, v) for v in views]
         return torch.stack(feats) if hflip else feats[0]
 
 
-def clear_memory_cache() -> None:
-    """Forget the per-process cache (tests and benchmarks)."""
-    _MEMORY.clear()
+class Progress:
+    """A progress line every ``every_s`` seconds of a long embedding (images done, rate, ETA),
+    in Flower's log: the ServerApp's console, and each client's (Ray actor or SuperNode) log."""
+
+    def __init__(self, total: int, label: str, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.total, self.label, self.every_s = total, label, every_s
+        self.done, self.t0 = 0, time.perf_counter()
+        self.next_at = self.t0 + every_s
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now >= self.next_at and self.done < self.total:
+            rate = self.done / (now - self.t0)
+            progress_log.log(INFO, "celeba-fl: embedding %s: %d/%d images, %.0f img/s, about %.0fs left",
+                             self.label, self.done, self.total, rate, (self.total - self.done) / max(rate, 1e-9))
+            self.next_at = now + self.every_s
 
 
 #: Per-process cache of FeatureStore objects (backbone built and exported once per process).

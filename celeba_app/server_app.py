@@ -72,6 +72,7 @@ def main(grid: Grid, context: Context) -> None:
             "ServerApp resolves them; working directory %s)", cfg.dataset, cfg.weights,
             cfg.results_dir, cfg.cache_dir, Path.cwd())
         run_dir, grid, identities, partitions = prepare(cfg, grid)
+        to_embed = {p["partition_id"]: p.pop("to_embed", None) for p in partitions}  # not partitions.json's
         resume = load_checkpoint(run_dir) if cfg.resume else None
         if cfg.resume:
             check_resume(run_dir, cfg, partitions)
@@ -94,6 +95,7 @@ def main(grid: Grid, context: Context) -> None:
     write_status(run_dir, "running", resume["round"] if resume else None)
     log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s%s", run_dir, num_nodes,
         cfg.split, cfg.target, device, f"; resuming after round {resume['round']}" if resume else "")
+    log_plan(store, [valid, test], to_embed)
     last_round = resume["round"] if resume else None
     interrupted: str | None = None  # set by a signal (see on_signal)
     finished = False
@@ -157,6 +159,26 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %s, AUROC %s, loss %.4f "
         "(n=%d); wall time %.0fs; results in %s", o["accuracy"], _fmt(o["balanced_accuracy"]),
         _fmt(o["auroc"]), o["loss"], o["n"], time.time() - t_start, run_dir)
+
+
+def log_plan(store, server_parts: list, to_embed: dict[int, int | None]) -> None:
+    """Before round 1: what will be embedded and how long that should take. The server embeds
+    its own ``valid``/``test`` now (progress lines past 15 s), which measures this machine's
+    rate; the clients said in their descriptions how many of their images are not cached."""
+    t0, before = time.perf_counter(), store.stats["rows_computed"]
+    for part in server_parts:
+        store.for_part(part)
+    server_new, dt = store.stats["rows_computed"] - before, time.perf_counter() - t0
+    clients = sum(n for n in to_embed.values() if n)
+    known = all(n is not None for n in to_embed.values())
+    line = (f"celeba-fl: before round 1: the server embedded {server_new} of its "
+            f"{sum(len(p) for p in server_parts)} valid/test images in {dt:.0f}s; the {len(to_embed)} clients "
+            f"have {clients}{'' if known else '+'} images to embed in round 1 (the rest are cached)")
+    if clients and server_new and dt > 0:
+        rate = server_new / dt
+        line += (f": at this server's {rate:.0f} img/s that is about {clients / rate:.0f}s of one process's "
+                 "time, shared by the processes that run clients at once")
+    log(INFO, line)
 
 
 def _fmt(value) -> str:

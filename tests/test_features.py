@@ -16,6 +16,22 @@ def backbone(weights_file):
 
 
 @pytest.fixture
+def healthy_backbone(backbone):
+    """The randomly initialised backbone with batch-norm statistics measured on noise: its
+    activations then keep their scale through depth (the untouched random model's vanish to
+    ~1e-10, which says nothing about quantization)."""
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    backbone.features.train()  # Backbone.train() refuses by design
+    with torch.no_grad():
+        for seed in range(4):
+            backbone(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+    return backbone.eval()
+
+
+@pytest.fixture
 def part(celeba_dir):
     return server_part(RunConfig(dataset=str(celeba_dir)), "valid")
 
@@ -77,66 +93,99 @@ def test_decoding_ahead_keeps_batch_order(backbone, part):
     assert F.extract(ex, iter([])).shape == (0, 1280)
 
 
-def test_cache_hits_in_memory_and_on_disk_and_misses_on_any_key_change(backbone, part, tmp_path):
-    F.clear_memory_cache()
+def test_cache_reads_what_was_computed_and_misses_on_any_key_change(backbone, part, tmp_path):
     store = store_for(backbone, tmp_path)
     a = store.for_part(part)
-    assert store.stats["computed"] == 1
-    assert torch.equal(store.for_part(part), a) and store.stats["memory_hits"] == 1
-    F.clear_memory_cache()
-    assert torch.equal(store.for_part(part), a) and store.stats["disk_hits"] == 1
-    # Anything that changes an embedding misses: other rows, weights, size, view.
+    assert store.stats["rows_computed"] == len(part) and store.stats["rows_cached"] == 0
+    fresh = store_for(backbone, tmp_path)  # another process's store: reads the disk
+    assert torch.equal(fresh.for_part(part), a) and fresh.stats == {
+        "rows_cached": len(part), "rows_computed": 0, "extract_seconds": 0.0}
+    # Anything that changes an embedding misses: weights, size, view.
     other = store_for(backbone, tmp_path, weights_id="w2")
     other.for_part(part)
-    assert other.stats["computed"] == 1
+    assert other.stats["rows_computed"] == len(part)
     bigger = store_for(backbone, tmp_path, size=48)
     bigger.for_part(part)
-    assert bigger.stats["computed"] == 1
-    both = store.for_part(part, hflip=True)
-    assert both.shape == (2, len(part), 1280) and store.stats["computed"] == 2
+    assert bigger.stats["rows_computed"] == len(part)
+    both = fresh.for_part(part, hflip=True)
+    assert both.shape == (2, len(part), 1280) and fresh.stats["rows_computed"] == len(part)
     assert not torch.equal(both[0], both[1])
-    keys = {store.key(part.rows_id, "orig").digest(), store.key("other-rows", "orig").digest(),
-            store.key(part.rows_id, "hflip").digest(), bigger.key(part.rows_id, "orig").digest()}
-    assert len(keys) == 4
+    keys = {store.key(part, "orig"), store.key(part, "hflip"), bigger.key(part, "orig"), other.key(part, "orig")}
+    assert len({k.digest() for k in keys}) == 4
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_checksum"])
-def test_corrupt_cache_file_is_detected_and_rebuilt(backbone, part, tmp_path, damage):
-    F.clear_memory_cache()
+def test_rows_are_embedded_once_whichever_partitioning_holds_them(backbone, celeba_dir, tmp_path):
+    """Two partitionings of one train split (iid and non-IID, different client counts): the
+    second computes nothing, and each row's embedding is the same in both."""
+    store = store_for(backbone, tmp_path)
+    iid = RunConfig(dataset=str(celeba_dir), split="iid")
+    first = {}
+    for pid in range(3):
+        for part in client_parts(iid, NodeData.partition(iid, pid, 3)):
+            feats = store.for_part(part)
+            first.update({int(r): feats[i] for i, r in enumerate(part.split_rows)})
+    computed = store.stats["rows_computed"]
+    assert computed == len(first)
+    noniid = RunConfig(dataset=str(celeba_dir), split="noniid", seed=3)
+    for pid in range(4):
+        for part in client_parts(noniid, NodeData.partition(noniid, pid, 4)):
+            feats = store.for_part(part)
+            assert all(torch.equal(feats[i], first[int(r)]) for i, r in enumerate(part.split_rows))
+    assert store.stats["rows_computed"] == computed
+
+
+def test_a_part_computes_only_the_rows_nobody_computed(healthy_backbone, part, tmp_path):
+    backbone = healthy_backbone
+    import dataclasses
+
+    store = store_for(backbone, tmp_path)
+    half = len(part) // 2
+    first = dataclasses.replace(part, rows=part.rows.select(range(half)), labels=part.labels[:half],
+                                split_rows=part.split_rows[:half])
+    a = store.for_part(first)
+    whole = store.for_part(part)
+    assert store.stats["rows_computed"] == len(part) and store.stats["rows_cached"] == half
+    assert torch.equal(whole[:half], a)
+    assert torch.allclose(whole, store_for(backbone, tmp_path / "other").for_part(part), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("damage", ["garbage_rows", "truncate", "meta"])
+def test_corrupt_cache_is_detected_and_rebuilt(healthy_backbone, part, tmp_path, damage):
+    backbone = healthy_backbone
+    import json
+
     store = store_for(backbone, tmp_path)
     good = store.for_part(part)
-    [path] = list((tmp_path / "features").rglob("*.pt"))
-    if damage == "truncate":
-        path.write_bytes(path.read_bytes()[:200])
-    elif damage == "garbage":
-        path.write_bytes(b"not a tensor file")
+    root = store.rows(part, "orig").root
+    if damage == "garbage_rows":
+        with open(root / "values.f32", "r+b") as f:
+            f.seek(int(part.split_rows[0]) * 1280 * 4)
+            f.write(b"\x01" * 64)
+    elif damage == "truncate":
+        with open(root / "values.f32", "r+b") as f:
+            f.truncate(100)
     else:
-        blob = torch.load(path, weights_only=True)
-        blob["features"][0, 0] += 1.0
-        torch.save(blob, path)
-    F.clear_memory_cache()
-    again = store.for_part(part)
-    assert store.stats["computed"] == 2 and torch.equal(again, good)
-    assert F.load_cached(path, len(part)) is not None  # rewritten whole
+        meta = json.loads((root / "meta.json").read_text())
+        (root / "meta.json").write_text(json.dumps({**meta, "view": "hflip"}))  # another store's files
+    again = store_for(backbone, tmp_path)
+    # equal up to the runtime's batch-to-batch noise: a lone row is a batch of its own
+    assert torch.allclose(again.for_part(part), good, rtol=1e-4, atol=1e-4)
+    assert again.stats["rows_computed"] == (1 if damage == "garbage_rows" else len(part))
+    assert store_for(backbone, tmp_path).for_part(part) is not None
+    assert store_for(backbone, tmp_path).stats["rows_computed"] == 0
 
 
-def test_cache_files_swapped_on_disk_are_rebuilt_not_trusted(backbone, part, tmp_path):
-    """Two files of one row count (the two views of a part), swapped: each is refused because
-    the key saved in it is not the key it is loaded for, and recomputed."""
-    F.clear_memory_cache()
+def test_cache_stores_swapped_on_disk_are_rebuilt_not_trusted(backbone, part, tmp_path):
+    """The two views' stores swapped: each holds another key's rows, so neither is trusted."""
     store = store_for(backbone, tmp_path)
     both = store.for_part(part, hflip=True)
-    assert store.stats["computed"] == 2
-    paths = {v: store.cache_dir / d[:2] / f"{d}.pt" for v in F.VIEWS for d in [store.key(part.rows_id, v).digest()]}
-    orig, flip = paths["orig"].read_bytes(), paths["hflip"].read_bytes()
-    paths["orig"].write_bytes(flip)
-    paths["hflip"].write_bytes(orig)
-    assert F.load_cached(paths["orig"], len(part)) is not None  # sound file, wrong place
-    assert F.load_cached(paths["orig"], len(part), store.key(part.rows_id, "orig")) is None
-    F.clear_memory_cache()
-    again = store.for_part(part, hflip=True)
-    assert store.stats["computed"] == 4 and store.stats["disk_hits"] == 0
-    assert torch.equal(again, both)
+    orig, flip = store.rows(part, "orig").root, store.rows(part, "hflip").root
+    orig.rename(tmp_path / "x")
+    flip.rename(orig)
+    (tmp_path / "x").rename(flip)
+    again = store_for(backbone, tmp_path)
+    assert torch.equal(again.for_part(part, hflip=True), both)
+    assert again.stats["rows_computed"] == 2 * len(part) and again.stats["rows_cached"] == 0
 
 
 def test_a_jpeg_cut_short_is_caught_by_the_decoder_not_decoded_partly(part):
@@ -157,7 +206,6 @@ def test_a_part_with_rows_left_out_embeds_what_it_holds(backbone, celeba_dir, tm
     root = make_celeba(tmp_path / "cut", n_train_ids=4, n_eval_ids=3)
     truncate_image(root, "valid", 1)
     part = server_part(RunConfig(dataset=str(root), bad_images="skip", cache_dir=str(tmp_path / "c")), "valid")
-    F.clear_memory_cache()
     feats = store_for(backbone, tmp_path).for_part(part)
     assert feats.shape == (len(part), 1280) and len(part.skipped_rows) == 1
 
@@ -167,14 +215,14 @@ def test_cache_off_recomputes_every_time(backbone, part, tmp_path):
     store = F.FeatureStore(ex, "w", None, batch_size=8)
     store.for_part(part)
     store.for_part(part)
-    assert store.stats["computed"] == 2 and not (tmp_path / "features").exists()
+    assert store.stats["rows_computed"] == 2 * len(part) and not (tmp_path / "features").exists()
 
 
-def test_write_then_rename_leaves_no_temporary_files(backbone, part, tmp_path):
-    F.clear_memory_cache()
+def test_the_cache_holds_one_store_per_key_and_nothing_temporary(backbone, part, tmp_path):
     store_for(backbone, tmp_path).for_part(part)
-    files = [p.name for p in (tmp_path / "features").rglob("*") if p.is_file()]
-    assert len(files) == 1 and files[0].endswith(".pt")
+    [root] = [p for p in (tmp_path / "features").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in root.iterdir()) == ["crc.u32", "filled.u8", "meta.json", "values.f32"]
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == sorted([root.name, root.name + ".lock"])
 
 
 def test_normalisation_matches_torchvision(backbone):
@@ -186,7 +234,6 @@ def test_normalisation_matches_torchvision(backbone):
 
 def test_onnx_features_match_pytorch(backbone, part, tmp_path):
     pytest.importorskip("onnxruntime")
-    F.clear_memory_cache()
     t = store_for(backbone, tmp_path / "t", runtime="torch").for_part(part)
     o = store_for(backbone, tmp_path / "o", runtime="onnx").for_part(part)
     assert torch.allclose(t, o, atol=1e-4, rtol=1e-4), (t - o).abs().max()
@@ -197,7 +244,6 @@ def test_training_on_cached_features_equals_training_through_the_backbone(backbo
     train, _ = client_parts(cfg, NodeData.partition(cfg, 0, 2))
     images = torch.cat([F.decode_resize(b, 32) for b in train.blobs(16)])
     labels = torch.as_tensor(train.labels)
-    F.clear_memory_cache()
     feats = store_for(backbone, tmp_path).for_part(train)
     kw = dict(epochs=3, lr=0.01, batch_size=8, seed=11)
     cached, through = make_head(seed=1), make_head(seed=1)
@@ -208,27 +254,10 @@ def test_training_on_cached_features_equals_training_through_the_backbone(backbo
     assert not torch.equal(cached.state_dict()["1.weight"], make_head(seed=1).state_dict()["1.weight"])
 
 
-@pytest.fixture
-def healthy_backbone(backbone):
-    """The randomly initialised backbone with batch-norm statistics measured on noise: its
-    activations then keep their scale through depth (the untouched random model's vanish to
-    ~1e-10, which says nothing about quantization)."""
-    for m in backbone.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-    backbone.features.train()  # Backbone.train() refuses by design
-    with torch.no_grad():
-        for seed in range(4):
-            backbone(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
-    return backbone.eval()
-
-
 def test_int8_runtime_approximates_fp32_with_one_model_per_machine(healthy_backbone, part, tmp_path):
     """``onnx-int8``: an approximation (quantized, not equal) close to fp32, built
     deterministically (every client and the server must embed with the same model)."""
     pytest.importorskip("onnxruntime")
-    F.clear_memory_cache()
     o_store = store_for(healthy_backbone, tmp_path / "o", runtime="onnx")
     o = o_store.for_part(part)
     q_store = store_for(healthy_backbone, tmp_path / "q", runtime="onnx-int8")
@@ -248,8 +277,23 @@ def test_a_cache_disk_that_cannot_be_written_costs_time_not_the_run(backbone, pa
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(F, "save_cached", full)
-    F.clear_memory_cache()
+    monkeypatch.setattr(F.RowStore, "write", full)
     store = store_for(backbone, tmp_path)
     feats = store.for_part(part)
-    assert feats.shape == (len(part), 1280) and store.stats["computed"] == 1
+    assert feats.shape == (len(part), 1280) and store.stats["rows_computed"] == len(part)
+
+
+def test_a_long_embedding_logs_progress_with_rate_and_eta(caplog):
+    import logging
+
+    progress = F.Progress(100, "client-3/train (orig)", every_s=0.0)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        progress(40)
+        progress(60)  # done: no line
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("celeba-fl: embedding client-3/train (orig): 40/100 images, ")
+    assert "img/s, about " in line and line.endswith("s left")
+    quiet = F.Progress(100, "x", every_s=3600)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        quiet(50)
+    assert len(caplog.records) == 1

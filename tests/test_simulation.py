@@ -28,6 +28,7 @@ def test_flwr_run_writes_the_results_contract(run_config, tmp_path, split):
     run = Path(run_config["results-dir"]) / "e2e"
     assert (run / "test.json").exists(), out[-4000:]
     assert "celeba-fl: round 2/2" in out and "celeba-fl: test accuracy" in out
+    assert "celeba-fl: before round 1: the server embedded" in out and "the 3 clients have " in out
 
     config = json.loads((run / "config.json").read_text())
     assert config["run_config"]["split"] == split and config["num_clients"] == 3
