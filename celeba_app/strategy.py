@@ -151,6 +151,7 @@ class FairMetrics:
             train_msgs = list(self.configure_train(rnd, arrays, train_config, grid))
             replies = list(grid.send_and_receive(train_msgs, timeout=policy.round_timeout))
             entry["nodes"] = {"train": _outcome(train_msgs, replies, partitions, policy.round_timeout)}
+            entry["message_bytes"] = {"train": message_bytes(train_msgs, replies)}
             ok = [m for m in replies if not m.has_error()]
             if rnd == 1 and not ok:
                 # Nothing will train in later rounds either (e.g. every node misses its data):
@@ -175,6 +176,7 @@ class FairMetrics:
                 eval_msgs = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
                 eval_replies = list(grid.send_and_receive(eval_msgs, timeout=policy.round_timeout))
                 entry["nodes"]["evaluate"] = _outcome(eval_msgs, eval_replies, partitions, policy.round_timeout)
+                entry["message_bytes"]["evaluate"] = message_bytes(eval_msgs, eval_replies)
                 self.aggregate_evaluate(rnd, eval_replies)
             entry["bytes_sent"] = self.bytes_sent.get(rnd, 0)
             entry.update(self.history.get(rnd, {}))
@@ -317,6 +319,18 @@ def _wait_for_nodes(grid, policy: RoundPolicy) -> None:
         time.sleep(0.5)
     if connected < expected:
         log(WARNING, "celeba-fl: %d of %d SuperNodes connected; this round goes on with them", connected, expected)
+
+
+def message_bytes(sent: list[Message], replies: list[Message]) -> dict:
+    """Mean serialized size in bytes of one message each way: {"to_client", "to_server"}
+    (the content as Flower's protobuf encodes it; None when there was none)."""
+    from flwr.common.serde import recorddict_to_proto
+
+    def mean(messages):
+        sizes = [recorddict_to_proto(m.content).ByteSize() for m in messages if not m.has_error()]
+        return round(sum(sizes) / len(sizes)) if sizes else None
+
+    return {"to_client": mean(sent), "to_server": mean(replies)}
 
 
 def _outcome(sent: list[Message], replies: list[Message], partitions: Mapping[int, int], timeout: float) -> dict:
