@@ -85,11 +85,14 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
                              lr=cfg.learning_rate * cfg.lr_decay ** (rnd - 1), batch_size=cfg.batch_size,
                              seed=cfg.seed + rnd, device=device, weight_decay=cfg.weight_decay,
                              sample_weight=weights)
-            entry["train"] = report(evaluate_stats(head, plain_train, y_train, a_train, device), "train")
+            entry["train"] = report(evaluate_stats(head, plain_train, y_train, a_train, device), "train",
+                                    cfg.min_group_size)
             entry["train"]["client_means"] = {"train_loss": res["loss"]}
             if len(y_val):
-                entry["local_validation"] = report(evaluate_stats(head, x_val, y_val, a_val, device), "local val")
-        entry["server_valid"] = report(evaluate_stats(head, f_valid, valid.labels, valid.attributes, device), "valid")
+                entry["local_validation"] = report(evaluate_stats(head, x_val, y_val, a_val, device),
+                                                   "local val", cfg.min_group_size)
+        entry["server_valid"] = report(evaluate_stats(head, f_valid, valid.labels, valid.attributes, device),
+                                       "valid", cfg.min_group_size)
         entry["seconds"] = time.time() - t0
         history.append(entry)
         v = entry["server_valid"]["overall"]
@@ -102,7 +105,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
 
     def test_report(state: dict) -> dict:
         model = make_head(cfg.head_dropout, state=state)
-        return report(evaluate_stats(model, f_test, test.labels, test.attributes, device), "test")
+        return report(evaluate_stats(model, f_test, test.labels, test.attributes, device), "test", cfg.min_group_size)
 
     test_rep = test_report(head.state_dict())
     write_best(run_dir, best, test_report)

@@ -151,6 +151,7 @@ class RunConfig:
     balance_groups: tuple[str, ...] = ()
     selection_metric: str = "loss"
     early_stopping_patience: int = 0
+    min_group_size: int = 30
     augment_hflip: bool = False
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
@@ -254,6 +255,9 @@ class RunConfig:
             "batch-size": self.batch_size, "local-epochs": self.local_epochs,
             "extract-batch-size": self.extract_batch_size,
         }
+        if not isinstance(self.min_group_size, int) or isinstance(self.min_group_size, bool) \
+                or self.min_group_size < 1:
+            raise ConfigError(f"min-group-size={self.min_group_size!r} is not valid; accepted: an integer >= 1")
         if not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 0:
             raise ConfigError(f"early-stopping-patience={self.early_stopping_patience!r} is not valid; "
                               "accepted: an integer >= 0 (0 = off)")

@@ -12,11 +12,14 @@ per bin. From these sums:
 * ECE (``ECE_BINS`` equal-width bins, torchmetrics' definition) is exact, because its bins are
   unions of the histogram bins;
 * AUROC is computed from the binned ROC curve (trapezoids between bin edges, i.e. pairs in the
-  same bin count one half). It differs from the exact AUROC by at most the fraction of
-  positive/negative pairs that share a bin; with 120 bins that is well under 0.01 (tested).
+  same bin count one half). It differs from the exact AUROC by at most half the fraction of
+  positive/negative pairs that share a bin, and every report gives that bound
+  (``auroc_max_error``): small for a trained head, whose scores spread over the bins, but up
+  to ~0.02 for a poorly trained one, whose scores crowd a few bins around 0.5.
 
 ``summarize`` turns one slice's stats into metrics; ``report`` adds Wilson intervals, group
-tables and fairness gaps. The same code serves the server's central evaluation (stats built
+tables and fairness gaps, each gap with a 95% Newcombe interval (from the same counts, so it
+works federatedly). The same code serves the server's central evaluation (stats built
 from its own predictions) and the federated one, so the two can be compared exactly.
 """
 
@@ -152,6 +155,28 @@ def binned_auroc(hist_pos: np.ndarray, hist_neg: np.ndarray) -> float | None:
     return float((hist_pos * (neg_below + 0.5 * hist_neg)).sum() / (p * q))
 
 
+def auroc_max_error(hist_pos: np.ndarray, hist_neg: np.ndarray) -> float | None:
+    """The most ``binned_auroc`` can differ from the exact AUROC of the same scores: pairs
+    that share a bin count one half, while their true order may give 0 or 1."""
+    p, q = hist_pos.sum(), hist_neg.sum()
+    if not p or not q:
+        return None
+    return float(0.5 * (hist_pos * hist_neg).sum() / (p * q))
+
+
+def newcombe(x1: float, n1: float, x2: float, n2: float, z: float = Z95) -> list[float] | None:
+    """95% interval for the difference of two proportions x1/n1 - x2/n2 (Newcombe 1998,
+    method 10: the hybrid score interval built from each proportion's Wilson interval).
+    None when either total is 0. Example: newcombe(30, 50, 20, 50) -> about [0.006, 0.372]."""
+    a, b = wilson(x1, n1, z), wilson(x2, n2, z)
+    if a is None or b is None:
+        return None
+    p1, p2 = x1 / n1, x2 / n2
+    d = p1 - p2
+    return [max(-1.0, d - math.sqrt((p1 - a[0]) ** 2 + (b[1] - p2) ** 2)),
+            min(1.0, d + math.sqrt((a[1] - p1) ** 2 + (p2 - b[0]) ** 2))]
+
+
 def binned_ece(hist_pos: np.ndarray, hist_neg: np.ndarray, prob_sum: np.ndarray) -> float | None:
     """Expected calibration error over ``ECE_BINS`` equal bins (torchmetrics' binary ECE)."""
     count = hist_pos + hist_neg
@@ -181,6 +206,7 @@ def summarize(s: Stats) -> dict[str, float | None]:
         "recall": tpr,
         "f1": f1,
         "auroc": binned_auroc(s.hist_pos, s.hist_neg),
+        "auroc_max_error": auroc_max_error(s.hist_pos, s.hist_neg),
         "ece": binned_ece(s.hist_pos, s.hist_neg, s.prob_sum),
         "base_rate": _div(s.pos, s.n),
         "positive_rate": _div(s.tp + s.fp, s.n),
@@ -200,18 +226,49 @@ def group_metrics(s: Stats) -> dict:
     return row
 
 
-def _gap(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return max(vals) - min(vals) if len(vals) >= 2 else None
+MIN_GROUP_SIZE = 30
+"""Groups with fewer rows are shown but flagged (``small``) and left out of worst-group accuracy."""
+
+#: Each gap: the proportion it compares, as (successes, trials) of a group's Stats.
+GAP_PROPORTIONS = {
+    "demographic_parity_difference": lambda s: (s.tp + s.fp, s.n),  # selection rate
+    "equal_opportunity_difference": lambda s: (s.tp, s.tp + s.fn),  # TPR
+    "fpr_difference": lambda s: (s.fp, s.fp + s.tn),
+    "accuracy_gap": lambda s: (s.tp + s.tn, s.n),
+}
 
 
-def report(stats: Mapping[str, Stats], where: str = "") -> dict:
+def gap_with_interval(groups: Mapping[str, Stats], proportion) -> dict:
+    """The largest difference of a proportion between groups, which groups, and its interval.
+
+    {"value": max - min over groups where the proportion is defined (None with fewer than two),
+    "groups": [the highest group, the lowest], "ci": Newcombe's 95% interval for the difference
+    of those two proportions}. The interval treats the two groups as given; that they were
+    picked as the extremes is not accounted for, so with many small groups it is optimistic.
+    """
+    rates = {}
+    for name, s in groups.items():
+        x, n = proportion(s)
+        if n:
+            rates[name] = (x / n, x, n)
+    if len(rates) < 2:
+        return {"value": None, "groups": None, "ci": None}
+    hi = max(rates, key=lambda k: rates[k][0])
+    lo = min(rates, key=lambda k: rates[k][0])
+    (p1, x1, n1), (p2, x2, n2) = rates[hi], rates[lo]
+    return {"value": p1 - p2, "groups": [hi, lo], "ci": newcombe(x1, n1, x2, n2)}
+
+
+def report(stats: Mapping[str, Stats], where: str = "", min_group_size: int = MIN_GROUP_SIZE) -> dict:
     """Overall metrics, per-group tables and per-attribute gaps from summed slice stats.
 
     Keys: ``overall`` (summarize), ``groups[attr][value]`` and, for intersections,
-    ``groups["A&B"]["v&w"]`` (group_metrics), ``gaps[attr]`` with demographic_parity_difference,
-    equal_opportunity_difference (TPR gap), equalized_odds_difference (max of TPR and FPR
-    gaps), accuracy_gap and worst_group_accuracy. An empty group is null with a warning.
+    ``groups["A&B"]["v&w"]`` (group_metrics, with ``small`` when the group has fewer than
+    ``min_group_size`` rows), ``gaps[attr]`` with demographic_parity_difference (selection-rate
+    gap), equal_opportunity_difference (TPR gap), equalized_odds_difference (the larger of the
+    TPR and FPR gaps), accuracy_gap, each with ``<name>_ci`` (95%, ``gap_with_interval``) and
+    ``<name>_groups``, and worst_group_accuracy over the groups of at least ``min_group_size``
+    rows (None if there is none). An empty group is null with a warning.
     """
     out: dict = {"overall": summarize(stats[ALL]), "groups": {}, "gaps": {}}
     by_attr: dict[str, dict[str, Stats]] = {}
@@ -231,19 +288,25 @@ def report(stats: Mapping[str, Stats], where: str = "") -> dict:
                 table[value] = None
             else:
                 table[value] = group_metrics(s)
+                table[value]["small"] = s.n < min_group_size
         out["groups"][attr] = table
-        rows = [r for r in table.values() if r is not None]
-        tpr_gap = _gap([r["tpr"] for r in rows])
-        fpr_gap = _gap([r["fpr"] for r in rows])
-        accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
-        out["gaps"][attr] = {
-            "demographic_parity_difference": _gap([r["positive_rate"] for r in rows]),
-            "equal_opportunity_difference": tpr_gap,
-            "equalized_odds_difference": (max(tpr_gap, fpr_gap)
-                                          if tpr_gap is not None and fpr_gap is not None else None),
-            "accuracy_gap": _gap(accs),
-            "worst_group_accuracy": min(accs) if accs else None,
-        }
+        present = {v: s for v, s in groups.items() if s.n}
+        found = {k: gap_with_interval(present, f) for k, f in GAP_PROPORTIONS.items()}
+        tpr, fpr = found["equal_opportunity_difference"], found["fpr_difference"]
+        odds = tpr if tpr["value"] is not None and (fpr["value"] is None or tpr["value"] >= fpr["value"]) else fpr
+        if tpr["value"] is None or fpr["value"] is None:
+            odds = {"value": None, "groups": None, "ci": None}
+        found["equalized_odds_difference"] = odds
+        accs = [r["accuracy"] for r in table.values() if r is not None and not r["small"]]
+        gaps: dict = {}
+        for key in ("demographic_parity_difference", "equal_opportunity_difference",
+                    "equalized_odds_difference", "accuracy_gap"):
+            gaps[key] = found[key]["value"]
+            gaps[f"{key}_ci"] = found[key]["ci"]
+            gaps[f"{key}_groups"] = found[key]["groups"]
+        gaps["worst_group_accuracy"] = min(accs) if accs else None
+        gaps["min_group_size"] = min_group_size
+        out["gaps"][attr] = gaps
     return out
 
 

@@ -180,22 +180,28 @@ def overall_table(reports: dict[str, dict]) -> str:
 
 
 def group_table(test: dict) -> str:
-    lines = ["| group | n | base rate | pos. rate | accuracy [95% CI] | TPR [95% CI] | FPR [95% CI] | AUROC |",
+    """Each group's row; a group under ``min-group-size`` is marked * (shown, but left out of
+    worst-group accuracy)."""
+    lines = ["| group | n | base rate | selection rate | accuracy [95% CI] | TPR [95% CI] | FPR [95% CI] | AUROC |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in _group_rows(test):
-        lines.append(f"| {name} | {r['n']} | {_f(r['base_rate'], 3)} | {_f(r['positive_rate'], 3)} | "
+        n = f"{r['n']}*" if r.get("small") else str(r["n"])
+        lines.append(f"| {name} | {n} | {_f(r['base_rate'], 3)} | {_f(r['positive_rate'], 3)} | "
                      f"{_f(r['accuracy'], 3)} {_ci(r['accuracy_ci'])} | {_f(r['tpr'], 3)} {_ci(r['tpr_ci'])} | "
                      f"{_f(r['fpr'], 3)} {_ci(r['fpr_ci'])} | {_f(r['auroc'], 3)} |")
     return "\n".join(lines)
 
 
 def gap_table(test: dict) -> str:
+    """Per attribute: each gap with its 95% Newcombe interval, and worst-group accuracy."""
     keys = ("demographic_parity_difference", "equal_opportunity_difference",
-            "equalized_odds_difference", "accuracy_gap", "worst_group_accuracy")
-    lines = ["| attribute | DP diff. | EO diff. (TPR gap) | equalized odds diff. | accuracy gap | worst-group acc. |",
+            "equalized_odds_difference", "accuracy_gap")
+    lines = ["| attribute | DP diff. [95% CI] | EO diff. (TPR gap) [95% CI] | equalized odds diff. [95% CI] | "
+             "accuracy gap [95% CI] | worst-group acc. (groups of n >= min-group-size) |",
              "|---|---|---|---|---|---|"]
     for attr, g in test["gaps"].items():
-        lines.append(f"| {attr} | " + " | ".join(_f(g[k], 3) for k in keys) + " |")
+        cells = [f"{_f(g[k], 3)} {_ci(g.get(f'{k}_ci'))}" for k in keys]
+        lines.append(f"| {attr} | " + " | ".join(cells) + f" | {_f(g['worst_group_accuracy'], 3)} |")
     return "\n".join(lines)
 
 

@@ -114,7 +114,7 @@ def main(grid: Grid, context: Context) -> None:
         def evaluate_valid(server_round: int, arrays: ArrayRecord) -> dict:
             head = make_head(cfg.head_dropout, state=arrays.to_torch_state_dict())
             return report(evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
-                          where="valid")
+                          where="valid", min_group_size=cfg.min_group_size)
 
         def on_round(history: list[dict], checkpoint: dict) -> None:
             nonlocal last_round
@@ -138,7 +138,8 @@ def main(grid: Grid, context: Context) -> None:
 
         def test_report(state: dict) -> dict:
             head = make_head(cfg.head_dropout, state=state)
-            return report(evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device), "test")
+            return report(evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device), "test",
+                          min_group_size=cfg.min_group_size)
 
         test_rep = test_report(last_state)
         history = json.loads((run_dir / "history.json").read_text())

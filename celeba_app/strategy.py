@@ -27,7 +27,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, QFedAvg, Result
 
 from .federation import error_reason
-from .metrics import ALL, client_distribution, report, sum_stats, unflatten
+from .metrics import ALL, MIN_GROUP_SIZE, client_distribution, report, sum_stats, unflatten
 from .selection import BestRound
 
 NOT_SUMMED = ("num-examples", "partition_id")  # identifiers, not quantities
@@ -43,7 +43,7 @@ def headline(rep: dict) -> MetricRecord:
     return MetricRecord({k: float(v) for k, v in rep["overall"].items() if k in HEADLINE and v is not None})
 
 
-def aggregate_reports(contents: list[RecordDict], where: str) -> dict:
+def aggregate_reports(contents: list[RecordDict], where: str, min_group_size: int = MIN_GROUP_SIZE) -> dict:
     """Sum the clients' slice statistics; report globally and per client."""
     per_client = []
     extra: dict[str, float] = {}
@@ -55,7 +55,7 @@ def aggregate_reports(contents: list[RecordDict], where: str) -> dict:
             if "|" not in key and not isinstance(value, list) and key not in NOT_SUMMED:
                 extra[key] = extra.get(key, 0.0) + float(value) * float(metrics["num-examples"])
     total = sum(float(next(iter(c.metric_records.values()))["num-examples"]) for c in contents)
-    rep = report(sum_stats(per_client), where=where)
+    rep = report(sum_stats(per_client), where=where, min_group_size=min_group_size)
     rep["num_clients"] = len(contents)
     # Example-weighted means of the clients' scalar extras (e.g. the running training loss).
     rep["client_means"] = {k: v / total for k, v in extra.items()} if total else {}
@@ -106,6 +106,7 @@ class FairMetrics:
         self.lr_decay = lr_decay
         self.history: dict[int, dict] = {}
         self.bytes_sent: dict[int, int] = {}
+        self.min_group_size = MIN_GROUP_SIZE  # make_strategy sets the run config's
         self.stopped_after: int | None = None
         self.sampling_seed = sampling_seed
 
@@ -237,7 +238,7 @@ class FairMetrics:
         contents = [m.content for m in replies if not m.has_error()]
         if not contents:
             return arrays, None
-        rep = aggregate_reports(contents, "clients' training data")
+        rep = aggregate_reports(contents, "clients' training data", self.min_group_size)
         self.history.setdefault(server_round, {})["train"] = rep
         return arrays, headline(rep)
 
@@ -247,7 +248,7 @@ class FairMetrics:
         contents = [c for c in contents if next(iter(c.metric_records.values()))["num-examples"] > 0]
         if not contents:
             return None
-        rep = aggregate_reports(contents, "clients' validation data")
+        rep = aggregate_reports(contents, "clients' validation data", self.min_group_size)
         self.history.setdefault(server_round, {})["federated_evaluate"] = rep
         return headline(rep)
 
@@ -283,16 +284,19 @@ def make_strategy(cfg, num_nodes: int) -> FairMetrics:
         min_available_nodes=1, learning_rate=cfg.learning_rate, lr_decay=cfg.lr_decay, sampling_seed=cfg.seed,
     )
     if cfg.strategy == "fedprox":
-        return FairFedProx(proximal_mu=cfg.proximal_mu, **common)
-    if cfg.strategy == "fedavgm":
-        return FairFedAvgM(server_learning_rate=cfg.server_learning_rate,
-                           server_momentum=cfg.server_momentum, **common)
-    if cfg.strategy == "fedadam":
-        return FairFedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, **common)
-    if cfg.strategy == "qfedavg":
-        return FairQFedAvg(client_learning_rate=cfg.learning_rate, q=cfg.qfedavg_q,
-                           train_loss_key="global_loss", **common)
-    return FairFedAvg(**common)
+        strategy = FairFedProx(proximal_mu=cfg.proximal_mu, **common)
+    elif cfg.strategy == "fedavgm":
+        strategy = FairFedAvgM(server_learning_rate=cfg.server_learning_rate,
+                               server_momentum=cfg.server_momentum, **common)
+    elif cfg.strategy == "fedadam":
+        strategy = FairFedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, **common)
+    elif cfg.strategy == "qfedavg":
+        strategy = FairQFedAvg(client_learning_rate=cfg.learning_rate, q=cfg.qfedavg_q,
+                               train_loss_key="global_loss", **common)
+    else:
+        strategy = FairFedAvg(**common)
+    strategy.min_group_size = cfg.min_group_size
+    return strategy
 
 
 # ---------------------------------------------------------------------- helpers of the loop

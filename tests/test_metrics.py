@@ -84,7 +84,7 @@ def test_federated_sum_equals_central_computation_on_the_union():
     fed, cen = report(federated), report(central)
     assert fed["overall"] == pytest.approx(cen["overall"], abs=1e-9)
     for attr in cen["gaps"]:
-        assert fed["gaps"][attr] == pytest.approx(cen["gaps"][attr], abs=1e-12)
+        assert fed["gaps"][attr] == cen["gaps"][attr]  # integer counts sum exactly
         assert fed["groups"][attr] == cen["groups"][attr]
     # ... while the example-weighted mean of client F1s is not the global F1.
     pairs = [(summarize(c[ALL])["f1"], c[ALL].n) for c in clients]
@@ -115,3 +115,54 @@ def test_undefined_metrics_are_none():
     s = Stats.of(np.array([0.9, 0.8]), np.array([1, 1]), np.zeros(2))
     m = summarize(s)
     assert m["fpr"] is None and m["auroc"] is None and m["accuracy"] == 1.0
+
+
+def test_newcombe_interval_reproduces_newcombe_1998_table_ii_method_10():
+    from celeba_app.metrics import newcombe
+
+    published = {(56, 70, 48, 80): (0.0524, 0.3339), (9, 10, 3, 10): (0.1705, 0.8090),
+                 (6, 7, 2, 7): (0.0582, 0.8062), (5, 56, 0, 29): (-0.0381, 0.1926)}
+    for counts, (lo, hi) in published.items():
+        assert newcombe(*counts) == pytest.approx([lo, hi], abs=6e-5), counts
+    assert newcombe(1, 0, 1, 2) is None
+
+
+def test_every_gap_has_an_interval_around_it_and_names_its_groups():
+    p, y, attrs = sample()
+    rep = report(slice_stats(p, y, bce_per_row(p, y), attrs))
+    for attr, gaps in rep["gaps"].items():
+        for key in ("demographic_parity_difference", "equal_opportunity_difference",
+                    "equalized_odds_difference", "accuracy_gap"):
+            lo, hi = gaps[f"{key}_ci"]
+            assert lo <= gaps[key] <= hi, (attr, key)
+            high, low = gaps[f"{key}_groups"]
+            assert {high, low} <= set(rep["groups"][attr])
+    # wider for the small group (Pale_Skin=1, ~150 rows) than for Male (~1200 vs ~1800)
+    width = {a: np.diff(rep["gaps"][a]["accuracy_gap_ci"])[0] for a in ("Male", "Pale_Skin")}
+    assert width["Pale_Skin"] > 2 * width["Male"]
+
+
+def test_worst_group_accuracy_counts_only_groups_of_min_group_size_and_flags_the_rest():
+    p, y, attrs = sample(n=600, seed=4)
+    attrs["Bald"] = np.zeros(600, dtype=int)
+    attrs["Bald"][:12] = 1
+    y[:12], p[:12] = 1, 0.1  # a tiny group, all wrong
+    rep = report(slice_stats(p, y, bce_per_row(p, y), attrs), min_group_size=30)
+    assert rep["groups"]["Bald"]["1"]["small"] and not rep["groups"]["Bald"]["0"]["small"]
+    assert rep["groups"]["Bald"]["1"]["accuracy"] == 0.0
+    assert rep["gaps"]["Bald"]["worst_group_accuracy"] == rep["groups"]["Bald"]["0"]["accuracy"]
+    assert rep["gaps"]["Bald"]["accuracy_gap"] == rep["groups"]["Bald"]["0"]["accuracy"]  # still shown
+    assert report(slice_stats(p, y, bce_per_row(p, y), attrs), min_group_size=5)["gaps"]["Bald"][
+        "worst_group_accuracy"] == 0.0
+
+
+def test_binned_auroc_stays_within_its_reported_bound_even_for_a_poor_head():
+    rng = np.random.default_rng(5)
+    bounds = []
+    for spread in (0.02, 0.3, 3.0):  # scores crowded around 0.5 ... spread out
+        y = (rng.random(4000) < 0.5).astype(int)
+        p = 1 / (1 + np.exp(-(spread * (2 * y - 1) * 0.3 + rng.normal(0, spread, 4000))))
+        m = summarize(slice_stats(p, y, bce_per_row(p, y), {})[ALL])
+        assert abs(m["auroc"] - roc_auc_score(y, p)) <= m["auroc_max_error"] + 1e-12
+        bounds.append(m["auroc_max_error"])
+    assert bounds[0] > 0.1 and bounds[0] > bounds[1] > bounds[2] and bounds[2] < 0.01

@@ -51,10 +51,11 @@ def test_report_plots_are_pngs_and_tables_hold_the_json_numbers(two_runs):
     test = json.loads((run / "test.json").read_text())
     assert f"{test['overall']['accuracy']:.4f}" in text
     male = test["groups"]["Male"]["1"]
-    assert f"| Male=1 | {male['n']} |" in text
+    assert male["small"] and f"| Male=1 | {male['n']}* |" in text  # under min-group-size: marked
     assert f"{male['accuracy']:.3f} [{male['accuracy_ci'][0]:.3f}, {male['accuracy_ci'][1]:.3f}]" in text
-    eo = test["gaps"]["Young"]["equalized_odds_difference"]
-    assert f"{eo:.3f}" in text
+    young = test["gaps"]["Young"]
+    eo, (lo, hi) = young["equalized_odds_difference"], young["equalized_odds_difference_ci"]
+    assert f"{eo:.3f} [{lo:.3f}, {hi:.3f}]" in text
 
 
 def test_report_can_be_rebuilt_from_the_json_alone(two_runs, tmp_path):
