@@ -100,8 +100,12 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 0))
     feats = store.for_part(train_part, hflip=cfg.augment_hflip)
     plain = feats[0] if cfg.augment_hflip else feats
-    # The received (global) head's loss on this client's data: q-FedAvg's F_k(w_t).
-    before = evaluate_stats(head, plain, train_part.labels, {}, device)["all"]
+    # The received (global) head on this client's data: q-FedAvg's loss F_k(w_t); with
+    # "global-stats" (FairFed) its slice statistics, sent beside the metrics.
+    global_stats = config.get("global-stats", False)
+    before_slices = evaluate_stats(head, plain, train_part.labels, train_part.attributes if global_stats else {},
+                                   device)
+    before = before_slices["all"]
     result = train_head(
         head, feats, torch.as_tensor(train_part.labels), epochs=cfg.local_epochs,
         lr=float(config.get("lr", cfg.learning_rate)), batch_size=cfg.batch_size,
@@ -115,6 +119,8 @@ def train(msg: Message, context: Context) -> Message:
                "global_loss": before.loss_sum / max(1, before.n),
                "partition_id": pid, **flatten(stats)}
     content = RecordDict({"arrays": ArrayRecord(head_state(head)), "metrics": MetricRecord(metrics)})
+    if global_stats:
+        content["global_model"] = ConfigRecord(flatten(before_slices))
     return Message(content=content, reply_to=msg)
 
 

@@ -30,8 +30,9 @@ ATTRIBUTES: tuple[str, ...] = (
     "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
 )
 
-SPLITS = ("iid", "noniid")
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "qfedavg")
+SPLITS = ("iid", "noniid", "celebrity")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "qfedavg", "fairfed")
+FAIRFED_METRICS = ("equalized_odds_difference", "demographic_parity_difference")
 SELECTION_METRICS = {  # name -> True when larger is better
     "loss": False, "accuracy": True, "balanced_accuracy": True, "auroc": True,
     "worst_group_accuracy": True,
@@ -148,6 +149,9 @@ class RunConfig:
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
     qfedavg_q: float = 0.1
+    fairfed_beta: float = 1.0
+    fairfed_attribute: str = "Male"
+    fairfed_metric: str = "equalized_odds_difference"
     balance_groups: tuple[str, ...] = ()
     selection_metric: str = "loss"
     early_stopping_patience: int = 0
@@ -226,6 +230,14 @@ class RunConfig:
             raise ConfigError(
                 f"strategy={self.strategy!r} is not known; accepted: {', '.join(STRATEGIES)}"
             )
+        if self.strategy == "fairfed" and self.fairfed_attribute not in self.sensitive_attributes:
+            raise ConfigError(f"fairfed-attribute={self.fairfed_attribute!r} is not a sensitive attribute; "
+                              f"accepted: one of sensitive-attributes ({', '.join(self.sensitive_attributes)})")
+        if self.fairfed_metric not in FAIRFED_METRICS:
+            raise ConfigError(f"fairfed-metric={self.fairfed_metric!r} is not known; accepted: "
+                              f"{', '.join(FAIRFED_METRICS)}")
+        if not self.fairfed_beta >= 0:
+            raise ConfigError(f"fairfed-beta={self.fairfed_beta!r} is not valid; accepted: a number >= 0")
         if self.selection_metric not in SELECTION_METRICS:
             raise ConfigError(
                 f"selection-metric={self.selection_metric!r} is not known; accepted: "

@@ -303,6 +303,13 @@ def load_federated(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
             raise ConfigError(f"num-partitions={num_partitions} is more than the {len(train)} rows of "
                               f"dataset={cfg.dataset!r} split 'train'; accepted: at most {len(train)} "
                               "partitions (every client needs at least one row)")
+        if cfg.split == "celebrity":  # one partition per identity
+            n_ids = len(np.unique(np.asarray(train["celeb_id"])))
+            if n_ids != num_partitions:
+                raise ConfigError(
+                    f"split='celebrity' makes one partition per identity: dataset={cfg.dataset!r} has {n_ids} "
+                    f"identities in train, but num-partitions={num_partitions}; accepted: num-partitions="
+                    f"{n_ids} (in simulation: --federation-config \"options.num-supernodes={n_ids}\")")
         # The whole split, so every client refuses alike; the noniid partitioner groups by these.
         binary = [cfg.target, *cfg.sensitive_attributes]
         if cfg.split == "noniid":

@@ -224,6 +224,8 @@ class Extractor:
         if int8:
             path = quantize(path, self.image_size)
         opts = ort.SessionOptions()
+        # torch's thread count: OMP_NUM_THREADS where set (Ray sets it to an actor's num-cpus),
+        # else the machine's cores; never the machine's cores inside a client actor
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -441,8 +443,9 @@ class FeatureStore:
             dt = time.perf_counter() - t0
             self.stats["rows_computed"] += len(missing)
             self.stats["extract_seconds"] += dt
-            progress_log.log(INFO, "celeba-fl: embedded %d images of %s (%s) in %.1fs, %.0f img/s, %s%s",
-                             len(missing), part.name, view, dt, len(missing) / max(dt, 1e-9), self.runtime_id,
+            progress_log.log(INFO, "celeba-fl: embedded %d images of %s (%s) in %.1fs, %.0f img/s, %s, "
+                             "%d threads%s", len(missing), part.name, view, dt, len(missing) / max(dt, 1e-9),
+                             self.runtime_id, torch.get_num_threads(),
                              f"; {n - len(missing)} more read from the cache" if len(missing) < n else "")
             if len(feats) != len(missing):
                 raise RuntimeError(f"expected {len(missing)} embeddings for {part.name}, got {len(feats)}")

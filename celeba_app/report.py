@@ -44,7 +44,7 @@ def per_round(ax, title: str) -> None:
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     out = {"dir": run_dir, "name": run_dir.name}
-    for name in ("config", "partitions", "history", "test", "best"):
+    for name in ("config", "partitions", "history", "test", "best", "postprocessing"):
         path = run_dir / f"{name}.json"
         out[name] = json.loads(path.read_text()) if path.exists() else None
     return out
@@ -205,6 +205,30 @@ def gap_table(test: dict) -> str:
     return "\n".join(lines)
 
 
+def postprocessing_table(post: dict) -> str:
+    """Before and after equalized-odds post-processing, per attribute and per fit."""
+    lines = ["| attribute | fitted on | test accuracy | equalized odds diff. [95% CI] | TPR per group | FPR per group |",
+             "|---|---|---|---|---|---|"]
+
+    def cells(summary: dict) -> str:
+        g = summary["gaps"] or {}
+        rows = [r for r in summary["groups"].values() if r]
+        return (f"{_f(summary['accuracy'], 3)} | {_f(g.get('equalized_odds_difference'), 3)} "
+                f"{_ci(g.get('equalized_odds_difference_ci'))} | "
+                + " / ".join(_f(r["tpr"], 3) for r in rows) + " | " + " / ".join(_f(r["fpr"], 3) for r in rows))
+
+    for attr, entry in post["attributes"].items():
+        lines.append(f"| {attr} | (none: the trained head) | {cells(entry['test_before'])} |")
+        for name, fit in entry.items():
+            if name == "test_before":
+                continue
+            if "error" in fit:
+                lines.append(f"| {attr} | {name} | not fitted: {fit['error']} | | | |")
+            else:
+                lines.append(f"| {attr} | {name} | {cells(fit['test_after'])} |")
+    return "\n".join(lines)
+
+
 def failure_lines(history: list[dict], num_clients: int | None) -> list[str]:
     """The clients that failed, per round, and the rounds whose metrics cover fewer clients
     than the federation (markdown lines; none when every client replied every round)."""
@@ -276,6 +300,12 @@ def write_report(run_dir: Path) -> Path:
                   "Intervals are 95% Wilson intervals: a group of 70 images has an accuracy "
                   "interval about ±0.1 wide, so small gaps between small groups are not evidence.",
                   "", group_table(test), "", "## Fairness gaps (test)", "", gap_table(test), ""]
+        if run.get("postprocessing") and run["postprocessing"].get("attributes"):
+            lines += ["## Equalized-odds post-processing (test)", "",
+                      "Per-group, possibly randomized thresholds (Hardt, Price & Srebro 2016) fitted on "
+                      "score histograms, then applied to test; it needs the sensitive attribute at "
+                      "prediction time. Expected counts of the randomized rule; intervals 95% Newcombe.", "",
+                      postprocessing_table(run["postprocessing"]), ""]
     for name, title in (("learning_curves.png", "Learning curves"), ("groups_test.png", "Per-group test metrics"),
                         ("fairness_gaps.png", "Fairness gaps per round"),
                         ("client_accuracy.png", "Per-client accuracy"), ("partitions.png", "Partitions")):

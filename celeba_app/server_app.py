@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -29,8 +29,10 @@ from .federation import FederationGrid, describe_nodes, wait_for_nodes
 from .features import feature_store
 from .metrics import report
 from .model import make_head, weights_digest
+from .postprocessing import equalized_odds_report
 from .results import (check_resume, create_run_dir, load_checkpoint, run_dir_for, save_torch, write_best,
-                      write_round, write_run_end, write_run_start, write_skipped_rows, write_status)
+                      write_json, write_round, write_run_end, write_run_start, write_skipped_rows,
+                      write_status)
 from .selection import BestRound
 from .strategy import RoundPolicy, make_strategy
 from .task import evaluate_stats, pick_device
@@ -144,6 +146,7 @@ def main(grid: Grid, context: Context) -> None:
         test_rep = test_report(last_state)
         history = json.loads((run_dir / "history.json").read_text())
         write_best(run_dir, best, test_report)
+        write_postprocessing(run_dir, cfg, strategy, last_state, store, valid, test, device)
         finished = True
         write_run_end(run_dir, last_state, history, test_rep,
                       {"round": last_round, "wall_seconds": time.time() - t_start, "feature_cache": store.stats})
@@ -160,6 +163,23 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %s, AUROC %s, loss %.4f "
         "(n=%d); wall time %.0fs; results in %s", o["accuracy"], _fmt(o["balanced_accuracy"]),
         _fmt(o["auroc"]), o["loss"], o["n"], time.time() - t_start, run_dir)
+
+
+def write_postprocessing(run_dir: Path, cfg: RunConfig, strategy, state: dict, store, valid, test, device) -> None:
+    """postprocessing.json: equalized-odds post-processing of the final head, fitted on the
+    server's ``valid`` (central) and on the clients' summed held-out histograms of the last
+    round (federated), applied to ``test`` (postprocessing.py). Optional: a failure here is
+    logged and recorded in the file, and the run goes on."""
+    head = make_head(cfg.head_dropout, state=state)
+    try:
+        fit_on = {"valid": evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
+                  "clients' held-out": strategy.last_evaluate_stats}
+        test_stats = evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device)
+        out = equalized_odds_report(fit_on, test_stats, list(cfg.sensitive_attributes), cfg.min_group_size)
+    except Exception as exc:  # noqa: BLE001 - an extra analysis: recorded, not fatal
+        log(WARNING, "celeba-fl: equalized-odds post-processing failed: %s: %s", type(exc).__name__, exc)
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    write_json(run_dir / "postprocessing.json", out)
 
 
 def log_plan(store, server_parts: list, to_embed: dict[int, int | None]) -> None:

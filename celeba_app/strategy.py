@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from typing import Callable, Iterable, Mapping
@@ -107,6 +108,7 @@ class FairMetrics:
         self.history: dict[int, dict] = {}
         self.bytes_sent: dict[int, int] = {}
         self.min_group_size = MIN_GROUP_SIZE  # make_strategy sets the run config's
+        self.last_evaluate_stats = None  # summed clients' held-out Stats of the last evaluate round
         self.stopped_after: int | None = None
         self.sampling_seed = sampling_seed
 
@@ -200,7 +202,7 @@ class FairMetrics:
 
     # Server-side state of flwr's strategies that a resumed run needs (FedAvgM's momentum,
     # FedAdam's moments, the arrays they step from).
-    SERVER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
+    SERVER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t", "fairfed_weights")
 
     def _checkpoint(self, rnd: int, arrays: ArrayRecord, history: list[dict], best: BestRound,
                     skipped_in_row: int) -> dict:
@@ -249,6 +251,8 @@ class FairMetrics:
         if not contents:
             return None
         rep = aggregate_reports(contents, "clients' validation data", self.min_group_size)
+        # the summed held-out statistics of this round's head: what federated post-processing fits on
+        self.last_evaluate_stats = sum_stats([unflatten(next(iter(c.metric_records.values()))) for c in contents])
         self.history.setdefault(server_round, {})["federated_evaluate"] = rep
         return headline(rep)
 
@@ -273,6 +277,72 @@ class FairQFedAvg(FairMetrics, QFedAvg):
     """q-FedAvg (clients with higher loss weigh more; q=0 is FedAvg), with FairMetrics."""
 
 
+class FairFed(FairMetrics, FedAvg):
+    """FairFed (Ezzeldin, Yan, He, Ferrara & Avestimehr, AAAI 2023): FedAvg whose aggregation
+    weights move, every round, towards the clients whose local fairness gap is close to the
+    global one.
+
+    Each client reports the slice statistics of the *received* (global) head on its training
+    part (``global_model``, a ConfigRecord beside its MetricRecord). From them the server gets
+    each client's gap F_k of ``metric`` for ``attribute`` and the global gap F from their sum
+    (exact: summed counts). With Delta_k = |F - F_k| (|Acc - Acc_k| for a client whose gap is
+    undefined, e.g. with one group only), the weights start at n_k / n and follow
+    ``w_k <- w_k - beta * (Delta_k - mean(Delta))``, clipped at 0 and renormalised over the
+    round's clients; the new global head is sum_k w_k * head_k. ``beta = 0`` is FedAvg.
+    ``history[round]["fairfed"]`` records F, each Delta_k and each weight.
+    """
+
+    def __init__(self, *, beta: float, attribute: str, metric: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.beta, self.attribute, self.metric = beta, attribute, metric
+        self.fairfed_weights: dict[str, float] | None = None  # by partition id; checkpointed
+
+    def configure_train(self, server_round, arrays: ArrayRecord, config, grid) -> Iterable[Message]:
+        config["global-stats"] = True  # clients add the received head's statistics (client_app.train)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = sorted(replies, key=_partition_order)
+        fedavg_arrays, metrics = super().aggregate_train(server_round, replies)
+        valid = [m for m in replies if not m.has_error()]
+        if not valid or fedavg_arrays is None:
+            return fedavg_arrays, metrics
+        weights, record = self.weights_for(valid)
+        self.history.setdefault(server_round, {})["fairfed"] = record
+        states = [m.content.array_records[next(iter(m.content.array_records))].to_torch_state_dict() for m in valid]
+        merged = {k: sum(w * st[k].double() for w, st in zip(weights, states)).to(states[0][k].dtype)
+                  for k in states[0]}
+        return ArrayRecord(merged), metrics
+
+    def weights_for(self, valid: list[Message]) -> tuple[list[float], dict]:
+        """This round's aggregation weights (in ``valid``'s order) and what they came from."""
+        pids = [str(_partition_order(m)[1]) for m in valid]
+        stats = [unflatten(dict(m.content["global_model"])) for m in valid]
+        sizes = [float(next(iter(m.content.metric_records.values()))["num-examples"]) for m in valid]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a client without some group: its gap is None
+            glob = report(sum_stats(stats), min_group_size=1)
+            local = [report(s, min_group_size=1) for s in stats]
+        gap = (glob["gaps"].get(self.attribute) or {}).get(self.metric)
+        acc = glob["overall"]["accuracy"]
+        deltas = []
+        for rep in local:
+            own = (rep["gaps"].get(self.attribute) or {}).get(self.metric)
+            deltas.append(abs(gap - own) if gap is not None and own is not None
+                          else abs((acc or 0.0) - (rep["overall"]["accuracy"] or 0.0)))
+        if self.fairfed_weights is None:
+            self.fairfed_weights = {}
+        total = sum(sizes)
+        prev = [float(self.fairfed_weights.get(pid, n / total)) for pid, n in zip(pids, sizes)]
+        mean = sum(deltas) / len(deltas)
+        raw = [max(0.0, w - self.beta * (d - mean)) for w, d in zip(prev, deltas)]
+        norm = sum(raw) or 1.0
+        weights = [w / norm if sum(raw) else n / total for w, n in zip(raw, sizes)]
+        self.fairfed_weights.update(dict(zip(pids, weights)))
+        return weights, {"global_gap": gap, "metric": self.metric, "attribute": self.attribute,
+                         "delta": dict(zip(pids, deltas)), "weights": dict(zip(pids, weights))}
+
+
 def make_strategy(cfg, num_nodes: int) -> FairMetrics:
     """The strategy named by ``cfg.strategy``, configured from the run config.
 
@@ -290,6 +360,9 @@ def make_strategy(cfg, num_nodes: int) -> FairMetrics:
                                server_momentum=cfg.server_momentum, **common)
     elif cfg.strategy == "fedadam":
         strategy = FairFedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, **common)
+    elif cfg.strategy == "fairfed":
+        strategy = FairFed(beta=cfg.fairfed_beta, attribute=cfg.fairfed_attribute, metric=cfg.fairfed_metric,
+                           **common)
     elif cfg.strategy == "qfedavg":
         strategy = FairQFedAvg(client_learning_rate=cfg.learning_rate, q=cfg.qfedavg_q,
                                train_loss_key="global_loss", **common)

@@ -24,7 +24,7 @@ def test_pyproject_keys_all_parse(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"split": "dirichlet"}, "split='dirichlet' is not known; accepted: iid, noniid"),
+    ({"split": "dirichlet"}, "split='dirichlet' is not known; accepted: iid, noniid, celebrity"),
     ({"target": "Smile"}, "target='Smile' is not a CelebA attribute; accepted: 5_o_Clock_Shadow"),
     ({"sensitive-attributes": "Male,Gender"}, "sensitive-attributes='Gender' is not a CelebA attribute"),
     ({"weights": "/nonexistent/w.pth"}, "weights='/nonexistent/w.pth': no such file; accepted: 'imagenet'"),

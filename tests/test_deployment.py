@@ -84,7 +84,7 @@ def test_refused_runs_end_with_one_line(celeba_dir, weights_file, tmp_path):
                "partition-id, num-partitions (has: nothing)" in refused.stdout, procs.logs()
 
         bad = flwr_run_deployment(procs, ports, {**run_config, "split": "IID"}, name="bad-split", timeout=120)
-        assert "celeba-fl: split='IID' is not known; accepted: iid, noniid" in bad.stdout, procs.logs()
+        assert "celeba-fl: split='IID' is not known; accepted: iid, noniid, celebrity" in bad.stdout, procs.logs()
     for proc in (lonely, refused, bad):
         assert proc.returncode is not None  # it returned: the run ended
     assert not (tmp_path / "outputs").exists()

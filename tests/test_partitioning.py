@@ -101,3 +101,29 @@ def test_local_split_by_row_fraction():
     train, val = local_split(ds, 0.1, by_identity=False, seed=0)
     assert len(val) == round(0.1 * len(ds))
     assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(ds)))
+
+
+def test_celebrity_split_is_one_partition_per_identity():
+    ds = identities(n_ids=30)
+    p = build_partitioner(RunConfig(split="celebrity"), 30)
+    p.dataset = ds
+    assert p.num_partitions == 30
+    seen = []
+    for pid in range(30):
+        part = p.load_partition(pid)
+        assert len(set(part["celeb_id"])) == 1
+        seen += part["celeb_id"]
+    assert sorted(seen) == sorted(ds["celeb_id"])
+
+
+def test_celebrity_split_with_another_number_of_clients_is_refused_in_one_line(celeba_dir):
+    from celeba_app import data
+    from celeba_app.config import ConfigError
+
+    cfg = RunConfig(dataset=str(celeba_dir), split="celebrity")
+    with pytest.raises(ConfigError, match=r"split='celebrity' makes one partition per identity: dataset=.* has 60 "
+                                          r"identities in train, but num-partitions=3; accepted: num-partitions=60"):
+        data.load_federated(cfg, 3)
+    node = data.NodeData.partition(cfg, 7, 60)
+    train, val = data.client_parts(cfg, node)
+    assert len(set(train.celeb_ids) | set(val.celeb_ids)) == 1 and len(train) >= 1

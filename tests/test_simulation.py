@@ -29,6 +29,10 @@ def test_flwr_run_writes_the_results_contract(run_config, tmp_path, split):
     assert (run / "test.json").exists(), out[-4000:]
     assert "celeba-fl: round 2/2" in out and "celeba-fl: test accuracy" in out
     assert "celeba-fl: before round 1: the server embedded" in out and "the 3 clients have " in out
+    post = json.loads((run / "postprocessing.json").read_text())
+    sensitive = json.loads((run / "config.json").read_text())["run_config"]["sensitive-attributes"]
+    assert set(post["attributes"]) == set(sensitive.split(",")), post
+    assert "## Equalized-odds post-processing (test)" in (run / "report.md").read_text()
 
     config = json.loads((run / "config.json").read_text())
     assert config["run_config"]["split"] == split and config["num_clients"] == 3
@@ -161,3 +165,18 @@ def test_ctrl_c_leaves_failed_in_status_json_and_no_processes(run_config, tmp_pa
     while _ray_agents() - agents_before and time.time() < deadline:
         time.sleep(1)
     assert not _ray_agents() - agents_before
+
+
+def test_celebrity_split_samples_a_few_of_one_supernode_per_identity(run_config):
+    """LEAF's setting: one partition per identity (60 in the tiny train split), 6 sampled per round."""
+    run_config.update({"split": "celebrity", "fraction-train": 0.1, "fraction-evaluate": 0.1, "run-name": "leaf"})
+    proc = flwr_run(run_config, supernodes=60)
+    run = Path(run_config["results-dir"]) / "leaf"
+    assert (run / "test.json").exists(), (proc.stdout + proc.stderr)[-4000:]
+    parts = json.loads((run / "partitions.json").read_text())["partitions"]
+    assert len(parts) == 60 and all(len(p["celeb_ids"]) == 1 for p in parts)
+    history = json.loads((run / "history.json").read_text())
+    assert [len(h["nodes"]["train"]["sampled"]) for h in history[1:]] == [6, 6]
+    wrong = flwr_run({**run_config, "run-name": "leaf-wrong"}, supernodes=3)
+    assert "split='celebrity' makes one partition per identity" in wrong.stdout + wrong.stderr
+    assert "accepted: num-partitions=60" in wrong.stdout + wrong.stderr

@@ -20,15 +20,20 @@ class FakeGrid:
         return [1, 2, 3]
 
 
-def reply(weight: float, n: int, seed: int) -> Message:
+def reply(weight: float, n: int, seed: int, male_shift: float = 0.0) -> Message:
+    """A train reply: arrays filled with ``weight``, statistics of random scores, and (as a
+    client asked for "global-stats" sends) the received head's statistics, whose TPR/FPR for
+    Male=1 are moved by ``male_shift`` (a client-specific gap)."""
     rng = np.random.default_rng(seed)
     p, y = rng.random(n), rng.integers(0, 2, n)
     attrs = {"Male": rng.integers(0, 2, n)}
     metrics = {"num-examples": n, "train_loss": 0.5, "global_loss": 0.6 + seed / 10,
                "partition_id": seed, **flatten(slice_stats(p, y, bce_per_row(p, y), attrs))}
     arrays = ArrayRecord({"1.weight": torch.full((1, 4), weight), "1.bias": torch.zeros(1)})
-    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
-                   dst_node_id=1, message_type="train")
+    g = np.clip(p + male_shift * attrs["Male"], 0, 1)
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                          "global_model": ConfigRecord(flatten(slice_stats(g, y, bce_per_row(g, y), attrs)))})
+    return Message(content=content, dst_node_id=1, message_type="train")
 
 
 @pytest.mark.parametrize("name, cls", [("fedavg", FairFedAvg), ("fedprox", FairFedProx),
@@ -149,7 +154,7 @@ def test_no_client_training_in_round_1_ends_the_run_with_their_errors():
         run_loop(make_strategy(RunConfig(), 3), grid, rounds=3)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam"])
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fairfed"])
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_head(name):
     """The checkpoint holds the server's state (FedAvgM momentum, FedAdam moments): a strategy
     restored after round 2 ends where an uninterrupted one does."""
@@ -176,3 +181,29 @@ def _saved(checkpoint):
     torch.save(checkpoint, buf)
     buf.seek(0)
     return buf
+
+
+def test_fairfed_moves_weight_away_from_the_client_whose_gap_is_far_from_the_global_one():
+    cfg = RunConfig.from_run_config({"strategy": "fairfed", "fairfed-beta": 1.0})
+    strategy = make_strategy(cfg, 3)
+    start = ArrayRecord({"1.weight": torch.zeros(1, 4), "1.bias": torch.zeros(1)})
+    [msg, *_] = strategy.configure_train(1, start, ConfigRecord(), FakeGrid())
+    assert msg.content["config"]["global-stats"] is True  # clients send the received head's statistics
+    replies = [reply(1.0, 400, 0), reply(2.0, 400, 1), reply(3.0, 400, 2, male_shift=0.6)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    record = strategy.history[1]["fairfed"]
+    w = record["weights"]
+    assert sum(w.values()) == pytest.approx(1.0) and min(w.values()) >= 0
+    assert record["delta"]["2"] > max(record["delta"]["0"], record["delta"]["1"])
+    assert w["2"] < 1 / 3 < min(w["0"], w["1"])  # equal sizes: FedAvg would give 1/3 each
+    expected = sum(w[str(i)] * (i + 1.0) for i in range(3))
+    assert torch.allclose(arrays.to_torch_state_dict()["1.weight"], torch.full((1, 4), expected))
+    # the weights carry over to the next round, and keep moving
+    strategy.aggregate_train(2, replies)
+    assert strategy.history[2]["fairfed"]["weights"]["2"] < w["2"]
+
+
+def test_fairfed_with_beta_0_is_fedavg():
+    strategy = make_strategy(RunConfig.from_run_config({"strategy": "fairfed", "fairfed-beta": 0.0}), 3)
+    arrays, _ = strategy.aggregate_train(1, [reply(1.0, 30, 0), reply(3.0, 10, 1, male_shift=0.5)])
+    assert torch.allclose(arrays.to_torch_state_dict()["1.weight"], torch.full((1, 4), 1.5))  # (30*1 + 10*3)/40
