@@ -41,7 +41,7 @@ SPLIT_NAMES = ("train", "valid", "test")
 #: The file celeba-partition writes into each partition folder (partition id, partitioning).
 PARTITION_META = "partition.json"
 #: Bump when what the parts cache stores, or how parts are made, changes.
-PARTS_VERSION = "3"  # 3: where each row lives (split, row index); 2: label and attribute values checked (booleans or 0/1), bad images left out or refused
+PARTS_VERSION = "4"  # 4: data-path rows mapped to their split rows; 3: where each row lives (split, row index); 2: label and attribute values checked (booleans or 0/1), bad images left out or refused
 #: Bump when what makes an image undecodable changes: every part's images are checked again.
 IMAGES_CHECK_VERSION = "2"  # 2: remembered per row of the split
 
@@ -350,7 +350,9 @@ def rows_identity(ds: Dataset, data_id: str) -> str:
 
 
 def split_rows(ds: Dataset) -> np.ndarray:
-    """Each row's index in its split (the row mapping left by shuffle/select)."""
+    """Each row's index in its split (the row mapping left by shuffle/select). Right only for
+    a dataset whose table is the whole split: one with a row mapping (every partition, shuffled
+    or from ``local_train_split``), or the split itself."""
     indices = ds._indices  # noqa: SLF001
     return indices.column(0).to_numpy() if indices is not None else np.arange(len(ds))
 
@@ -577,7 +579,11 @@ def local_train_split(cfg: RunConfig, node: NodeData) -> Dataset:
     if len(train) == 0:
         raise ConfigError(f"data-path={node.data_path!r} split 'train' has no rows; accepted: a folder "
                           "with this node's training rows, e.g. one written by celeba-partition")
-    return fds.load_partition(0, "train")
+    whole = fds.load_partition(0, "train")
+    # An explicit row mapping: datasets turns a contiguous select on a dataset without one into
+    # a *slice* of its table, whose rows then restart at 0, and Part.split_rows (the key of the
+    # per-row caches) would name the wrong rows of the split.
+    return whole._select_with_indices_mapping(range(len(whole)))  # noqa: SLF001
 
 
 def _save_parts(node: NodeData, key: str, parts: tuple[Part, Part]) -> None:

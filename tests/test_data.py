@@ -237,3 +237,29 @@ def test_a_part_left_without_rows_is_refused(tmp_path):
     truncate_image(root, "valid", 0)
     with pytest.raises(ConfigError, match=r"split 'valid': none of its 1 images can be decoded"):
         server_part(cfg_for(root, **{"bad-images": "skip"}), "valid")
+
+
+def test_a_data_path_nodes_rows_keep_their_index_in_its_split(celeba_dir, tmp_path):
+    """A contiguous select of a dataset without a row mapping is a slice whose rows restart at
+    0 (datasets 3.1): a data-path node's rows carry a mapping, so every part names the right
+    rows of its split (the key of the embedding cache)."""
+    import pyarrow.parquet as pq
+
+    from celeba_app.partition_folders import main as celeba_partition
+
+    parts = tmp_path / "parts"
+    assert celeba_partition(["--run-config", f"dataset='{celeba_dir}' split='noniid' seed=7",
+                             "--num-partitions", "2", "--out", str(parts)]) == 0
+    cfg = cfg_for(celeba_dir, **{"cache-dir": str(tmp_path / "cache")})
+    node = NodeData.from_node_config({"data-path": str(parts / "partition_1")}, cfg)
+    whole = data.local_train_split(cfg, node)
+    sub = whole.select(range(3, 8))  # contiguous
+    assert data.split_rows(sub).tolist() == [3, 4, 5, 6, 7] and sub.data.num_rows == len(whole)
+    train, val = client_parts(cfg, node)
+    n = len(whole)
+    assert train.split_size == val.split_size == n
+    assert sorted(train.split_rows.tolist() + val.split_rows.tolist()) == list(range(n))
+    files = sorted((parts / "partition_1").glob("train-*.parquet"))
+    images = [img["bytes"] for f in files for img in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
+    blobs = [b for batch in train.blobs(16) for b in batch]
+    assert blobs == [images[r] for r in train.split_rows]
