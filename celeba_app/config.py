@@ -357,7 +357,16 @@ def load_run_config(project_dir: Path, overrides: list[str]) -> dict:
 
     conf = get_project_config(project_dir)
     run_config = flatten_dict(conf["tool"]["flwr"]["app"]["config"])
-    run_config.update(parse_config_args(overrides))
+    given = parse_config_args(overrides)
+    unknown = sorted(set(given) - set(run_config))
+    if unknown:  # a typo would otherwise be ignored and the default used
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], list(run_config), n=1)
+        raise ConfigError(f"run-config key {unknown[0]!r} is not known"
+                          + (f" (did you mean {near[0]!r}?)" if near else "")
+                          + "; accepted: the keys of [tool.flwr.app.config] in pyproject.toml")
+    run_config.update(given)
     return run_config
 
 

@@ -160,3 +160,17 @@ def test_seed_and_image_size_bounds_are_accepted(override):
 def test_a_directly_built_config_is_range_checked_too():
     with pytest.raises(ConfigError, match="^seed=-1 is not valid"):
         RunConfig(seed=-1).validate()
+
+
+def test_a_mistyped_key_for_the_projects_command_line_tools_is_refused_in_one_line():
+    """celeba-centralized and celeba-partition fuse --run-config into pyproject's config as flwr
+    run does; an unknown key is refused, not ignored (the default would silently be used)."""
+    from pathlib import Path
+
+    from celeba_app.config import load_run_config
+
+    root = Path(__file__).resolve().parents[1]
+    assert load_run_config(root, ["learning-rate=0.1"])["learning-rate"] == 0.1
+    with pytest.raises(ConfigError, match=r"run-config key 'learning-rat' is not known \(did you mean "
+                                          r"'learning-rate'\?\); accepted: the keys of \[tool.flwr.app.config\]"):
+        load_run_config(root, ["learning-rat=0.1"])
