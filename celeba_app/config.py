@@ -149,6 +149,7 @@ class RunConfig:
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
     qfedavg_q: float = 0.1
+    qfedavg_lipschitz: float = 0.01
     fairfed_beta: float = 1.0
     fairfed_attribute: str = "Male"
     fairfed_metric: str = "equalized_odds_difference"
@@ -236,6 +237,8 @@ class RunConfig:
         if self.fairfed_metric not in FAIRFED_METRICS:
             raise ConfigError(f"fairfed-metric={self.fairfed_metric!r} is not known; accepted: "
                               f"{', '.join(FAIRFED_METRICS)}")
+        if not self.qfedavg_lipschitz > 0:
+            raise ConfigError(f"qfedavg-lipschitz={self.qfedavg_lipschitz!r} is not valid; accepted: a number > 0")
         if not self.fairfed_beta >= 0:
             raise ConfigError(f"fairfed-beta={self.fairfed_beta!r} is not valid; accepted: a number >= 0")
         if self.selection_metric not in SELECTION_METRICS:

@@ -53,6 +53,8 @@ def test_every_strategy_aggregates_and_records_fair_metrics(name, cls):
     w = arrays.to_torch_state_dict()["1.weight"]
     if name == "fedavg":
         assert torch.allclose(w, torch.full((1, 4), 1.5))  # (30*1 + 10*3) / 40
+    if name == "qfedavg":  # a step of FedAvg's size (the clients' mean, reweighted by loss^q), not ~0
+        assert 1.0 < w.mean().item() < 3.0
     assert not torch.equal(w, torch.zeros(1, 4))
     rep = strategy.history[2]["train"]
     assert rep["overall"]["n"] == 40 and rep["num_clients"] == 2
