@@ -133,10 +133,17 @@ def test_a_killed_run_resumes_where_it_stopped(run_config, tmp_path):
     assert "that run completed" in changed.stdout + changed.stderr
 
 
-def _ray_agents() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "ray/dashboard/agent.py|ray/_private/runtime_env/agent/main.py"],
+def _ray_agents(driver_pids: set[int]) -> set[int]:
+    """Ray agent processes of the Ray sessions started by ``driver_pids`` (Ray names a session
+    after its driver's pid), so that other Ray instances on the machine do not count."""
+    out = subprocess.run(["pgrep", "-af", "ray/dashboard/agent.py|ray/_private/runtime_env/agent/main.py"],
                          capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+    mine = set()
+    for line in out.splitlines():
+        pid, _, cmd = line.partition(" ")
+        if any(f"_{d} " in cmd + " " or f"_{d}/" in cmd for d in driver_pids):
+            mine.add(int(pid))
+    return mine
 
 
 def test_ctrl_c_leaves_failed_in_status_json_and_no_processes(run_config, tmp_path):
@@ -149,22 +156,24 @@ def test_ctrl_c_leaves_failed_in_status_json_and_no_processes(run_config, tmp_pa
     from flower_procs import Procs, overrides
 
     run_config.update({"num-server-rounds": 30, "run-name": "ctrl-c"})
-    agents_before = _ray_agents()
     flwr = Path(sys.executable).with_name("flwr")
     cmd = [str(flwr), "run", ".", "local-simulation", "--federation-config", "options.num-supernodes=3",
            "--run-config", overrides(run_config)]
     with Procs(tmp_path / "logs") as procs:
         proc = procs.start("run", cmd)
         assert procs.wait_for("run", "celeba-fl: round 2/30", 300), procs.logs()
+        drivers = {int(p) for p in subprocess.run(["pgrep", "-g", str(proc.pid), "-f", "flower-simulation"],
+                                                  capture_output=True, text=True).stdout.split()}
+        assert drivers and _ray_agents(drivers), "no Ray agent of this run found: the check below would be empty"
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=60) != 0
     status = json.loads((Path(run_config["results-dir"]) / "ctrl-c" / "status.json").read_text())
     assert status["state"] == "failed" and status["last_completed_round"] >= 2, status
     assert "Simulation Engine stopped" in status["reason"], status
     deadline = time.time() + 20
-    while _ray_agents() - agents_before and time.time() < deadline:
+    while _ray_agents(drivers) and time.time() < deadline:
         time.sleep(1)
-    assert not _ray_agents() - agents_before
+    assert not _ray_agents(drivers)
 
 
 def test_celebrity_split_samples_a_few_of_one_supernode_per_identity(run_config):
