@@ -273,7 +273,42 @@ class FairFedAdam(FairMetrics, FedAdam):
     """FedAdam (Adam on the server over the clients' mean update), with FairMetrics."""
 
 
-class FairQFedAvg(FairMetrics, QFedAvg):
+class QFedAvgNoGC(QFedAvg):
+    """flwr 1.25's QFedAvg with the same aggregation, minus a full garbage collection per reply.
+
+    flwr reads every reply's arrays with ``to_numpy_ndarrays(keep_input=False)``, which runs
+    ``gc.collect()`` each time: 0.1-0.25 s per client in a ServerApp's heap, 12 s of a 15 s
+    round with 50 clients (a FedAvg round: 2.3 s). Here the arrays are read with
+    ``keep_input=True`` and copied, and flwr's own ``compute_delta_and_h`` does the math
+    (tested equal to flwr's QFedAvg).
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        from flwr.app import Array
+        from flwr.serverapp.strategy.qfedavg import compute_delta_and_h, get_train_loss
+
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        if self.current_arrays is None:
+            raise RuntimeError("q-FedAvg: configure_train must run before aggregate_train")
+        lipschitz = 1.0 / self.client_learning_rate
+        keys = list(self.current_arrays.keys())
+        global_weights = self.current_arrays.to_numpy_ndarrays(keep_input=True)
+        sum_delta, sum_h = None, 0.0
+        for msg in valid:
+            arrays = msg.content.array_records[next(iter(msg.content.array_records))]
+            local = [np.array(a, copy=True) for a in arrays.to_numpy_ndarrays(keep_input=True)]
+            delta, h = compute_delta_and_h(global_weights, local, self.q, lipschitz,
+                                           get_train_loss(msg, self.train_loss_key))
+            sum_delta = delta if sum_delta is None else [a + b for a, b in zip(sum_delta, delta)]
+            sum_h += h
+        new = [Array(np.asarray(g - d / sum_h)) for g, d in zip(global_weights, sum_delta)]
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return ArrayRecord(dict(zip(keys, new))), metrics
+
+
+class FairQFedAvg(FairMetrics, QFedAvgNoGC):
     """q-FedAvg (Li, Sanjabi, Beirami & Smith, ICLR 2020: clients with higher loss weigh more;
     q=0 is FedAvg), with FairMetrics.
 

@@ -209,3 +209,22 @@ def test_fairfed_with_beta_0_is_fedavg():
     strategy = make_strategy(RunConfig.from_run_config({"strategy": "fairfed", "fairfed-beta": 0.0}), 3)
     arrays, _ = strategy.aggregate_train(1, [reply(1.0, 30, 0), reply(3.0, 10, 1, male_shift=0.5)])
     assert torch.allclose(arrays.to_torch_state_dict()["1.weight"], torch.full((1, 4), 1.5))  # (30*1 + 10*3)/40
+
+
+def test_qfedavg_without_gc_aggregates_as_flwrs_qfedavg():
+    """Our QFedAvg skips flwr's gc.collect() per reply; the aggregate must not change."""
+    from flwr.serverapp.strategy import QFedAvg
+
+    from celeba_app.strategy import QFedAvgNoGC
+
+    start = ArrayRecord({"1.weight": torch.full((1, 4), 0.5), "1.bias": torch.zeros(1)})
+    heads = []
+    for cls in (QFedAvg, QFedAvgNoGC):
+        strategy = cls(client_learning_rate=100.0, q=1.0, train_loss_key="global_loss", min_available_nodes=1,
+                       min_train_nodes=1)
+        list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid()))
+        arrays, _ = strategy.aggregate_train(1, [reply(1.0, 30, 0), reply(3.0, 10, 1), reply(-2.0, 20, 2)])
+        heads.append(arrays.to_torch_state_dict())
+    for k in heads[0]:
+        assert torch.allclose(heads[0][k], heads[1][k], atol=1e-7), k
+    assert not torch.equal(heads[1]["1.weight"], start.to_torch_state_dict()["1.weight"])
