@@ -79,28 +79,29 @@ class InterruptedGrid(FailingTrainGrid):
         return super().push_messages(messages)
 
 
-def test_a_signal_during_a_round_leaves_failed_and_why_in_status_json(run_config, monkeypatch):
+def run_failing(run_config, monkeypatch, name: str, grid_of) -> tuple[list, Path]:
+    """server_app.main on ``grid_of(run_config, handlers)`` (every client fails, so the run
+    ends with NoClientTrained), with Flower's exit handlers captured: (handlers, status.json)."""
     handlers = []
     monkeypatch.setattr(server_app, "add_exit_handler", handlers.append)
-    run_config.update({"run-name": "signalled", "min-nodes": 3, "round-timeout": 60.0})
+    run_config.update({"run-name": name, "min-nodes": 3, "round-timeout": 60.0})
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     with pytest.raises(NoClientTrained):
-        server_app.main(InterruptedGrid(run_config, handlers), context)
+        server_app.main(grid_of(run_config, handlers), context)
+    return handlers, Path(run_config["results-dir"]) / name / "status.json"
+
+
+def test_a_signal_during_a_round_leaves_failed_and_why_in_status_json(run_config, monkeypatch):
+    handlers, path = run_failing(run_config, monkeypatch, "signalled", InterruptedGrid)
     assert len(handlers) == 1
-    status = json.loads((Path(run_config["results-dir"]) / "signalled" / "status.json").read_text())
+    status = json.loads(path.read_text())
     assert status["state"] == "failed" and status["last_completed_round"] == 0
     assert status["reason"].startswith("interrupted by a signal (Ctrl-C, SIGTERM or flwr stop) after round 0; "
                                        "resume with resume='signalled'"), status
 
 
 def test_an_exit_handler_of_a_finished_run_writes_nothing(run_config, monkeypatch):
-    handlers = []
-    monkeypatch.setattr(server_app, "add_exit_handler", handlers.append)
-    run_config.update({"run-name": "done", "min-nodes": 3, "round-timeout": 60.0})
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    with pytest.raises(NoClientTrained):
-        server_app.main(FailingTrainGrid(run_config), context)
-    path = Path(run_config["results-dir"]) / "done" / "status.json"
+    handlers, path = run_failing(run_config, monkeypatch, "done", lambda rc, _: FailingTrainGrid(rc))
     before = path.read_text()
     handlers[0]()  # the process exits later, e.g. at the next run's Ctrl-C
     assert path.read_text() == before
