@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,20 +51,31 @@ def main() -> int:
     parser.add_argument("--kill-node-after-round", type=int, default=0,
                         help="end the last SuperNode once this round is logged (0: never)")
     parser.add_argument("--round-timeout", type=float, default=3600.0)
+    parser.add_argument("--evaluate-with-train", action="store_true",
+                        help="run config evaluate-with-train=true (one message per client per round)")
+    parser.add_argument("--long-running-clientapp", action="store_true",
+                        help="SuperNodes in --isolation process, each served by one celeba-clientapp process")
     args = parser.parse_args()
+    # SIGTERM (timeout, kill) ends the processes started below too: Procs' with-block runs on SystemExit
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     data, weights = Path(args.data).resolve(), Path(args.weights).resolve()
     work = Path(tempfile.mkdtemp(prefix="bench-deployment-"))
-    common = {"split": args.split, "weights": str(weights), "num-server-rounds": args.rounds}
+    common = {"split": args.split, "weights": str(weights), "num-server-rounds": args.rounds,
+              "evaluate-with-train": args.evaluate_with_train}
     subprocess.run([str(BIN / "celeba-partition"), "--run-config", f"dataset='{data}' split='{args.split}'",
                     "--num-partitions", str(args.nodes), "--out", str(work / "parts")], cwd=ROOT, check=True,
                    capture_output=True)
-    print(f"# {args.nodes} SuperNodes, {args.rounds} rounds, split={args.split}, data {data}; work folder {work}")
+    mode = "one celeba-clientapp process per node" if args.long_running_clientapp else "one ClientApp process per message"
+    print(f"# {args.nodes} SuperNodes ({mode}), {args.rounds} rounds, split={args.split}, "
+          f"evaluate-with-train={str(args.evaluate_with_train).lower()}, data {data}; "
+          f"work folder {work}")
     with Procs(work / "logs") as procs:
         ports = Ports()
         start_superlink(procs, ports, workdir=work)
         for i in range(args.nodes):
             start_supernode(procs, ports, f"supernode-{i}", workdir=work, node_config={
-                "data-path": str(work / "parts" / f"partition_{i}"), "cache-dir": str(work / f"node-{i}-cache")})
+                "data-path": str(work / "parts" / f"partition_{i}"), "cache-dir": str(work / f"node-{i}-cache")},
+                long_running=args.long_running_clientapp)
         t0 = time.time()
         run_config = {**common, "dataset": str(work / "parts" / "server"), "results-dir": str(work / "outputs"),
                       "run-name": "deployed", "cache-dir": str(work / "server-cache"), "min-nodes": args.nodes,

@@ -8,7 +8,10 @@ folder holding only this node's rows. Paths in the node config are resolved on t
   target and group rates, celeb_ids: a partitions.json entry), so the server never opens the
   clients' data. A node that cannot say what its data is replies with an error, and the
   server refuses the run naming that node.
-* ``@app.train``: local training of the received head.
+* ``@app.train``: local training of the received head. With ``evaluate-received`` in its
+  config (run config ``evaluate-with-train``), it first evaluates the received head on the
+  held-out part, as ``@app.evaluate`` would, and sends those statistics as a ConfigRecord
+  ``evaluate_received`` beside the metrics.
 * ``@app.evaluate``: the received head on the node's held-out local part.
 
 The Deployment Engine starts a new ClientApp process for every message, so nothing held in
@@ -95,7 +98,7 @@ def _setup(msg: Message, context: Context):
 @refusals_as_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the received head on this client's local training part."""
-    cfg, pid, device, head, train_part, _, store = _setup(msg, context)
+    cfg, pid, device, head, train_part, val_part, store = _setup(msg, context)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))
     feats = store.for_part(train_part, hflip=cfg.augment_hflip)
@@ -103,6 +106,11 @@ def train(msg: Message, context: Context) -> Message:
     # The received (global) head on this client's data: q-FedAvg's loss F_k(w_t); with
     # "global-stats" (FairFed) its slice statistics, sent beside the metrics.
     global_stats = config.get("global-stats", False)
+    held_out = None
+    if config.get("evaluate-received", False):  # evaluate-with-train: the received head on the held-out part
+        held_out = {"num-examples": len(val_part), "partition_id": pid,
+                    **flatten(evaluate_stats(head, store.for_part(val_part), val_part.labels,
+                                             val_part.attributes, device))}
     before_slices = evaluate_stats(head, plain, train_part.labels, train_part.attributes if global_stats else {},
                                    device)
     before = before_slices["all"]
@@ -121,6 +129,8 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"arrays": ArrayRecord(head_state(head)), "metrics": MetricRecord(metrics)})
     if global_stats:
         content["global_model"] = ConfigRecord(flatten(before_slices))
+    if held_out is not None:
+        content["evaluate_received"] = ConfigRecord(held_out)
     return Message(content=content, reply_to=msg)
 
 

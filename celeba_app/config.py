@@ -160,6 +160,7 @@ class RunConfig:
     augment_hflip: bool = False
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    evaluate_with_train: bool = False
     seed: int = 42
     results_dir: str = "outputs"
     run_name: str = ""
@@ -320,6 +321,10 @@ class RunConfig:
                               "seconds > 0")
         if not self.round_timeout > 0:
             raise ConfigError(f"round-timeout={self.round_timeout!r} is not valid; accepted: seconds > 0")
+        if self.evaluate_with_train and self.fraction_evaluate != self.fraction_train:
+            raise ConfigError(f"fraction-evaluate={self.fraction_evaluate!r} is not valid with evaluate-with-train="
+                              "true, which evaluates on the clients sampled for training; accepted: "
+                              f"fraction-evaluate = fraction-train ({self.fraction_train!r})")
         if not 0 < self.min_reply_fraction <= 1:
             raise ConfigError(f"min-reply-fraction={self.min_reply_fraction!r} is not valid; accepted: 0 < x <= 1")
         if self.max_skipped_rounds < 0:

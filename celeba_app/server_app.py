@@ -132,7 +132,8 @@ def main(grid: Grid, context: Context) -> None:
             num_rounds=cfg.num_server_rounds,
             train_config=ConfigRecord({"lr": cfg.learning_rate}),  # per round: lr * lr-decay^(r-1)
             server_evaluate=evaluate_valid, best=best, on_round=on_round, resume=resume,
-            policy=RoundPolicy(cfg.round_timeout, cfg.min_reply_fraction, cfg.max_skipped_rounds),
+            policy=RoundPolicy(cfg.round_timeout, cfg.min_reply_fraction, cfg.max_skipped_rounds,
+                               cfg.evaluate_with_train),
             node_partitions={p["node_id"]: p["partition_id"] for p in partitions},
         )
         last_state = result.arrays.to_torch_state_dict()

@@ -77,6 +77,11 @@ class RoundPolicy:
     round_timeout: float = 3600.0  # seconds a round waits for its nodes, then for their replies
     min_reply_fraction: float = 0.5  # fewer successful train replies than this share: round skipped
     max_skipped_rounds: int = 3  # this many skipped rounds in a row: the run fails
+    # True: no evaluate messages until the last round; round r's train message asks each client
+    # to evaluate the head it receives (round r-1's) on its held-out part first, so a round
+    # costs one message per client instead of two (on the Deployment Engine, each message
+    # waits for its SuperNode's next poll).
+    evaluate_with_train: bool = False
 
 
 class RunFailed(Exception):
@@ -151,11 +156,16 @@ class FairMetrics:
             t0 = time.time()
             _wait_for_nodes(grid, policy)
             entry: dict = {"round": rnd}
+            previous = history[-1] if (policy.evaluate_with_train and history[-1]["round"] >= 1
+                                       and not history[-1].get("skipped")) else None
+            train_config["evaluate-received"] = previous is not None
             train_msgs = list(self.configure_train(rnd, arrays, train_config, grid))
             replies = list(grid.send_and_receive(train_msgs, timeout=policy.round_timeout))
             entry["nodes"] = {"train": _outcome(train_msgs, replies, partitions, policy.round_timeout)}
             entry["message_bytes"] = {"train": message_bytes(train_msgs, replies)}
             ok = [m for m in replies if not m.has_error()]
+            if previous is not None:
+                self._evaluate_previous(previous, ok, entry["nodes"]["train"])
             if rnd == 1 and not ok:
                 # Nothing will train in later rounds either (e.g. every node misses its data):
                 # stop with the clients' own errors instead of running empty rounds.
@@ -176,11 +186,8 @@ class FairMetrics:
                 skipped_in_row = 0
                 new_arrays, _ = self.aggregate_train(rnd, replies)
                 arrays = new_arrays if new_arrays is not None else arrays
-                eval_msgs = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
-                eval_replies = list(grid.send_and_receive(eval_msgs, timeout=policy.round_timeout))
-                entry["nodes"]["evaluate"] = _outcome(eval_msgs, eval_replies, partitions, policy.round_timeout)
-                entry["message_bytes"]["evaluate"] = message_bytes(eval_msgs, eval_replies)
-                self.aggregate_evaluate(rnd, eval_replies)
+                if not policy.evaluate_with_train:
+                    self._evaluate(rnd, arrays, evaluate_config, grid, entry, partitions, policy)
             entry["bytes_sent"] = self.bytes_sent.get(rnd, 0)
             entry.update(self.history.get(rnd, {}))
             entry["server_valid"] = server_evaluate(rnd, arrays)
@@ -198,7 +205,37 @@ class FairMetrics:
             on_round(history, self._checkpoint(rnd, arrays, history, best, skipped_in_row))
             if stop:
                 break
+        last = history[-1]
+        if policy.evaluate_with_train and last["round"] >= 1 and not last.get("skipped") \
+                and "federated_evaluate" not in last:
+            # the last head was not sent for training: evaluate it with evaluate messages
+            self._evaluate(last["round"], arrays, evaluate_config, grid, last, partitions, policy)
+            last.update(self.history.get(last["round"], {}))
+            on_round(history, self._checkpoint(last["round"], arrays, history, best, skipped_in_row))
         return Result(arrays=arrays)
+
+    def _evaluate(self, rnd: int, arrays: ArrayRecord, evaluate_config: ConfigRecord, grid, entry: dict,
+                  partitions: Mapping[int, int], policy: RoundPolicy) -> None:
+        """Round ``rnd``'s federated evaluation by evaluate messages, recorded in ``entry``."""
+        eval_msgs = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
+        eval_replies = list(grid.send_and_receive(eval_msgs, timeout=policy.round_timeout))
+        entry["nodes"]["evaluate"] = _outcome(eval_msgs, eval_replies, partitions, policy.round_timeout)
+        entry["message_bytes"]["evaluate"] = message_bytes(eval_msgs, eval_replies)
+        self.aggregate_evaluate(rnd, eval_replies)
+
+    def _evaluate_previous(self, previous: dict, ok: list[Message], train_outcome: dict) -> None:
+        """``evaluate-with-train``: the previous round's federated evaluation, from the
+        ``evaluate_received`` records of this round's successful train replies (the received
+        head is the previous round's), written into that round's history entry."""
+        contents = [RecordDict({"metrics": MetricRecord(dict(m.content.config_records["evaluate_received"]))})
+                    for m in ok if "evaluate_received" in m.content.config_records]
+        previous["nodes"]["evaluate"] = {**train_outcome, "succeeded": len(contents), "with_train": True}
+        rep = self._aggregate_evaluate_contents(previous["round"], contents)
+        if rep is not None:
+            previous["federated_evaluate"] = fe = self.history[previous["round"]]["federated_evaluate"]
+            log(INFO, "celeba-fl: round %d's head on the clients' held-out parts (evaluated with the next train "
+                "messages) | fed-eval loss %s acc %s", previous["round"], _fmt(fe["overall"].get("loss")),
+                _fmt(fe["overall"].get("accuracy")))
 
     # Server-side state of flwr's strategies that a resumed run needs (FedAvgM's momentum,
     # FedAdam's moments, the arrays they step from).
@@ -246,7 +283,9 @@ class FairMetrics:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         valid, _ = self._check_and_log_replies(list(replies), is_train=False)
-        contents = [m.content for m in valid]
+        return self._aggregate_evaluate_contents(server_round, [m.content for m in valid])
+
+    def _aggregate_evaluate_contents(self, server_round: int, contents: list[RecordDict]):
         contents = [c for c in contents if next(iter(c.metric_records.values()))["num-examples"] > 0]
         if not contents:
             return None

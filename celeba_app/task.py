@@ -8,7 +8,8 @@ the tests prove it (same seed, same batch order, same head).
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,6 +23,25 @@ def pick_device(cfg: RunConfig) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the head's own computations (training, prediction) on one torch thread.
+
+    Why: the head is one 1280-by-1 layer; more threads do not make its small matmuls faster,
+    but where several processes share the cores (SuperNodes or simulation actors on one
+    host, each with torch's default of one thread per core), OpenMP threads that spin while
+    waiting for each other make a local training many times slower
+    (benchmarks/bench_head_threads.py). The previous thread count comes back afterwards,
+    for the backbone and ONNX Runtime, which do use every thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class AdamW:
@@ -84,7 +104,20 @@ def train_head(
     ``x``: embeddings (N, D), or (V, N, D) for V cached views (a random view per row and
     step, e.g. original / horizontally flipped), or raw inputs when ``encoder`` is given.
     Batches come from a generator seeded with ``seed``, so the order is reproducible.
+    On embeddings it runs on one torch thread (``one_thread``).
     """
+    if encoder is None and torch.device(device).type == "cpu":
+        with one_thread():
+            return _train_head(head, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                               encoder=None, weight_decay=weight_decay, proximal_mu=proximal_mu,
+                               sample_weight=sample_weight)
+    return _train_head(head, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                       encoder=encoder, weight_decay=weight_decay, proximal_mu=proximal_mu,
+                       sample_weight=sample_weight)
+
+
+def _train_head(head, x, y, *, epochs, lr, batch_size, seed, device, encoder, weight_decay, proximal_mu,
+                sample_weight) -> dict[str, float]:
     device = torch.device(device)
     head.to(device).train()
     views = None if encoder is not None else (x if x.dim() == 3 else x.unsqueeze(0))
@@ -122,10 +155,12 @@ def train_head(
 @torch.inference_mode()
 def predict(head: nn.Module, feats: torch.Tensor, device: torch.device | str = "cpu",
             batch_size: int = 8192) -> np.ndarray:
-    """Probabilities of the positive class for every row of ``feats``."""
+    """Probabilities of the positive class for every row of ``feats`` (N, D): an (N,) float32
+    array. On one torch thread on CPU (``one_thread``)."""
     head.to(device).eval()
-    out = [torch.sigmoid(head(feats[i:i + batch_size].to(device)).squeeze(-1)).float().cpu()
-           for i in range(0, len(feats), batch_size)]
+    with one_thread() if torch.device(device).type == "cpu" else contextlib.nullcontext():
+        out = [torch.sigmoid(head(feats[i:i + batch_size].to(device)).squeeze(-1)).float().cpu()
+               for i in range(0, len(feats), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 

@@ -126,13 +126,23 @@ def start_superlink(procs: Procs, ports: Ports, workdir: Path, extra: list[str] 
 
 
 def start_supernode(procs: Procs, ports: Ports, name: str, node_config: dict, workdir: Path,
-                    extra: list[str] = ()) -> subprocess.Popen:
-    """``flower-supernode`` with its own ClientAppIo port and ``--node-config``."""
+                    extra: list[str] = (), long_running: bool = False) -> subprocess.Popen:
+    """``flower-supernode`` with its own ClientAppIo port and ``--node-config``.
+
+    ``long_running``: the SuperNode runs with ``--isolation process`` and one ``celeba-clientapp``
+    process (started here as ``<name>-clientapp``) answers all its messages.
+    """
     args = list(extra) or ["--insecure"]
+    appio = f"127.0.0.1:{free_port()}"
     cmd = [str(BIN / "flower-supernode"), *args, "--superlink", f"127.0.0.1:{ports.fleet}",
-           "--clientappio-api-address", f"127.0.0.1:{free_port()}",
-           "--node-config", overrides(node_config)]
-    return procs.start(name, cmd, cwd=workdir)
+           "--clientappio-api-address", appio, "--node-config", overrides(node_config)]
+    if long_running:
+        cmd += ["--isolation", "process"]
+    proc = procs.start(name, cmd, cwd=workdir)
+    if long_running:
+        procs.start(f"{name}-clientapp", [str(BIN / "celeba-clientapp"), "--clientappio-api-address", appio],
+                    cwd=workdir)
+    return proc
 
 
 def flwr_run_deployment(procs: Procs, ports: Ports, run_config: dict, federation: str = "local-deployment",

@@ -9,10 +9,10 @@ from celeba_app.metrics import unflatten
 from celeba_app.model import make_head
 
 
-def call(handler, run_config, pid=0, num=3, message_type="train"):
+def call(handler, run_config, pid=0, num=3, message_type="train", **config):
     head = make_head(seed=0)
     content = RecordDict({"arrays": ArrayRecord(head.state_dict()),
-                          "config": ConfigRecord({"server-round": 1, "lr": 0.01})})
+                          "config": ConfigRecord({"server-round": 1, "lr": 0.01, **config})})
     msg = Message(content=content, dst_node_id=1, message_type=message_type)
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": pid, "num-partitions": num},
                   state=RecordDict(), run_config=run_config)
@@ -43,3 +43,13 @@ def test_evaluate_reports_local_validation_counts(run_config, monkeypatch):
     assert stats["all"].n == metrics["num-examples"]
     assert stats["all"].tp + stats["all"].fp + stats["all"].tn + stats["all"].fn == stats["all"].n
     assert np.sum(stats["all"].hist_pos) == stats["all"].pos
+
+
+def test_train_asked_to_evaluate_the_received_head_reports_what_evaluate_would(run_config, monkeypatch):
+    """evaluate-with-train: the train reply's ``evaluate_received`` record holds the statistics the
+    evaluate handler computes for the same head and node, taken before the head trains."""
+    monkeypatch.setattr(client_app, "Message", lambda content, reply_to: content)
+    evaluated, _ = call(client_app.evaluate, run_config, pid=1, message_type="evaluate")
+    trained, _ = call(client_app.train, run_config, pid=1, **{"evaluate-received": True})
+    assert dict(trained["evaluate_received"]) == dict(evaluated["metrics"])
+    assert "evaluate_received" not in call(client_app.train, run_config, pid=1)[0]

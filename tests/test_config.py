@@ -35,6 +35,9 @@ def test_pyproject_keys_all_parse(tmp_path):
     ({"run-name": "../escape"}, "run-name='../escape' is not valid"),
     ({"target": "Male"}, "target='Male' is also in sensitive-attributes"),
     ({"bad-images": "drop"}, "bad-images='drop' is not known; accepted: fail, skip"),
+    ({"evaluate-with-train": True, "fraction-evaluate": 0.5},
+     "fraction-evaluate=0.5 is not valid with evaluate-with-train=true, which evaluates on the clients sampled for "
+     "training; accepted: fraction-evaluate = fraction-train (1.0)"),
 ])
 def test_bad_values_are_named_with_what_is_accepted(override, message):
     with pytest.raises(ConfigError) as info:

@@ -1,4 +1,5 @@
-"""The app on Flower's Deployment Engine: a SuperLink and three SuperNodes on loopback.
+"""The app on Flower's Deployment Engine: a SuperLink and three SuperNodes on loopback (one of
+them served by a long-running ``celeba-clientapp`` process).
 
 Each SuperNode holds only its own folder (``data-path``, written by celeba-partition); the
 server's dataset has no ``train`` split at all. The run must write the same results contract
@@ -28,16 +29,20 @@ def test_three_supernodes_train_the_simulations_head(celeba_dir, weights_file, t
     with Procs(tmp_path / "logs") as procs:
         ports = Ports()
         start_superlink(procs, ports, workdir=tmp_path)
-        for i in range(3):
+        for i in range(3):  # supernode-2 runs every message in one long-running celeba-clientapp
             start_supernode(procs, ports, f"supernode-{i}", workdir=tmp_path, node_config={
-                "data-path": str(parts / f"partition_{i}"), "cache-dir": str(tmp_path / f"node-{i}-cache")})
+                "data-path": str(parts / f"partition_{i}"), "cache-dir": str(tmp_path / f"node-{i}-cache")},
+                long_running=i == 2)
         proc = flwr_run_deployment(procs, ports, {
             **run_config, "dataset": "parts/server",  # relative: resolved where the ServerApp runs
             "results-dir": "outputs", "cache-dir": "server-cache", "run-name": "deployed",
-            "min-nodes": 3, "node-wait-timeout": 60.0}, timeout=400)
+            "min-nodes": 3, "node-wait-timeout": 60.0, "evaluate-with-train": True}, timeout=400)
         out = proc.stdout
         run = tmp_path / "outputs" / "deployed"
         assert (run / "test.json").exists(), procs.logs()
+        # query, train 1, train 2 (evaluating round 1's head), evaluate of round 2's head: one process
+        assert procs.log("supernode-2-clientapp").count("Push `ClientAppOutputs`") == 4, procs.logs()
+        assert procs.procs["supernode-2-clientapp"].poll() is None  # still serving
     assert "celeba-fl: round 2/2" in out and "celeba-fl: test accuracy" in out
     assert f"results-dir {tmp_path / 'outputs'}" in out  # absolute, as the ServerApp resolved it
 
@@ -57,6 +62,10 @@ def test_three_supernodes_train_the_simulations_head(celeba_dir, weights_file, t
     sim_parts = json.loads((sim_run / "partitions.json").read_text())["partitions"]
     for a, b in zip(parts_json, sim_parts):
         assert (a["num_train"], a["num_val"], a["celeb_ids"]) == (b["num_train"], b["num_val"], b["celeb_ids"])
+    # evaluate-with-train above, evaluate messages here: the same federated evaluation per round
+    for a, b in zip(history[1:], json.loads((sim_run / "history.json").read_text())[1:]):
+        fa, fb = a["federated_evaluate"]["overall"], b["federated_evaluate"]["overall"]
+        assert fa["n"] == fb["n"] > 0 and abs(fa["loss"] - fb["loss"]) < 1e-4, (a["round"], fa, fb)
     deployed, simulated = torch.load(run / "head.pt"), torch.load(sim_run / "head.pt")
     diff = max((deployed[k] - simulated[k]).abs().max().item() for k in simulated)
     assert diff < 1e-5, diff

@@ -228,3 +228,60 @@ def test_qfedavg_without_gc_aggregates_as_flwrs_qfedavg():
     for k in heads[0]:
         assert torch.allclose(heads[0][k], heads[1][k], atol=1e-7), k
     assert not torch.equal(heads[1]["1.weight"], start.to_torch_state_dict()["1.weight"])
+
+
+class HeldOutGrid(LoopGrid):
+    """LoopGrid whose clients evaluate a head as a function of (node, head): by evaluate
+    messages, or in a train reply's ``evaluate_received`` record when the config asks."""
+
+    def __init__(self):
+        super().__init__(self._train)
+        self.sent = []  # (round, message type)
+
+    @staticmethod
+    def held_out(nid, msg) -> dict:
+        w = float(msg.content["arrays"].to_torch_state_dict()["1.weight"].mean())
+        rng = np.random.default_rng(nid)
+        y, p = rng.integers(0, 2, 40), np.clip(rng.random(40) * 0.5 + 0.25 + w / 20, 0, 1)
+        return {"num-examples": 40, "partition_id": nid, **flatten(slice_stats(p, y, bce_per_row(p, y),
+                                                                               {"Male": y ^ 1}))}
+
+    def _train(self, nid, rnd, msg):
+        out = trained(nid, rnd, msg)
+        if msg.content["config"]["evaluate-received"]:
+            out.content["evaluate_received"] = ConfigRecord(self.held_out(nid, msg))
+        return out
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent += [(int(m.content["config"]["server-round"]), m.metadata.message_type) for m in messages]
+        evaluate = [m for m in messages if m.metadata.message_type == "evaluate"]
+        out = super().send_and_receive([m for m in messages if m not in evaluate])
+        for m in evaluate:
+            r = Message(RecordDict({"metrics": MetricRecord(self.held_out(m.metadata.dst_node_id, m))}), reply_to=m)
+            r.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+            out.append(r)
+        return out
+
+
+@pytest.mark.parametrize("patience", [0, 1])
+def test_evaluate_with_train_gives_every_round_the_federated_evaluation_of_separate_messages(patience):
+    """One message per client per round (the next train message evaluates the received head),
+    plus evaluate messages for the last head only; every round's federated evaluation is the
+    one that evaluate messages give, also when early stopping ends the run."""
+    losses = (1, 0.9, 0.95, 0.99, 0.99)  # patience 1: stops after round 2
+    runs = {}
+    for fold in (False, True):
+        grid = HeldOutGrid()
+        _, written = run_loop(make_strategy(RunConfig(), 3), grid, rounds=4, losses=losses, patience=patience,
+                              policy=RoundPolicy(evaluate_with_train=fold))
+        runs[fold] = (grid.sent, written[-1][0])
+    (sent_sep, hist_sep), (sent_fold, hist_fold) = runs[False], runs[True]
+    last = hist_sep[-1]["round"]
+    assert last == (2 if patience else 4) and hist_fold[-1]["round"] == last
+    assert [t for _, t in sent_sep].count("evaluate") == 3 * last
+    assert [(r, t) for r, t in sent_fold if t == "evaluate"] == [(last, "evaluate")] * 3
+    assert [t for _, t in sent_fold].count("train") == 3 * last
+    for sep, fold in zip(hist_sep[1:], hist_fold[1:]):
+        assert fold["federated_evaluate"]["overall"]["n"] == 120
+        assert fold["federated_evaluate"] == sep["federated_evaluate"], sep["round"]

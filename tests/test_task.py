@@ -93,3 +93,21 @@ def test_adamw_is_torchs_adamw():
     for k, v in theirs.state_dict().items():
         assert torch.allclose(ours.state_dict()[k], v, atol=1e-7, rtol=0), k
     assert not torch.equal(ours.state_dict()["1.weight"], make_head(seed=3).state_dict()["1.weight"])
+
+
+def test_the_head_trains_and_predicts_on_one_thread_and_the_thread_count_comes_back(monkeypatch):
+    """Several processes sharing the cores must not each spin torch's full thread pool on the
+    head's small matmuls (task.one_thread); the backbone keeps every thread afterwards."""
+    import celeba_app.task as task
+
+    seen = []
+    real = task._train_head
+    monkeypatch.setattr(task, "_train_head", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    torch.set_num_threads(2)
+    head = task.nn.Sequential(task.nn.Dropout(0.0), task.nn.Linear(4, 1))
+    x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+    task.train_head(head, x, y, epochs=1, lr=0.01, batch_size=8, seed=0)
+    assert seen == [1] and torch.get_num_threads() == 2
+    monkeypatch.setattr(task.torch, "sigmoid", lambda t: seen.append(torch.get_num_threads()) or t.sigmoid())
+    task.predict(head, x)
+    assert seen == [1, 1] and torch.get_num_threads() == 2
