@@ -211,6 +211,9 @@ class FairMetrics:
             # the last head was not sent for training: evaluate it with evaluate messages
             self._evaluate(last["round"], arrays, evaluate_config, grid, last, partitions, policy)
             last.update(self.history.get(last["round"], {}))
+            fe = (last.get("federated_evaluate") or {}).get("overall") or {}
+            log(INFO, "celeba-fl: round %d's head on the clients' held-out parts (evaluate messages) | fed-eval "
+                "loss %s acc %s", last["round"], _fmt(fe.get("loss")), _fmt(fe.get("accuracy")))
             on_round(history, self._checkpoint(last["round"], arrays, history, best, skipped_in_row))
         return Result(arrays=arrays)
 
