@@ -31,6 +31,7 @@ from .data import (NodeData, Part, check_identity_disjoint, client_parts, load_f
                    partition_summary, server_part)
 from .features import feature_store
 from .metrics import report
+from .report import write_report
 from .model import make_head, weights_digest
 from .results import create_run_dir, run_dir_for, write_best, write_run_end, write_run_start, write_skipped_rows
 from .selection import BestRound
@@ -112,6 +113,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
     write_run_end(run_dir, head.state_dict(), history, test_rep,
                   {"round": history[-1]["round"], "wall_seconds": time.time() - t_start,
                    "feature_cache": store.stats})
+    write_report(run_dir)
     o = test_rep["overall"]
     print(f"celeba-fl centralized: test accuracy {o['accuracy']:.4f}, balanced accuracy "
           f"{o['balanced_accuracy']:.4f}, AUROC {o['auroc']:.4f}; results in {run_dir}", flush=True)

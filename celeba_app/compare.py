@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .report import _f, _series, load_run, overall_table, per_round, save  # noqa: E402
+from .report import fmt, load_run, overall_table, per_round, save, series  # noqa: E402
 
 
 def _label(run: dict) -> str:
@@ -29,7 +29,7 @@ def overlay(runs: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key in zip(axes, ("loss", "accuracy", "auroc")):
         for run in runs:
-            xs, ys = _series(run["history"] or [], "server_valid", key)
+            xs, ys = series(run["history"] or [], "server_valid", key)
             ax.plot(xs, ys, marker="o", ms=3, label=_label(run))
         per_round(ax, f"server valid {key}")
     axes[0].legend(fontsize=7)
@@ -63,9 +63,9 @@ def fairness_table(runs: list[dict], attrs=("Male", "Young", "Pale_Skin", "Male&
     lines = [head, "|---" * (len(attrs) + 2) + "|"]
     for run in runs:
         gaps = run["test"]["gaps"]
-        cells = [f"{_f((gaps.get(a) or {}).get('worst_group_accuracy'), 3)} / "
-                 f"{_f((gaps.get(a) or {}).get('equalized_odds_difference'), 3)}" for a in attrs]
-        lines.append(f"| {_label(run)} | {_f(train_val_gap(run), 3)} | " + " | ".join(cells) + " |")
+        cells = [f"{fmt((gaps.get(a) or {}).get('worst_group_accuracy'), 3)} / "
+                 f"{fmt((gaps.get(a) or {}).get('equalized_odds_difference'), 3)}" for a in attrs]
+        lines.append(f"| {_label(run)} | {fmt(train_val_gap(run), 3)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -50,7 +50,7 @@ def load_run(run_dir: Path) -> dict:
     return out
 
 
-def _series(history: list[dict], source: str, key: str) -> tuple[list[int], list[float]]:
+def series(history: list[dict], source: str, key: str) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for entry in history:
         rep = entry.get(source)
@@ -65,7 +65,7 @@ def plot_learning_curves(history: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (key, title) in zip(axes, CURVES):
         for source, label in SOURCES:
-            xs, ys = _series(history, source, key)
+            xs, ys = series(history, source, key)
             if xs:
                 ax.plot(xs, ys, marker="o", ms=3, label=label)
         per_round(ax, title)
@@ -162,7 +162,7 @@ def plot_partitions(partitions: dict, path: Path) -> Path | None:
     return save(fig, path)
 
 
-def _f(v, digits: int = 4) -> str:
+def fmt(v, digits: int = 4) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
@@ -175,7 +175,7 @@ def overall_table(reports: dict[str, dict]) -> str:
     lines = ["| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, rep in reports.items():
         o = rep["overall"]
-        lines.append(f"| {name} | " + " | ".join(str(o[k]) if k == "n" else _f(o[k]) for k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(str(o[k]) if k == "n" else fmt(o[k]) for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -186,9 +186,9 @@ def group_table(test: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, r in _group_rows(test):
         n = f"{r['n']}*" if r.get("small") else str(r["n"])
-        lines.append(f"| {name} | {n} | {_f(r['base_rate'], 3)} | {_f(r['positive_rate'], 3)} | "
-                     f"{_f(r['accuracy'], 3)} {_ci(r['accuracy_ci'])} | {_f(r['tpr'], 3)} {_ci(r['tpr_ci'])} | "
-                     f"{_f(r['fpr'], 3)} {_ci(r['fpr_ci'])} | {_f(r['auroc'], 3)} |")
+        lines.append(f"| {name} | {n} | {fmt(r['base_rate'], 3)} | {fmt(r['positive_rate'], 3)} | "
+                     f"{fmt(r['accuracy'], 3)} {_ci(r['accuracy_ci'])} | {fmt(r['tpr'], 3)} {_ci(r['tpr_ci'])} | "
+                     f"{fmt(r['fpr'], 3)} {_ci(r['fpr_ci'])} | {fmt(r['auroc'], 3)} |")
     return "\n".join(lines)
 
 
@@ -200,8 +200,8 @@ def gap_table(test: dict) -> str:
              "accuracy gap [95% CI] | worst-group acc. (groups of n >= min-group-size) |",
              "|---|---|---|---|---|---|"]
     for attr, g in test["gaps"].items():
-        cells = [f"{_f(g[k], 3)} {_ci(g.get(f'{k}_ci'))}" for k in keys]
-        lines.append(f"| {attr} | " + " | ".join(cells) + f" | {_f(g['worst_group_accuracy'], 3)} |")
+        cells = [f"{fmt(g[k], 3)} {_ci(g.get(f'{k}_ci'))}" for k in keys]
+        lines.append(f"| {attr} | " + " | ".join(cells) + f" | {fmt(g['worst_group_accuracy'], 3)} |")
     return "\n".join(lines)
 
 
@@ -213,9 +213,9 @@ def postprocessing_table(post: dict) -> str:
     def cells(summary: dict) -> str:
         g = summary["gaps"] or {}
         rows = [r for r in summary["groups"].values() if r]
-        return (f"{_f(summary['accuracy'], 3)} | {_f(g.get('equalized_odds_difference'), 3)} "
+        return (f"{fmt(summary['accuracy'], 3)} | {fmt(g.get('equalized_odds_difference'), 3)} "
                 f"{_ci(g.get('equalized_odds_difference_ci'))} | "
-                + " / ".join(_f(r["tpr"], 3) for r in rows) + " | " + " / ".join(_f(r["fpr"], 3) for r in rows))
+                + " / ".join(fmt(r["tpr"], 3) for r in rows) + " | " + " / ".join(fmt(r["fpr"], 3) for r in rows))
 
     for attr, entry in post["attributes"].items():
         lines.append(f"| {attr} | (none: the trained head) | {cells(entry['test_before'])} |")

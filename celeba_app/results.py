@@ -249,16 +249,13 @@ def write_skipped_rows(run_dir: Path, cfg: RunConfig, server_parts: list, partit
 
 def write_run_end(run_dir: Path, head_state: dict, history: list[dict], test: dict,
                   extra: dict | None = None) -> None:
-    """head.pt, history.json, test.json, status.json (completed), then the plots and report.md
-    (which reads the status: a report written before it would call the run incomplete). A
-    failure while reporting is recorded as ``failed`` by the caller, the JSON kept."""
-    from .report import write_report
-
+    """head.pt, history.json, test.json, then status.json (completed). The caller writes the
+    plots and report.md after it (``report.write_report``, which reads the status: a report
+    written before would call the run incomplete); this module only writes the run's files."""
     save_torch(run_dir / "head.pt", head_state)
     write_json(run_dir / "history.json", history)
     write_json(run_dir / "test.json", {**test, **(extra or {})})
     write_status(run_dir, "completed", (extra or {}).get("round", history[-1]["round"] if history else None))
-    write_report(run_dir)
 
 
 def write_best(run_dir: Path, best, test_report) -> None:

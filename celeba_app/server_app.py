@@ -30,6 +30,7 @@ from .features import feature_store
 from .metrics import report
 from .model import make_head, weights_digest
 from .postprocessing import equalized_odds_report
+from .report import write_report
 from .results import (check_resume, create_run_dir, load_checkpoint, run_dir_for, save_torch, write_best,
                       write_json, write_round, write_run_end, write_run_start, write_skipped_rows,
                       write_status)
@@ -151,6 +152,7 @@ def main(grid: Grid, context: Context) -> None:
         finished = True
         write_run_end(run_dir, last_state, history, test_rep,
                       {"round": last_round, "wall_seconds": time.time() - t_start, "feature_cache": store.stats})
+        write_report(run_dir)
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised for flwr to end the run
         finished = True
         reason = interrupted or (
@@ -160,7 +162,7 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "celeba-fl: run failed after round %s: %s; what was written is kept in %s",
             last_round, reason, run_dir)
         raise
-    o = test_rep["overall"]  # status.json says completed: write_run_end wrote it before the report
+    o = test_rep["overall"]
     log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %s, AUROC %s, loss %.4f "
         "(n=%d); wall time %.0fs; results in %s", o["accuracy"], _fmt(o["balanced_accuracy"]),
         _fmt(o["auroc"]), o["loss"], o["n"], time.time() - t_start, run_dir)
