@@ -11,8 +11,10 @@ its own ``valid``/``test`` (``check_clients_disjoint``).
 Data is known by its content (``dataset_fingerprint``), never by its path: the fingerprint
 keys the ``datasets`` cache of a local folder, the parts cache and every row identity.
 
-``_FDS`` and ``_PARTS`` are this module's documented per-process caches (FederatedDataset
-objects; each node's parts), built on the first message a process handles.
+Per-process caches: ``load_federated``, ``load_server`` and ``client_parts`` keep what they
+build in ``functools.lru_cache`` keyed by their arguments, the whole frozen ``RunConfig``
+(and ``NodeData``) included, so no hand-written key can miss a config field; equal configs
+(each message builds its own) share an entry. ``clear_caches`` empties them (tests).
 """
 
 from __future__ import annotations
@@ -47,8 +49,6 @@ IMAGES_CHECK_VERSION = "2"  # 2: remembered per row of the split
 
 #: Per-process caches: FederatedDataset objects keyed by what shapes the partitioning, and
 #: each client's parts (so a message costs no re-reading of labels or row identities).
-_FDS: dict[tuple, FederatedDataset] = {}
-_PARTS: dict[tuple, tuple["Part", "Part"]] = {}
 
 
 @dataclass
@@ -97,8 +97,8 @@ class Part:
 
 def clear_caches() -> None:
     """Forget this process's datasets and parts (tests)."""
-    _FDS.clear()
-    _PARTS.clear()
+    for cached in (_load_federated, _load_server, _cached_client_parts):
+        cached.cache_clear()
 
 
 # --------------------------------------------------------------------------- data identity
@@ -257,10 +257,6 @@ def _partition_meta(path: Path) -> dict:
         raise ConfigError(f"{meta} is not valid JSON ({exc}); accepted: the file celeba-partition wrote") from exc
 
 
-def _fds_key(cfg: RunConfig, num_partitions: int) -> tuple:
-    return (cfg.dataset, cfg.split, num_partitions, cfg.noniid_alpha, cfg.noniid_attributes, cfg.seed)
-
-
 def _new_fds(spec: str, partitioners: dict, shuffle: bool, seed: int, memo_dir: str | None) -> FederatedDataset:
     from flwr_datasets import FederatedDataset
 
@@ -291,32 +287,34 @@ def _load_split(cfg: RunConfig, fds: FederatedDataset, spec: str, split: str) ->
 
 def load_federated(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
     """The FederatedDataset for this config (cached per process); clear errors on failure."""
+    return _load_federated(cfg, num_partitions)
+
+
+@functools.lru_cache(maxsize=4)  # a long-running process may serve several runs' configs
+def _load_federated(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
     from .partitioning import build_partitioner
 
-    key = _fds_key(cfg, num_partitions)
-    if key not in _FDS:
-        fds = _new_fds(cfg.dataset, {"train": build_partitioner(cfg, num_partitions)}, True, cfg.seed,
-                       _cache_dir(cfg, None))
-        train = _load_split(cfg, fds, cfg.dataset, "train")
-        _check_schema(cfg, fds, SPLIT_NAMES)
-        if num_partitions > len(train):  # some client would get no row (iid: an IndexError inside flwr-datasets)
-            raise ConfigError(f"num-partitions={num_partitions} is more than the {len(train)} rows of "
-                              f"dataset={cfg.dataset!r} split 'train'; accepted: at most {len(train)} "
-                              "partitions (every client needs at least one row)")
-        if cfg.split == "celebrity":  # one partition per identity
-            n_ids = len(np.unique(np.asarray(train["celeb_id"])))
-            if n_ids != num_partitions:
-                raise ConfigError(
-                    f"split='celebrity' makes one partition per identity: dataset={cfg.dataset!r} has {n_ids} "
-                    f"identities in train, but num-partitions={num_partitions}; accepted: num-partitions="
-                    f"{n_ids} (in simulation: --federation-config \"options.num-supernodes={n_ids}\")")
-        # The whole split, so every client refuses alike; the noniid partitioner groups by these.
-        binary = [cfg.target, *cfg.sensitive_attributes]
-        if cfg.split == "noniid":
-            binary += [a for a in cfg.noniid_attributes if a not in binary]
-        _check_split_values(cfg.dataset, "train", train, binary, _cache_dir(cfg, None))
-        _FDS[key] = fds
-    return _FDS[key]
+    fds = _new_fds(cfg.dataset, {"train": build_partitioner(cfg, num_partitions)}, True, cfg.seed,
+                   _cache_dir(cfg, None))
+    train = _load_split(cfg, fds, cfg.dataset, "train")
+    _check_schema(cfg, fds, SPLIT_NAMES)
+    if num_partitions > len(train):  # some client would get no row (iid: an IndexError inside flwr-datasets)
+        raise ConfigError(f"num-partitions={num_partitions} is more than the {len(train)} rows of "
+                          f"dataset={cfg.dataset!r} split 'train'; accepted: at most {len(train)} "
+                          "partitions (every client needs at least one row)")
+    if cfg.split == "celebrity":  # one partition per identity
+        n_ids = len(np.unique(np.asarray(train["celeb_id"])))
+        if n_ids != num_partitions:
+            raise ConfigError(
+                f"split='celebrity' makes one partition per identity: dataset={cfg.dataset!r} has {n_ids} "
+                f"identities in train, but num-partitions={num_partitions}; accepted: num-partitions="
+                f"{n_ids} (in simulation: --federation-config \"options.num-supernodes={n_ids}\")")
+    # The whole split, so every client refuses alike; the noniid partitioner groups by these.
+    binary = [cfg.target, *cfg.sensitive_attributes]
+    if cfg.split == "noniid":
+        binary += [a for a in cfg.noniid_attributes if a not in binary]
+    _check_split_values(cfg.dataset, "train", train, binary, _cache_dir(cfg, None))
+    return fds
 
 
 def _check_schema(cfg: RunConfig, fds: FederatedDataset, splits: tuple[str, ...], spec: str | None = None) -> None:
@@ -520,15 +518,18 @@ def client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
     that shapes the parts): a ClientApp process that starts for one message (the Deployment
     Engine starts one per message) then opens no dataset unless an embedding is missing.
     """
-    key = _parts_key(cfg, node)
-    if key not in _PARTS:
-        parts = _load_parts(cfg, node, key) if node.cache_dir else None
-        if parts is None:
-            parts = _client_parts(cfg, node)
-            if node.cache_dir:
-                _save_parts(node, key, parts)
-        _PARTS[key] = parts
-    return _PARTS[key]
+    return _cached_client_parts(cfg, node)
+
+
+@functools.lru_cache(maxsize=None)  # one simulation actor serves many partitions; parts are small
+def _cached_client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
+    key = _parts_key(cfg, node)  # the on-disk key: the data's content and what shapes the parts
+    parts = _load_parts(cfg, node, key) if node.cache_dir else None
+    if parts is None:
+        parts = _client_parts(cfg, node)
+        if node.cache_dir:
+            _save_parts(node, key, parts)
+    return parts
 
 
 def _parts_key(cfg: RunConfig, node: NodeData) -> str:
@@ -659,16 +660,18 @@ def load_server(cfg: RunConfig) -> FederatedDataset:
     """The server's own evaluation data: the ``valid`` and ``test`` splits of ``dataset``.
     Its ``train`` split, if any, is never read: the server knows the clients only through
     their replies (a folder with only valid and test, as celeba-partition writes, is enough)."""
-    key = ("server", cfg.dataset, cfg.seed)
-    if key not in _FDS:
-        fds = _new_fds(cfg.dataset, {}, True, cfg.seed, _cache_dir(cfg, None))
-        _load_split(cfg, fds, cfg.dataset, "valid")
-        _check_schema(cfg, fds, ("valid", "test"))
-        for split in ("valid", "test"):  # refused here, before the server waits for any node
-            _check_split_values(cfg.dataset, split, fds.load_split(split), [cfg.target, *cfg.sensitive_attributes],
-                                _cache_dir(cfg, None))
-        _FDS[key] = fds
-    return _FDS[key]
+    return _load_server(cfg)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_server(cfg: RunConfig) -> FederatedDataset:
+    fds = _new_fds(cfg.dataset, {}, True, cfg.seed, _cache_dir(cfg, None))
+    _load_split(cfg, fds, cfg.dataset, "valid")
+    _check_schema(cfg, fds, ("valid", "test"))
+    for split in ("valid", "test"):  # refused here, before the server waits for any node
+        _check_split_values(cfg.dataset, split, fds.load_split(split), [cfg.target, *cfg.sensitive_attributes],
+                            _cache_dir(cfg, None))
+    return fds
 
 
 def server_part(cfg: RunConfig, split: str) -> Part:

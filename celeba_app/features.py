@@ -24,6 +24,8 @@ local epoch removes nearly all of the compute of a federated run.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import logging
@@ -490,30 +492,28 @@ class Progress:
             self.next_at = now + self.every_s
 
 
-#: Per-process cache of FeatureStore objects (backbone built and exported once per process).
-_STORES: dict[tuple, FeatureStore] = {}
-
-
 def feature_store(cfg, device: torch.device, cache_dir: str | None = None) -> FeatureStore:
     """The FeatureStore for this run config and device, made once per process.
 
     ``cache_dir``: where embeddings are kept (a node's own, from its node config); default the
     run config's ``cache-dir``, and none when ``feature-cache=false``. The backbone is loaded
-    (and exported to ONNX) only on the first embedding that is not cached.
+    (and exported to ONNX) only on the first embedding that is not cached. Cached per process
+    by ``functools.lru_cache`` over the arguments (the whole frozen RunConfig).
     """
+    return _feature_store(cfg, torch.device(device), cache_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _feature_store(cfg, device: torch.device, cache_dir: str | None) -> FeatureStore:
     from .model import load_mobilenet, weights_digest
 
     cache_dir = (cache_dir or cfg.cache_dir) if cfg.feature_cache else None
-    key = (cfg.weights, cfg.image_size, cfg.feature_runtime, str(device), cache_dir, cfg.extract_batch_size)
-    if key not in _STORES:
-        weights_id = weights_digest(cfg.weights)
-        onnx_dir = Path(cache_dir or cfg.cache_dir) / "onnx"
+    weights_id = weights_digest(cfg.weights)
+    onnx_dir = Path(cache_dir or cfg.cache_dir) / "onnx"
 
-        def build() -> Extractor:
-            return Extractor(Backbone(load_mobilenet(cfg.weights)), cfg.feature_runtime, device,
-                             cfg.image_size, onnx_dir=onnx_dir, weights_id=weights_id)
+    def build() -> Extractor:
+        return Extractor(Backbone(load_mobilenet(cfg.weights)), cfg.feature_runtime, device,
+                         cfg.image_size, onnx_dir=onnx_dir, weights_id=weights_id)
 
-        _STORES[key] = FeatureStore(build, weights_id, cache_dir, cfg.extract_batch_size,
-                                    image_size=cfg.image_size,
-                                    runtime_id=runtime_id(resolve_runtime(cfg.feature_runtime, device), device))
-    return _STORES[key]
+    return FeatureStore(build, weights_id, cache_dir, cfg.extract_batch_size, image_size=cfg.image_size,
+                        runtime_id=runtime_id(resolve_runtime(cfg.feature_runtime, device), device))
