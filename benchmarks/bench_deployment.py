@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from flower_procs import (BIN, Ports, Procs, flwr_run_deployment, overrides, start_superlink,  # noqa: E402
-                          start_supernode)
+from flower_procs import (BIN, Ports, Procs, flwr_run_command, flwr_run_deployment, overrides,  # noqa: E402
+                          start_superlink, start_supernode)
 
 
 def rounds_line(run: Path) -> str:
@@ -81,9 +81,7 @@ def main() -> int:
                       "run-name": "deployed", "cache-dir": str(work / "server-cache"), "min-nodes": args.nodes,
                       "round-timeout": args.round_timeout}
         if args.kill_node_after_round:
-            procs.start("flwr-run", [str(BIN / "flwr"), "run", str(ROOT), "local-deployment", "--stream",
-                                     "--federation-config", f"address='127.0.0.1:{ports.control}'",
-                                     "--run-config", overrides(run_config)])
+            procs.start("flwr-run", flwr_run_command(run_config, "local-deployment", control_port=ports.control))
             procs.wait_for("flwr-run", f"celeba-fl: round {args.kill_node_after_round}/", 3600)
             t_kill = time.time()
             procs.stop(f"supernode-{args.nodes - 1}")

@@ -17,7 +17,8 @@ import torch
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from celeba_app.config import ATTRIBUTES
+from celeba_app import centralized
+from celeba_app.config import ATTRIBUTES, RunConfig
 
 
 def _jpeg(rng: np.random.Generator, smiling: bool, h: int = 36, w: int = 30) -> bytes:
@@ -122,3 +123,18 @@ def run_config(celeba_dir, weights_file, tmp_path) -> dict:
         "results-dir": str(tmp_path / "outputs"), "cache-dir": str(tmp_path / "cache"),
         "extract-batch-size": 32, "seed": 7,
     }
+
+
+@pytest.fixture(scope="session")
+def two_runs(tmp_path_factory, celeba_dir, weights_file):
+    """Two finished centralized runs (iid, noniid) on the tiny dataset: run folders for the
+    report, compare and centralized tests."""
+    out = tmp_path_factory.mktemp("runs")
+    base = {"dataset": str(celeba_dir), "weights": str(weights_file), "image-size": 32,
+            "num-server-rounds": 2, "local-epochs": 1, "batch-size": 16,
+            "results-dir": str(out), "cache-dir": str(out / "cache")}
+    runs = []
+    for split in ("iid", "noniid"):
+        cfg = RunConfig.from_run_config({**base, "split": split, "run-name": f"central-{split}"})
+        runs.append(centralized.run(cfg, num_partitions=4))
+    return runs

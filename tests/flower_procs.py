@@ -145,12 +145,39 @@ def start_supernode(procs: Procs, ports: Ports, name: str, node_config: dict, wo
     return proc
 
 
+def flwr_run_command(run_config: dict, federation: str = "local-simulation", *, supernodes: int | None = None,
+                     control_port: int | None = None) -> list[str]:
+    """The ``flwr run`` command line: a simulation with ``supernodes`` SuperNodes, or (with
+    ``control_port``) ``--stream`` against a SuperLink's Control API on loopback."""
+    cmd = [str(BIN / "flwr"), "run", str(ROOT), federation]
+    if control_port is not None:
+        cmd += ["--stream", "--federation-config", f"address='127.0.0.1:{control_port}'"]
+    if supernodes is not None:
+        cmd += ["--federation-config", f"options.num-supernodes={supernodes}"]
+    return cmd + ["--run-config", overrides(run_config)]
+
+
+def flwr_run_simulation(run_config: dict, supernodes: int, timeout: float = 420) -> subprocess.CompletedProcess:
+    """``flwr run . local-simulation`` to its end, output captured. Its process group (flwr,
+    flower-simulation, Ray) is ended if it outlives ``timeout`` or the test is interrupted."""
+    cmd = flwr_run_command(run_config, supernodes=supernodes)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (normally nothing)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def flwr_run_deployment(procs: Procs, ports: Ports, run_config: dict, federation: str = "local-deployment",
                         name: str = "flwr-run", timeout: float = 600) -> subprocess.CompletedProcess:
     """``flwr run . <federation> --stream`` against this test's SuperLink; waits for it to end."""
-    cmd = [str(BIN / "flwr"), "run", str(ROOT), federation, "--stream",
-           "--federation-config", f"address='127.0.0.1:{ports.control}'",
-           "--run-config", overrides(run_config)]
+    cmd = flwr_run_command(run_config, federation, control_port=ports.control)
     proc = procs.start(name, cmd)
     try:
         proc.wait(timeout=timeout)

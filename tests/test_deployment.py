@@ -7,13 +7,12 @@ as a simulation, and train the same head as a simulation of the same config.
 """
 
 import json
-from pathlib import Path
 
 import torch
 
 from celeba_app.partition_folders import main as celeba_partition
-from flower_procs import Ports, Procs, flwr_run_deployment, start_superlink, start_supernode
-from test_simulation import flwr_run
+from flower_procs import (Ports, Procs, flwr_run_command, flwr_run_deployment, flwr_run_simulation, start_superlink,
+                          start_supernode)
 
 
 def test_three_supernodes_train_the_simulations_head(celeba_dir, weights_file, tmp_path):
@@ -55,7 +54,7 @@ def test_three_supernodes_train_the_simulations_head(celeba_dir, weights_file, t
     assert json.loads((run / "test.json").read_text())["overall"]["n"] > 0
 
     # The same config in simulation, over the same partitions of the whole dataset.
-    sim = flwr_run({**run_config, "dataset": str(celeba_dir), "results-dir": str(tmp_path / "sim"),
+    sim = flwr_run_simulation({**run_config, "dataset": str(celeba_dir), "results-dir": str(tmp_path / "sim"),
                     "cache-dir": str(tmp_path / "sim-cache"), "run-name": "simulated"}, supernodes=3)
     sim_run = tmp_path / "sim" / "simulated"
     assert (sim_run / "head.pt").exists(), (sim.stdout + sim.stderr)[-3000:]
@@ -111,10 +110,7 @@ def test_a_supernode_that_vanishes_mid_run_is_survived_and_reported(celeba_dir, 
             start_supernode(procs, ports, f"supernode-{i}", {"partition-id": i, "num-partitions": 3},
                             workdir=tmp_path)
         cmd_name = "flwr-run"
-        from flower_procs import BIN, ROOT, overrides
-        procs.start(cmd_name, [str(BIN / "flwr"), "run", str(ROOT), "local-deployment", "--stream",
-                               "--federation-config", f"address='127.0.0.1:{ports.control}'",
-                               "--run-config", overrides(run_config)])
+        procs.start(cmd_name, flwr_run_command(run_config, "local-deployment", control_port=ports.control))
         assert procs.wait_for(cmd_name, "celeba-fl: round 1/3", 300), procs.logs()
         procs.stop("supernode-2")
         assert procs.wait_for(cmd_name, "celeba-fl: test accuracy", 300), procs.logs()

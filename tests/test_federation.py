@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from celeba_app import client_app
 from celeba_app.config import ConfigError, RunConfig

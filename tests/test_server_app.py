@@ -8,16 +8,18 @@ import pytest
 from flwr.app import Context, Error, RecordDict
 
 from celeba_app import server_app
+from celeba_app.server_app import RunRefused
 from celeba_app.strategy import NoClientTrained
 from test_federation import FakeGrid, replies_from_messages  # noqa: F401 - the fixture is used
 
 
-class FailingTrainGrid(FakeGrid):
-    """Nodes 1-3 describe partitions 0-2 truthfully, then fail every train message, as a
-    Flower ClientApp whose handler raised does (an error reply)."""
+class PushPullGrid(FakeGrid):
+    """FakeGrid behind Flower's push/pull interface (what FederationGrid calls): query messages
+    are answered by the real ClientApp; any other message gets an error reply."""
 
-    def __init__(self, run_config):
-        super().__init__({1: 0, 2: 0, 3: 0}, {n: {"partition-id": n - 1, "num-partitions": 3} for n in (1, 2, 3)},
+    def __init__(self, num_nodes: int, run_config):
+        super().__init__({n: 0 for n in range(1, num_nodes + 1)},
+                         {n: {"partition-id": n - 1, "num-partitions": num_nodes} for n in range(1, num_nodes + 1)},
                          run_config)
         self.replies = []
 
@@ -36,6 +38,14 @@ class FailingTrainGrid(FakeGrid):
     def pull_messages(self, ids):
         out, self.replies = [r for r in self.replies if r.metadata.reply_to_message_id in ids], []
         return out
+
+
+class FailingTrainGrid(PushPullGrid):
+    """Nodes 1-3 describe partitions 0-2 truthfully, then fail every train message, as a
+    Flower ClientApp whose handler raised does (an error reply)."""
+
+    def __init__(self, run_config):
+        super().__init__(3, run_config)
 
 
 def _error_reply(msg, reason):
@@ -105,3 +115,17 @@ def test_an_exit_handler_of_a_finished_run_writes_nothing(run_config, monkeypatc
     before = path.read_text()
     handlers[0]()  # the process exits later, e.g. at the next run's Ctrl-C
     assert path.read_text() == before
+
+
+def test_more_supernodes_than_identities_is_refused_before_the_run_folder_exists(run_config):
+    """61 SuperNodes over the tiny train split's 60 identities (split=noniid): every node says
+    why in its query reply, and the server refuses the run in one line, writing nothing."""
+    run_config.update({"split": "noniid", "run-name": "too-many", "min-nodes": 61})
+    grid = PushPullGrid(61, run_config)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(RunRefused) as info:
+        server_app.main(grid, context)
+    assert str(info.value).startswith("61 of 61 SuperNode(s) could not describe their data: num_partitions=61 "
+                                      "is more than the 60 identities"), info.value
+    assert not (Path(run_config["results-dir"]) / "too-many").exists()
+

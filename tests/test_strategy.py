@@ -285,3 +285,33 @@ def test_evaluate_with_train_gives_every_round_the_federated_evaluation_of_separ
     for sep, fold in zip(hist_sep[1:], hist_fold[1:]):
         assert fold["federated_evaluate"]["overall"]["n"] == 120
         assert fold["federated_evaluate"] == sep["federated_evaluate"], sep["round"]
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam"])
+def test_server_optimisers_take_the_steps_of_their_papers(name):
+    """FedAvgM (Hsu et al. 2019: heavy-ball momentum on the pseudo-gradient) and FedAdam
+    (Reddi et al. 2021, with flwr's bias-corrected step), over two rounds, against the
+    formulas written out here."""
+    overrides = {"fedavgm": {"server-learning-rate": 0.5, "server-momentum": 0.8},
+                 "fedadam": {"server-learning-rate": 0.1}}[name]
+    strategy = make_strategy(RunConfig.from_run_config({"strategy": name, **overrides}), 3)
+    arrays = ArrayRecord({"1.weight": torch.zeros(1, 4), "1.bias": torch.zeros(1)})
+    x, m, v = np.zeros((1, 4)), None, None
+    for rnd, (w0, w1) in ((1, (1.0, 3.0)), (2, (2.0, -2.0))):
+        list(strategy.configure_train(rnd, arrays, ConfigRecord(), FakeGrid()))
+        arrays, _ = strategy.aggregate_train(rnd, [reply(w0, 30, 0), reply(w1, 10, 1)])
+        mean = (30 * w0 + 10 * w1) / 40  # the clients' FedAvg
+        if name == "fedavgm":
+            g = x - mean  # pseudo-gradient
+            m = g if m is None else 0.8 * m + g
+            x = x - 0.5 * m
+        else:
+            b1, b2, tau = strategy.beta_1, strategy.beta_2, strategy.tau
+            d = mean - x
+            m = (1 - b1) * d if m is None else b1 * m + (1 - b1) * d
+            v = (1 - b2) * d ** 2 if v is None else b2 * v + (1 - b2) * d ** 2
+            eta = 0.1 * np.sqrt(1 - b2 ** (rnd + 1)) / (1 - b1 ** (rnd + 1))
+            x = x + eta * m / (np.sqrt(v) + tau)
+        got = arrays.to_torch_state_dict()["1.weight"].double().numpy()
+        assert np.allclose(got, x, atol=1e-6), (rnd, got, x)
+        assert not np.allclose(got, mean)  # not FedAvg's mean
