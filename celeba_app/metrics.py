@@ -184,7 +184,6 @@ def binned_ece(hist_pos: np.ndarray, hist_neg: np.ndarray, prob_sum: np.ndarray)
     if not total:
         return None
     group = NUM_BINS // ECE_BINS
-    c = count.reshape(ECE_BINS, group).sum(1)
     conf = prob_sum.reshape(ECE_BINS, group).sum(1)
     acc = hist_pos.reshape(ECE_BINS, group).sum(1)
     return float(np.abs(conf - acc).sum() / total)

@@ -16,7 +16,6 @@ part; `--write-only` rebuilds the document from existing run folders.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

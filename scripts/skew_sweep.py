@@ -89,8 +89,8 @@ def main() -> None:
         return "–" if not len(v) else f"{v.mean():+.3f} ± {v.std():.3f}" if minus else f"{v.mean():.3f} ± {v.std():.3f}"
 
     iid = float(np.mean([r["accuracy"] for r in results["iid"]]))
-    print(f"\n| regime | test acc. | vs IID | train-valid acc. gap | client acc. std | EOdds diff. Male | "
-          f"EOdds diff. Young | seeds |\n|---|---|---|---|---|---|---|---|")
+    print("\n| regime | test acc. | vs IID | train-valid acc. gap | client acc. std | EOdds diff. Male | "
+          "EOdds diff. Young | seeds |\n|---|---|---|---|---|---|---|---|")
     for name in REGIMES:
         print(f"| {name} | {cell(name, 'accuracy')} | {cell(name, 'accuracy', iid)} | "
               f"{cell(name, 'train_valid_gap')} | {cell(name, 'client_acc_std')} | {cell(name, 'eo_male')} | "
