@@ -11,7 +11,7 @@ Prints, on one machine in one process:
      runtime available on this device (PyTorch fp32, channels_last, bf16 autocast on CUDA,
      ONNX Runtime fp32 and int8 on CPU, whose models also normalise their uint8 input);
   2. the app's end-to-end extraction throughput on real JPEGs (decode, resize, normalise,
-     backbone: celeba_app.features.extract with the runtime the app picks, or ``--runtime``),
+     backbone: celeba_app.extractor.extract with the runtime the app picks, or ``--runtime``),
      and its ratio to the fastest raw backbone, overall and at the same precision; decoding +
      resizing alone; on CUDA also decoding alone (one CPU thread, nvJPEG), the alternative
      of decoding in CPU threads, and how far GPU embeddings are from the CPU fp32 ones
@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from celeba_app.config import RUNTIMES  # noqa: E402
-from celeba_app.features import Extractor, decode, decode_resize, extract, resize_crop  # noqa: E402
+from celeba_app.extractor import Extractor, extract  # noqa: E402
+from celeba_app.images import decode, decode_resize, resize_crop  # noqa: E402
 from celeba_app.model import Backbone, load_mobilenet  # noqa: E402
 
 FULL_TRAIN, FULL_VALID, FULL_TEST = 162_770, 19_867, 19_962

@@ -48,9 +48,9 @@ class AdamW:
     """``torch.optim.AdamW``'s update (default betas and eps; no amsgrad), written out for
     the head's two tensors.
 
-    Why not torch.optim: constructing any torch optimizer imports ``torch._dynamo`` (about 4 s
-    on a 2-core machine), and the Deployment Engine starts a new ClientApp process for every
-    message, so every round paid it again. tests/test_task.py checks this class against
+    Why not torch.optim: constructing any torch optimizer imports ``torch._dynamo`` (seconds),
+    and the Deployment Engine starts a new ClientApp process for every message, so every
+    round paid it again (docs/SPEED.md, "The Deployment Engine"). tests/test_task.py checks this class against
     torch.optim.AdamW step by step.
     """
 

@@ -19,6 +19,8 @@ from PIL import Image as PILImage
 
 from celeba_app import centralized
 from celeba_app.config import ATTRIBUTES, RunConfig
+from celeba_app.data import server_part
+from celeba_app.model import Backbone, load_mobilenet
 
 
 def _jpeg(rng: np.random.Generator, smiling: bool, h: int = 36, w: int = 30) -> bytes:
@@ -138,3 +140,29 @@ def two_runs(tmp_path_factory, celeba_dir, weights_file):
         cfg = RunConfig.from_run_config({**base, "split": split, "run-name": f"central-{split}"})
         runs.append(centralized.run(cfg, num_partitions=4))
     return runs
+
+
+@pytest.fixture
+def backbone(weights_file):
+    return Backbone(load_mobilenet(str(weights_file)))
+
+
+@pytest.fixture
+def healthy_backbone(backbone):
+    """The randomly initialised backbone with batch-norm statistics measured on noise: its
+    activations then keep their scale through depth (the untouched random model's vanish to
+    ~1e-10, which says nothing about quantization)."""
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    backbone.features.train()  # Backbone.train() refuses by design
+    with torch.no_grad():
+        for seed in range(4):
+            backbone(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+    return backbone.eval()
+
+
+@pytest.fixture
+def part(celeba_dir):
+    return server_part(RunConfig(dataset=str(celeba_dir)), "valid")

@@ -67,9 +67,9 @@ def test_rows_identity_differs_by_client_and_is_stable(celeba_dir):
     assert other_partitioning.rows_id != a0.rows_id
 
 
-def test_blobs_yield_every_image_in_order(celeba_dir):
+def test_encoded_images_yield_every_image_in_order(celeba_dir):
     part = server_part(cfg_for(celeba_dir), "valid")
-    blobs = [b for batch in part.blobs(7) for b in batch]
+    blobs = [b for batch in part.encoded_images(7) for b in batch]
     assert len(blobs) == len(part) and all(b[:2] == b"\xff\xd8" for b in blobs)
     assert np.isin(part.labels, [0, 1]).all()
 
@@ -176,8 +176,8 @@ def test_undecodable_image_fails_naming_split_row_and_celeb_id_or_is_skipped(tmp
     # Left out everywhere: arrays, rows and images agree, and every image left decodes.
     assert len(part) == len(ids) - 1 == len(part.rows) == len(part.celeb_ids) == len(part.attributes["Male"])
     assert sorted(part.celeb_ids.tolist()) == sorted(ids[:2] + ids[3:])
-    from celeba_app.features import undecodable
-    assert undecodable(part.blobs(4)) == [] and sum(map(len, part.blobs(4))) == len(part)
+    from celeba_app.images import undecodable
+    assert undecodable(part.encoded_images(4)) == [] and sum(map(len, part.encoded_images(4))) == len(part)
 
     data.clear_caches()
     with pytest.raises(ConfigError) as info:  # bad-images = "fail", the default
@@ -189,14 +189,14 @@ def test_undecodable_image_fails_naming_split_row_and_celeb_id_or_is_skipped(tmp
 
 def test_images_are_checked_once_per_set_of_rows(tmp_path, monkeypatch):
     """A later run (embeddings cached) decodes nothing to build its parts."""
-    from celeba_app import features
+    from celeba_app import images
 
     root = make_celeba(tmp_path / "cut", n_train_ids=8, n_eval_ids=3)
     truncate_image(root, "valid", 0)
     cfg = cfg_for(root, **{"bad-images": "skip", "cache-dir": str(tmp_path / "cache")})
     first = server_part(cfg, "valid")
     data.clear_caches()
-    monkeypatch.setattr(features, "undecodable", lambda batches: pytest.fail("images decoded again"))
+    monkeypatch.setattr(images, "undecodable", lambda batches: pytest.fail("images decoded again"))
     again = server_part(cfg, "valid")
     assert again.skipped_rows == first.skipped_rows and again.rows_id == first.rows_id != ""
     assert len(again) == len(first)
@@ -221,7 +221,7 @@ def test_client_parts_leave_out_or_refuse_an_undecodable_training_image(tmp_path
     pid = holder["partition_id"]
     cached = client_parts(cfg, NodeData.partition(cfg, pid, 2, str(tmp_path / "cache")))
     assert [r for p in cached for r in p.skipped_rows] == holder["skipped_rows"] and cached[0].rows is None
-    assert [sum(map(len, p.blobs(4))) for p in cached] == [len(p) for p in cached]
+    assert [sum(map(len, p.encoded_images(4))) for p in cached] == [len(p) for p in cached]
 
     data.clear_caches()
     fail = cfg_for(root, **{"cache-dir": str(tmp_path / "cache")})
@@ -261,5 +261,5 @@ def test_a_data_path_nodes_rows_keep_their_index_in_its_split(celeba_dir, tmp_pa
     assert sorted(train.split_rows.tolist() + val.split_rows.tolist()) == list(range(n))
     files = sorted((parts / "partition_1").glob("train-*.parquet"))
     images = [img["bytes"] for f in files for img in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
-    blobs = [b for batch in train.blobs(16) for b in batch]
+    blobs = [b for batch in train.encoded_images(16) for b in batch]
     assert blobs == [images[r] for r in train.split_rows]

@@ -1,95 +1,21 @@
+"""features.py: the embedding cache, each row computed once per cache dir and checked."""
+
 import pytest
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from celeba_app import features as F
+from celeba_app import images
 from celeba_app.config import RunConfig
 from celeba_app.data import NodeData, client_parts, server_part
-from celeba_app.model import Backbone, load_mobilenet, make_head
+from celeba_app.extractor import Extractor, ImageNetBackbone
+from celeba_app.model import make_head
 from celeba_app.task import train_head
 
 
-@pytest.fixture
-def backbone(weights_file):
-    return Backbone(load_mobilenet(str(weights_file)))
-
-
-@pytest.fixture
-def healthy_backbone(backbone):
-    """The randomly initialised backbone with batch-norm statistics measured on noise: its
-    activations then keep their scale through depth (the untouched random model's vanish to
-    ~1e-10, which says nothing about quantization)."""
-    for m in backbone.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-    backbone.features.train()  # Backbone.train() refuses by design
-    with torch.no_grad():
-        for seed in range(4):
-            backbone(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
-    return backbone.eval()
-
-
-@pytest.fixture
-def part(celeba_dir):
-    return server_part(RunConfig(dataset=str(celeba_dir)), "valid")
-
-
 def store_for(backbone, cache_dir, runtime="torch", size=32, weights_id="w1"):
-    ex = F.Extractor(backbone, runtime, torch.device("cpu"), size, onnx_dir=cache_dir / "onnx",
+    ex = Extractor(backbone, runtime, torch.device("cpu"), size, onnx_dir=cache_dir / "onnx",
                      weights_id=weights_id)
     return F.FeatureStore(ex, weights_id, str(cache_dir), batch_size=8)
-
-
-def test_decode_resize_is_square_and_flip_is_a_mirror(part):
-    blobs = next(part.blobs(4))
-    x = F.decode_resize(blobs, 40)
-    assert x.shape == (4, 3, 40, 40) and x.dtype == torch.uint8
-    assert torch.equal(F.decode_resize(blobs, 40, hflip=True), x.flip(-1))
-
-
-def test_antialiasing_changes_nothing_when_enlarging():
-    """Why the GPU path resizes without antialiasing when enlarging (its CUDA kernel is slow)."""
-    x = torch.randint(0, 256, (2, 3, 109, 89), dtype=torch.uint8).float()
-    up = [TF.resize(x, [224], antialias=a) for a in (True, False)]
-    assert (up[0] - up[1]).abs().max() < 1e-2
-    down = [TF.resize(x, [40], antialias=a) for a in (True, False)]
-    assert (down[0] - down[1]).abs().max() > 1.0
-
-
-@pytest.mark.parametrize("size", [224, 16])  # enlarging (as CelebA to 224 px) and shrinking 30 px
-def test_gpu_style_float_resize_is_within_one_grey_level_of_the_cpu_path(part, size):
-    [(_, batch)] = F.decode(next(part.blobs(4)))
-    cpu = TF.resize(batch, [size], antialias=True)
-    gpu_way = F._resize_float(batch, size)
-    assert gpu_way.dtype == torch.uint8 and gpu_way.shape == cpu.shape
-    assert (gpu_way.int() - cpu.int()).abs().max() <= 1
-
-
-def test_images_of_mixed_sizes_keep_their_order():
-    from torchvision.io import encode_jpeg, encode_png
-
-    g = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
-              for h, w in [(30, 20), (24, 24), (30, 20), (18, 40)]]
-    blobs = [encode_png(im).numpy().tobytes() for im in images]  # lossless: exact reference
-    x = F.decode_resize(blobs, 16)
-    one_by_one = torch.cat([F.decode_resize([b], 16) for b in blobs])
-    assert torch.equal(x, one_by_one)
-    assert [len(idx) for idx, _ in F.decode(blobs)] == [2, 1, 1]
-    jpegs = [encode_jpeg(im).numpy().tobytes() for im in images]
-    assert torch.equal(F.decode_resize(jpegs, 16), torch.cat([F.decode_resize([b], 16) for b in jpegs]))
-
-
-def test_decoding_ahead_keeps_batch_order(backbone, part):
-    ex = F.Extractor(backbone, "torch", torch.device("cpu"), 32)
-    ex.model = lambda x: x.float().flatten(1)[:, :1280]  # an image's own pixels, not a backbone's
-    batches = list(part.blobs(3))
-    assert len(batches) > 3
-    images = torch.cat([F.decode_resize(b, 32) for b in batches])
-    assert torch.equal(F.extract(ex, iter(batches)), images.float().flatten(1)[:, :1280])
-    assert torch.equal(F.extract(ex, iter(batches), hflip=True), images.flip(-1).float().flatten(1)[:, :1280])
-    assert F.extract(ex, iter([])).shape == (0, 1280)
 
 
 def test_cache_reads_what_was_computed_and_misses_on_any_key_change(backbone, part, tmp_path):
@@ -187,18 +113,6 @@ def test_cache_stores_swapped_on_disk_are_rebuilt_not_trusted(backbone, part, tm
     assert again.stats["rows_computed"] == 2 * len(part) and again.stats["rows_cached"] == 0
 
 
-def test_a_jpeg_cut_short_is_caught_by_the_decoder_not_decoded_partly(part):
-    """torchvision's decode_jpeg raises on a truncated JPEG (libjpeg-turbo would otherwise
-    fill the missing rows with grey): the image check relies on it."""
-    whole = next(part.blobs(1))[0]
-    cut = whole[:int(len(whole) * 0.6)]
-    with pytest.raises(RuntimeError, match="Image is incomplete or truncated"):
-        F.decode([whole, cut])
-    assert F.undecodable([[whole, whole], [cut, whole, b"not an image"]]) == [
-        (2, "Image is incomplete or truncated"), (4, F.undecodable([[b"not an image"]])[0][1])]
-    assert F.undecodable([[whole[:-2]]])  # even the end-of-image marker missing
-
-
 def test_a_part_with_rows_left_out_embeds_what_it_holds(backbone, celeba_dir, tmp_path):
     from conftest import make_celeba, truncate_image
 
@@ -210,7 +124,7 @@ def test_a_part_with_rows_left_out_embeds_what_it_holds(backbone, celeba_dir, tm
 
 
 def test_cache_off_recomputes_every_time(backbone, part, tmp_path):
-    ex = F.Extractor(backbone, "torch", torch.device("cpu"), 32)
+    ex = Extractor(backbone, "torch", torch.device("cpu"), 32)
     store = F.FeatureStore(ex, "w", None, batch_size=8)
     store.for_part(part)
     store.for_part(part)
@@ -224,52 +138,19 @@ def test_the_cache_holds_one_store_per_key_and_nothing_temporary(backbone, part,
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == sorted([root.name, root.name + ".lock"])
 
 
-def test_normalisation_matches_torchvision(backbone):
-    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    ref = TF.normalize(x.float() / 255, list(F.IMAGENET_MEAN), list(F.IMAGENET_STD))
-    with torch.no_grad():
-        assert torch.allclose(F.Normalized(backbone)(x), backbone(ref), atol=1e-5)
-
-
-def test_onnx_features_match_pytorch(backbone, part, tmp_path):
-    pytest.importorskip("onnxruntime")
-    t = store_for(backbone, tmp_path / "t", runtime="torch").for_part(part)
-    o = store_for(backbone, tmp_path / "o", runtime="onnx").for_part(part)
-    assert torch.allclose(t, o, atol=1e-4, rtol=1e-4), (t - o).abs().max()
-
-
 def test_training_on_cached_features_equals_training_through_the_backbone(backbone, celeba_dir, tmp_path):
     cfg = RunConfig(dataset=str(celeba_dir))
     train, _ = client_parts(cfg, NodeData.partition(cfg, 0, 2))
-    images = torch.cat([F.decode_resize(b, 32) for b in train.blobs(16)])
+    pixels = torch.cat([images.decode_resize(b, 32) for b in train.encoded_images(16)])
     labels = torch.as_tensor(train.labels)
     feats = store_for(backbone, tmp_path).for_part(train)
     kw = dict(epochs=3, lr=0.01, batch_size=8, seed=11)
     cached, through = make_head(seed=1), make_head(seed=1)
     train_head(cached, feats, labels, **kw)
-    train_head(through, images, labels, encoder=F.Normalized(backbone), **kw)
+    train_head(through, pixels, labels, encoder=ImageNetBackbone(backbone), **kw)
     for k, v in cached.state_dict().items():
         assert torch.allclose(v, through.state_dict()[k], atol=1e-5), k
     assert not torch.equal(cached.state_dict()["1.weight"], make_head(seed=1).state_dict()["1.weight"])
-
-
-def test_int8_runtime_approximates_fp32_with_one_model_per_machine(healthy_backbone, part, tmp_path):
-    """``onnx-int8``: an approximation (quantized, not equal) close to fp32, built
-    deterministically (every client and the server must embed with the same model)."""
-    pytest.importorskip("onnxruntime")
-    o_store = store_for(healthy_backbone, tmp_path / "o", runtime="onnx")
-    o = o_store.for_part(part)
-    q_store = store_for(healthy_backbone, tmp_path / "q", runtime="onnx-int8")
-    q = q_store.for_part(part)
-    assert q.shape == o.shape and not torch.equal(q, o)
-    # This toy model at 32 px: mean cosine 0.73; 0.57 when u8s8 kernels saturate (without
-    # reduce_range, on CPUs without VNNI). The real model at 224 px: 0.91 (docs/SPEED.md).
-    assert torch.nn.functional.cosine_similarity(q, o).mean() > 0.65
-    [m1] = (tmp_path / "q" / "onnx").glob("*-int8-*.onnx")
-    store_for(healthy_backbone, tmp_path / "q2", runtime="onnx-int8")
-    [m2] = (tmp_path / "q2" / "onnx").glob("*-int8-*.onnx")
-    assert m1.read_bytes() == m2.read_bytes()
-    assert q_store.extractor.runtime_id == "onnx-cpu-int8-r1" != o_store.extractor.runtime_id
 
 
 def test_a_cache_disk_that_cannot_be_written_costs_time_not_the_run(backbone, part, tmp_path, monkeypatch):

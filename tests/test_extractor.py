@@ -1,0 +1,39 @@
+"""extractor.py: the backbone's runtimes agree, normalisation is ImageNet's, batches keep order."""
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from celeba_app import images
+from celeba_app.extractor import Extractor, ImageNetBackbone, extract
+
+
+def embed(backbone, runtime, onnx_dir, part, size=32):
+    """float32 (N, 1280) embeddings of ``part`` by an Extractor on ``runtime``, batches of 8."""
+    ex = Extractor(backbone, runtime, torch.device("cpu"), size, onnx_dir=onnx_dir, weights_id="w1")
+    return extract(ex, part.encoded_images(8)), ex
+
+
+def test_decoding_ahead_keeps_batch_order(backbone, part):
+    ex = Extractor(backbone, "torch", torch.device("cpu"), 32)
+    ex.model = lambda x: x.float().flatten(1)[:, :1280]  # an image's own pixels, not a backbone's
+    batches = list(part.encoded_images(3))
+    assert len(batches) > 3
+    pixels = torch.cat([images.decode_resize(b, 32) for b in batches])
+    assert torch.equal(extract(ex, iter(batches)), pixels.float().flatten(1)[:, :1280])
+    assert torch.equal(extract(ex, iter(batches), hflip=True), pixels.flip(-1).float().flatten(1)[:, :1280])
+    assert extract(ex, iter([])).shape == (0, 1280)
+
+
+def test_normalisation_matches_torchvision(backbone):
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    ref = TF.normalize(x.float() / 255, list(images.IMAGENET_MEAN), list(images.IMAGENET_STD))
+    with torch.no_grad():
+        assert torch.allclose(ImageNetBackbone(backbone)(x), backbone(ref), atol=1e-5)
+
+
+def test_onnx_features_match_pytorch(backbone, part, tmp_path):
+    pytest.importorskip("onnxruntime")
+    t, _ = embed(backbone, "torch", tmp_path / "t", part)
+    o, _ = embed(backbone, "onnx", tmp_path / "o", part)
+    assert torch.allclose(t, o, atol=1e-4, rtol=1e-4), (t - o).abs().max()
