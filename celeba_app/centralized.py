@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from .config import ConfigError, RunConfig, load_run_config
-from .data import (NodeData, Part, check_identity_disjoint, client_parts, load_federated,
+from .data import (NodeData, LabeledRows, check_identity_disjoint, client_parts, load_federated,
                    partition_summary, server_part)
 from .features import feature_store
-from .metrics import report
+from .metrics import metrics_report
 from .report import write_report
 from .model import make_head, weights_digest
 from .results import create_run_dir, run_dir_for, write_best, write_run_end, write_run_start, write_skipped_rows
@@ -38,7 +38,7 @@ from .selection import BestRound
 from .task import evaluate_stats, group_balance_weights, pick_device, train_head
 
 
-def _union(parts: list[Part], feats: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray, dict]:
+def _union(parts: list[LabeledRows], feats: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray, dict]:
     labels = np.concatenate([p.labels for p in parts])
     attrs = {a: np.concatenate([p.attributes[a] for p in parts]) for a in parts[0].attributes}
     return torch.cat(feats, dim=-2), labels, attrs
@@ -86,13 +86,13 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
                              lr=cfg.learning_rate * cfg.lr_decay ** (rnd - 1), batch_size=cfg.batch_size,
                              seed=cfg.seed + rnd, device=device, weight_decay=cfg.weight_decay,
                              sample_weight=weights)
-            entry["train"] = report(evaluate_stats(head, plain_train, y_train, a_train, device), "train",
+            entry["train"] = metrics_report(evaluate_stats(head, plain_train, y_train, a_train, device), "train",
                                     cfg.min_group_size)
             entry["train"]["client_means"] = {"train_loss": res["loss"]}
             if len(y_val):
-                entry["local_validation"] = report(evaluate_stats(head, x_val, y_val, a_val, device),
+                entry["local_validation"] = metrics_report(evaluate_stats(head, x_val, y_val, a_val, device),
                                                    "local val", cfg.min_group_size)
-        entry["server_valid"] = report(evaluate_stats(head, f_valid, valid.labels, valid.attributes, device),
+        entry["server_valid"] = metrics_report(evaluate_stats(head, f_valid, valid.labels, valid.attributes, device),
                                        "valid", cfg.min_group_size)
         entry["seconds"] = time.time() - t0
         history.append(entry)
@@ -106,7 +106,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
 
     def test_report(state: dict) -> dict:
         model = make_head(cfg.head_dropout, state=state)
-        return report(evaluate_stats(model, f_test, test.labels, test.attributes, device), "test", cfg.min_group_size)
+        return metrics_report(evaluate_stats(model, f_test, test.labels, test.attributes, device), "test", cfg.min_group_size)
 
     test_rep = test_report(head.state_dict())
     write_best(run_dir, best, test_report)

@@ -17,7 +17,7 @@ per bin. From these sums:
   (``auroc_max_error``): small for a trained head, whose scores spread over the bins, but up
   to ~0.02 for a poorly trained one, whose scores crowd a few bins around 0.5.
 
-``summarize`` turns one slice's stats into metrics; ``report`` adds Wilson intervals, group
+``summarize`` turns one slice's stats into metrics; ``metrics_report`` adds Wilson intervals, group
 tables and fairness gaps, each gap with a 95% Newcombe interval (from the same counts, so it
 works federatedly). The same code serves the server's central evaluation (stats built
 from its own predictions) and the federated one, so the two can be compared exactly.
@@ -110,6 +110,17 @@ def slice_stats(probs, labels, losses, attributes: Mapping[str, np.ndarray],
 
 
 def flatten(stats: Mapping[str, Stats]) -> dict[str, float | list[float]]:
+    """Slice statistics as the flat mapping a Flower ``MetricRecord`` (or ``ConfigRecord``)
+    carries: the wire format of every reply's statistics, defined here and nowhere else.
+
+    Keys are ``"<slice>|<statistic>"``; slices are ``all``, ``A=v`` and ``A=v&B=w``
+    (``slice_masks``), statistics are ``SCALARS`` (floats) and ``HISTS`` (lists of
+    ``NUM_BINS`` floats). Keys without ``|`` (``num-examples``, ``train_loss``, ...) are the
+    reply's own and ignored by ``unflatten``. Example::
+
+        {"all|n": 120.0, "all|tp": 41.0, ..., "Male=1&Young=0|hist_pos": [0.0, 2.0, ...],
+         "num-examples": 120, "partition_id": 3}
+    """
     out: dict = {}
     for name, s in stats.items():
         out.update(s.to_flat(name))
@@ -117,6 +128,8 @@ def flatten(stats: Mapping[str, Stats]) -> dict[str, float | list[float]]:
 
 
 def unflatten(flat: Mapping) -> dict[str, Stats]:
+    """The inverse of ``flatten``: {slice: Stats} from a reply's record (other keys ignored).
+    Raises KeyError if a slice lacks one of its statistics."""
     names = sorted({k.rsplit("|", 1)[0] for k in flat if "|" in k})
     return {name: Stats.from_flat(flat, name) for name in names}
 
@@ -208,7 +221,7 @@ def summarize(s: Stats) -> dict[str, float | None]:
         "auroc_max_error": auroc_max_error(s.hist_pos, s.hist_neg),
         "ece": binned_ece(s.hist_pos, s.hist_neg, s.prob_sum),
         "base_rate": _div(s.pos, s.n),
-        "positive_rate": _div(s.tp + s.fp, s.n),
+        "selection_rate": _div(s.tp + s.fp, s.n),
         "tpr": tpr,
         "fpr": _div(s.fp, s.fp + s.tn),
     }
@@ -217,7 +230,7 @@ def summarize(s: Stats) -> dict[str, float | None]:
 def group_metrics(s: Stats) -> dict:
     """A group's row: n, rates, accuracy/TPR/FPR with 95% Wilson intervals, AUROC."""
     m = summarize(s)
-    keep = ("n", "base_rate", "positive_rate", "accuracy", "tpr", "fpr", "auroc", "balanced_accuracy")
+    keep = ("n", "base_rate", "selection_rate", "accuracy", "tpr", "fpr", "auroc", "balanced_accuracy")
     row = {k: m[k] for k in keep}
     row["accuracy_ci"] = wilson(s.tp + s.tn, s.n)
     row["tpr_ci"] = wilson(s.tp, s.tp + s.fn)
@@ -258,7 +271,7 @@ def gap_with_interval(groups: Mapping[str, Stats], proportion) -> dict:
     return {"value": p1 - p2, "groups": [hi, lo], "ci": newcombe(x1, n1, x2, n2)}
 
 
-def report(stats: Mapping[str, Stats], where: str = "", min_group_size: int = MIN_GROUP_SIZE) -> dict:
+def metrics_report(stats: Mapping[str, Stats], where: str = "", min_group_size: int = MIN_GROUP_SIZE) -> dict:
     """Overall metrics, per-group tables and per-attribute gaps from summed slice stats.
 
     Keys: ``overall`` (summarize), ``groups[attr][value]`` and, for intersections,

@@ -60,7 +60,7 @@ def make_head(dropout: float = 0.0, seed: int | None = None,
     return head
 
 
-class SmileNet(nn.Module):
+class BackboneWithHead(nn.Module):
     """Backbone + head, for training through the backbone (the slow, reference path)."""
 
     def __init__(self, backbone: Backbone, head: nn.Module) -> None:

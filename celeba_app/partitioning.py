@@ -29,15 +29,22 @@ from .config import RunConfig
 class IdentityDirichletPartitioner(Partitioner):
     """Partition by identity, with a Dirichlet(alpha) demographic mix per client.
 
+    ``partition_by``: the identity column (flwr-datasets' name, as in NaturalIdPartitioner);
+    all rows of one identity go to one partition. ``group_attributes``: the binary columns
+    whose cells (e.g. Male x Young, 4 cells) get a Dirichlet(``alpha``) share per client:
+    small alpha, each client mostly one cell; large alpha, every client near the global mix.
+
     Guarantees (tested): every row is in exactly one partition; no identity is in two
     partitions; no partition is empty; the same seed gives the same partitions.
+    Raises ValueError for ``num_partitions`` < 1 or ``alpha`` <= 0, and (on loading) for
+    more partitions than identities.
     """
 
     def __init__(
         self,
         num_partitions: int,
         alpha: float = 0.5,
-        identity_column: str = "celeb_id",
+        partition_by: str = "celeb_id",
         group_attributes: tuple[str, ...] = ("Male", "Young"),
         seed: int = 42,
     ) -> None:
@@ -48,7 +55,7 @@ class IdentityDirichletPartitioner(Partitioner):
             raise ValueError(f"alpha={alpha} is not valid; accepted: > 0")
         self._num_partitions = num_partitions
         self._alpha = float(alpha)
-        self._identity_column = identity_column
+        self._partition_by = partition_by
         self._group_attributes = tuple(group_attributes)
         self._seed = seed
         self._partition_rows: list[np.ndarray] | None = None
@@ -71,7 +78,7 @@ class IdentityDirichletPartitioner(Partitioner):
         return self._partition_rows
 
     def _build(self) -> list[np.ndarray]:
-        ids = np.asarray(self.dataset[self._identity_column])
+        ids = np.asarray(self.dataset[self._partition_by])
         attrs = np.stack(
             [np.asarray(self.dataset[a], dtype=np.int64) for a in self._group_attributes], axis=1
         ) if self._group_attributes else np.zeros((len(ids), 0), dtype=np.int64)

@@ -34,7 +34,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .metrics import ALL, NUM_BINS, Stats, report
+from .metrics import ALL, NUM_BINS, Stats, metrics_report
 
 GRID = 1001  # FPR grid of the search, as fairlearn's default grid_size=1000
 
@@ -149,7 +149,7 @@ def equalized_odds_report(fit_on: Mapping[str, Mapping[str, Stats] | None], test
     ``fit_on`` (e.g. {"valid": server's stats, "clients' held-out": summed client stats}) and
     what they do on ``test``: accuracy, per-group TPR/FPR and the gaps (with intervals),
     before and after. A fit that cannot be made is recorded with its reason."""
-    before = report(test, "test", min_group_size)
+    before = metrics_report(test, "test", min_group_size)
     out: dict = {"method": "equalized-odds post-processing (Hardt, Price & Srebro 2016), thresholds and "
                            "randomization per group, fitted on score histograms",
                  "needs": "the sensitive attribute at prediction time", "attributes": {}}
@@ -163,13 +163,13 @@ def equalized_odds_report(fit_on: Mapping[str, Mapping[str, Stats] | None], test
             except ValueError as exc:
                 entry[name] = {"error": str(exc)}
                 continue
-            after = report(apply_rules(attribute_groups(test, attr), fitted), "test", min_group_size)
+            after = metrics_report(apply_rules(attribute_groups(test, attr), fitted), "test", min_group_size)
             entry[name] = {"rule": fitted, "test_after": _summary(after, attr)}
         out["attributes"][attr] = entry
     return out
 
 
 def _summary(rep: dict, attr: str) -> dict:
-    groups = {g: None if r is None else {k: r[k] for k in ("n", "accuracy", "tpr", "fpr", "positive_rate")}
+    groups = {g: None if r is None else {k: r[k] for k in ("n", "accuracy", "tpr", "fpr", "selection_rate")}
               for g, r in rep["groups"].get(attr, {}).items()}
     return {"accuracy": rep["overall"]["accuracy"], "groups": groups, "gaps": rep["gaps"].get(attr)}

@@ -186,7 +186,7 @@ def group_table(test: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, r in _group_rows(test):
         n = f"{r['n']}*" if r.get("small") else str(r["n"])
-        lines.append(f"| {name} | {n} | {fmt(r['base_rate'], 3)} | {fmt(r['positive_rate'], 3)} | "
+        lines.append(f"| {name} | {n} | {fmt(r['base_rate'], 3)} | {fmt(r.get('selection_rate', r.get('positive_rate')), 3)} | "
                      f"{fmt(r['accuracy'], 3)} {_ci(r['accuracy_ci'])} | {fmt(r['tpr'], 3)} {_ci(r['tpr_ci'])} | "
                      f"{fmt(r['fpr'], 3)} {_ci(r['fpr_ci'])} | {fmt(r['auroc'], 3)} |")
     return "\n".join(lines)

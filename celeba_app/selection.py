@@ -14,7 +14,7 @@ from .config import SELECTION_METRICS
 
 
 def metric_value(rep: dict, metric: str) -> float | None:
-    """The selection metric of a metrics.report(); worst_group_accuracy is the lowest group
+    """The selection metric of a metrics.metrics_report(); worst_group_accuracy is the lowest group
     accuracy over every sensitive attribute and intersection."""
     if metric == "worst_group_accuracy":
         values = [g["worst_group_accuracy"] for g in rep["gaps"].values()

@@ -27,7 +27,7 @@ from .config import ConfigError, RunConfig
 from .data import check_clients_disjoint, server_identities, server_part
 from .federation import FederationGrid, describe_nodes, wait_for_nodes
 from .features import feature_store
-from .metrics import report
+from .metrics import metrics_report
 from .model import make_head, weights_digest
 from .postprocessing import equalized_odds_report
 from .report import write_report
@@ -116,7 +116,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         def evaluate_valid(server_round: int, arrays: ArrayRecord) -> dict:
             head = make_head(cfg.head_dropout, state=arrays.to_torch_state_dict())
-            return report(evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
+            return metrics_report(evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
                           where="valid", min_group_size=cfg.min_group_size)
 
         def on_round(history: list[dict], checkpoint: dict) -> None:
@@ -142,7 +142,7 @@ def main(grid: Grid, context: Context) -> None:
 
         def test_report(state: dict) -> dict:
             head = make_head(cfg.head_dropout, state=state)
-            return report(evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device), "test",
+            return metrics_report(evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device), "test",
                           min_group_size=cfg.min_group_size)
 
         test_rep = test_report(last_state)

@@ -28,7 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, QFedAvg, Result
 
 from .federation import error_reason
-from .metrics import ALL, MIN_GROUP_SIZE, client_distribution, report, sum_stats, unflatten
+from .metrics import ALL, MIN_GROUP_SIZE, client_distribution, metrics_report, sum_stats, unflatten
 from .selection import BestRound
 
 NOT_SUMMED = ("num-examples", "partition_id")  # identifiers, not quantities
@@ -40,7 +40,7 @@ class NoClientTrained(Exception):
 
 
 def headline(rep: dict) -> MetricRecord:
-    """The few numbers worth a log line, from a metrics.report()."""
+    """The few numbers worth a log line, from a metrics.metrics_report()."""
     return MetricRecord({k: float(v) for k, v in rep["overall"].items() if k in HEADLINE and v is not None})
 
 
@@ -56,7 +56,7 @@ def aggregate_reports(contents: list[RecordDict], where: str, min_group_size: in
             if "|" not in key and not isinstance(value, list) and key not in NOT_SUMMED:
                 extra[key] = extra.get(key, 0.0) + float(value) * float(metrics["num-examples"])
     total = sum(float(next(iter(c.metric_records.values()))["num-examples"]) for c in contents)
-    rep = report(sum_stats(per_client), where=where, min_group_size=min_group_size)
+    rep = metrics_report(sum_stats(per_client), where=where, min_group_size=min_group_size)
     rep["num_clients"] = len(contents)
     # Example-weighted means of the clients' scalar extras (e.g. the running training loss).
     rep["client_means"] = {k: v / total for k, v in extra.items()} if total else {}
@@ -89,12 +89,14 @@ class RunFailed(Exception):
     Not a RuntimeError: flwr-serverapp reports those as "Failed to start run" (exit code 203)."""
 
 
-class FairMetrics:
-    """Mixin for any flwr Message-API strategy: summed-statistic metrics, a per-round history,
-    bytes sent, the per-round learning rate (``lr * lr_decay^(round-1)``), and the round loop.
+class GroupMetrics:
+    """Mixin for any flwr Message-API strategy: metrics per demographic group from summed
+    statistics, a per-round history, bytes sent, the per-round learning rate
+    (``lr * lr_decay^(round-1)``), and the round loop. It measures groups; it does not change
+    how the strategy aggregates (``FairFed`` below is the fairness algorithm).
 
     The strategy's own ``aggregate_train`` still aggregates the arrays (FedAvg's weighted mean,
-    FedAvgM's momentum, FedAdam's server optimiser, q-FedAvg's reweighting), so the fairness
+    FedAvgM's momentum, FedAdam's server optimiser, q-FedAvg's reweighting), so the group
     metrics work whichever strategy runs.
 
     ``start`` owns the round loop, as the strategy of Flower's advanced-pytorch example does:
@@ -299,20 +301,20 @@ class FairMetrics:
         return headline(rep)
 
 
-class FairFedAvg(FairMetrics, FedAvg):
-    """FedAvg with FairMetrics."""
+class FedAvgWithGroupMetrics(GroupMetrics, FedAvg):
+    """FedAvg with GroupMetrics."""
 
 
-class FairFedProx(FairMetrics, FedProx):
-    """FedProx (the client adds (mu/2)||w - w_global||^2 to its loss) with FairMetrics."""
+class FedProxWithGroupMetrics(GroupMetrics, FedProx):
+    """FedProx (the client adds (mu/2)||w - w_global||^2 to its loss) with GroupMetrics."""
 
 
-class FairFedAvgM(FairMetrics, FedAvgM):
-    """FedAvg with server momentum, with FairMetrics."""
+class FedAvgMWithGroupMetrics(GroupMetrics, FedAvgM):
+    """FedAvg with server momentum, with GroupMetrics."""
 
 
-class FairFedAdam(FairMetrics, FedAdam):
-    """FedAdam (Adam on the server over the clients' mean update), with FairMetrics."""
+class FedAdamWithGroupMetrics(GroupMetrics, FedAdam):
+    """FedAdam (Adam on the server over the clients' mean update), with GroupMetrics."""
 
 
 class QFedAvgNoGC(QFedAvg):
@@ -350,9 +352,9 @@ class QFedAvgNoGC(QFedAvg):
         return ArrayRecord(dict(zip(keys, new))), metrics
 
 
-class FairQFedAvg(FairMetrics, QFedAvgNoGC):
+class QFedAvgWithGroupMetrics(GroupMetrics, QFedAvgNoGC):
     """q-FedAvg (Li, Sanjabi, Beirami & Smith, ICLR 2020: clients with higher loss weigh more;
-    q=0 is FedAvg), with FairMetrics.
+    q=0 is FedAvg), with GroupMetrics.
 
     Its step is sum_k F_k^q L d_k / sum_k (q F_k^(q-1) ||L d_k||^2 + L F_k^q), with d_k the
     client's change of the head and L the loss's Lipschitz constant, which flwr takes as
@@ -363,7 +365,7 @@ class FairQFedAvg(FairMetrics, QFedAvgNoGC):
     """
 
 
-class FairFed(FairMetrics, FedAvg):
+class FairFed(GroupMetrics, FedAvg):
     """FairFed (Ezzeldin, Yan, He, Ferrara & Avestimehr, AAAI 2023): FedAvg whose aggregation
     weights move, every round, towards the clients whose local fairness gap is close to the
     global one.
@@ -407,8 +409,8 @@ class FairFed(FairMetrics, FedAvg):
         sizes = [float(next(iter(m.content.metric_records.values()))["num-examples"]) for m in valid]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a client without some group: its gap is None
-            glob = report(sum_stats(stats), min_group_size=1)
-            local = [report(s, min_group_size=1) for s in stats]
+            glob = metrics_report(sum_stats(stats), min_group_size=1)
+            local = [metrics_report(s, min_group_size=1) for s in stats]
         gap = (glob["gaps"].get(self.attribute) or {}).get(self.metric)
         acc = glob["overall"]["accuracy"]
         deltas = []
@@ -429,7 +431,7 @@ class FairFed(FairMetrics, FedAvg):
                          "delta": dict(zip(pids, deltas)), "weights": dict(zip(pids, weights))}
 
 
-def make_strategy(cfg, num_nodes: int) -> FairMetrics:
+def make_strategy(cfg, num_nodes: int) -> GroupMetrics:
     """The strategy named by ``cfg.strategy``, configured from the run config.
 
     ``min_available_nodes`` is 1: flwr's node sampling waits for it with no time limit, so
@@ -440,21 +442,21 @@ def make_strategy(cfg, num_nodes: int) -> FairMetrics:
         min_available_nodes=1, learning_rate=cfg.learning_rate, lr_decay=cfg.lr_decay, sampling_seed=cfg.seed,
     )
     if cfg.strategy == "fedprox":
-        strategy = FairFedProx(proximal_mu=cfg.proximal_mu, **common)
+        strategy = FedProxWithGroupMetrics(proximal_mu=cfg.proximal_mu, **common)
     elif cfg.strategy == "fedavgm":
-        strategy = FairFedAvgM(server_learning_rate=cfg.server_learning_rate,
+        strategy = FedAvgMWithGroupMetrics(server_learning_rate=cfg.server_learning_rate,
                                server_momentum=cfg.server_momentum, **common)
     elif cfg.strategy == "fedadam":
-        strategy = FairFedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, **common)
+        strategy = FedAdamWithGroupMetrics(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, **common)
     elif cfg.strategy == "fairfed":
         strategy = FairFed(beta=cfg.fairfed_beta, attribute=cfg.fairfed_attribute, metric=cfg.fairfed_metric,
                            **common)
     elif cfg.strategy == "qfedavg":
-        # flwr takes L as 1 / client_learning_rate (see FairQFedAvg)
-        strategy = FairQFedAvg(client_learning_rate=1.0 / cfg.qfedavg_lipschitz, q=cfg.qfedavg_q,
+        # flwr takes L as 1 / client_learning_rate (see QFedAvgWithGroupMetrics)
+        strategy = QFedAvgWithGroupMetrics(client_learning_rate=1.0 / cfg.qfedavg_lipschitz, q=cfg.qfedavg_q,
                                train_loss_key="global_loss", **common)
     else:
-        strategy = FairFedAvg(**common)
+        strategy = FedAvgWithGroupMetrics(**common)
     strategy.min_group_size = cfg.min_group_size
     return strategy
 

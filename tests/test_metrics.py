@@ -8,7 +8,7 @@ from torchmetrics.functional.classification import (binary_accuracy, binary_auro
                                                     binary_calibration_error, binary_f1_score,
                                                     binary_precision, binary_recall)
 
-from celeba_app.metrics import (ALL, Stats, flatten, report, slice_stats, sum_stats, summarize,
+from celeba_app.metrics import (ALL, Stats, flatten, metrics_report, slice_stats, sum_stats, summarize,
                                 unflatten, wilson)
 from celeba_app.task import bce_per_row
 
@@ -42,7 +42,7 @@ def test_overall_metrics_match_torchmetrics():
 def test_group_metrics_and_gaps_match_fairlearn():
     p, y, attrs = sample()
     pred = (p >= 0.5).astype(int)
-    rep = report(slice_stats(p, y, bce_per_row(p, y), attrs))
+    rep = metrics_report(slice_stats(p, y, bce_per_row(p, y), attrs))
     for attr in ("Male", "Young", "Pale_Skin"):
         frame = MetricFrame(metrics={"acc": accuracy_score, "tpr": true_positive_rate,
                                      "fpr": false_positive_rate},
@@ -81,7 +81,7 @@ def test_federated_sum_equals_central_computation_on_the_union():
         local = slice_stats(p[a:b], y[a:b], bce_per_row(p[a:b], y[a:b]), sub)
         clients.append(unflatten(flatten(local)))  # through the MetricRecord encoding
     federated = sum_stats(clients)
-    fed, cen = report(federated), report(central)
+    fed, cen = metrics_report(federated), metrics_report(central)
     assert fed["overall"] == pytest.approx(cen["overall"], abs=1e-9)
     for attr in cen["gaps"]:
         assert fed["gaps"][attr] == cen["gaps"][attr]  # integer counts sum exactly
@@ -96,7 +96,7 @@ def test_empty_group_is_null_with_a_warning_not_a_crash():
     p, y, attrs = sample(n=200)
     attrs["Pale_Skin"] = np.zeros(200, dtype=int)
     with pytest.warns(UserWarning, match="group Pale_Skin=1 has no members in test"):
-        rep = report(slice_stats(p, y, bce_per_row(p, y), attrs), where="test")
+        rep = metrics_report(slice_stats(p, y, bce_per_row(p, y), attrs), where="test")
     assert rep["groups"]["Pale_Skin"]["1"] is None
     assert rep["gaps"]["Pale_Skin"]["equalized_odds_difference"] is None
     assert rep["groups"]["Pale_Skin"]["0"]["n"] == 200
@@ -129,7 +129,7 @@ def test_newcombe_interval_reproduces_newcombe_1998_table_ii_method_10():
 
 def test_every_gap_has_an_interval_around_it_and_names_its_groups():
     p, y, attrs = sample()
-    rep = report(slice_stats(p, y, bce_per_row(p, y), attrs))
+    rep = metrics_report(slice_stats(p, y, bce_per_row(p, y), attrs))
     for attr, gaps in rep["gaps"].items():
         for key in ("demographic_parity_difference", "equal_opportunity_difference",
                     "equalized_odds_difference", "accuracy_gap"):
@@ -147,12 +147,12 @@ def test_worst_group_accuracy_counts_only_groups_of_min_group_size_and_flags_the
     attrs["Bald"] = np.zeros(600, dtype=int)
     attrs["Bald"][:12] = 1
     y[:12], p[:12] = 1, 0.1  # a tiny group, all wrong
-    rep = report(slice_stats(p, y, bce_per_row(p, y), attrs), min_group_size=30)
+    rep = metrics_report(slice_stats(p, y, bce_per_row(p, y), attrs), min_group_size=30)
     assert rep["groups"]["Bald"]["1"]["small"] and not rep["groups"]["Bald"]["0"]["small"]
     assert rep["groups"]["Bald"]["1"]["accuracy"] == 0.0
     assert rep["gaps"]["Bald"]["worst_group_accuracy"] == rep["groups"]["Bald"]["0"]["accuracy"]
     assert rep["gaps"]["Bald"]["accuracy_gap"] == rep["groups"]["Bald"]["0"]["accuracy"]  # still shown
-    assert report(slice_stats(p, y, bce_per_row(p, y), attrs), min_group_size=5)["gaps"]["Bald"][
+    assert metrics_report(slice_stats(p, y, bce_per_row(p, y), attrs), min_group_size=5)["gaps"]["Bald"][
         "worst_group_accuracy"] == 0.0
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from celeba_app.config import ConfigError
-from celeba_app.model import FEATURE_DIM, Backbone, SmileNet, head_state, load_mobilenet, make_head
+from celeba_app.model import FEATURE_DIM, Backbone, BackboneWithHead, head_state, load_mobilenet, make_head
 from celeba_app.task import train_head
 
 
@@ -10,7 +10,7 @@ def test_backbone_weights_and_bn_statistics_are_bit_identical_after_training(wei
     backbone = Backbone(load_mobilenet(str(weights_file)))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     assert any("running_mean" in k for k in before)  # BN buffers are part of what is checked
-    model = SmileNet(backbone, make_head(seed=0))
+    model = BackboneWithHead(backbone, make_head(seed=0))
     model.train()  # what a careless training loop does; the backbone must refuse it
     assert not backbone.training and all(not m.training for m in backbone.modules())
     assert not any(p.requires_grad for p in backbone.parameters())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from celeba_app.metrics import ALL, report, slice_stats
+from celeba_app.metrics import ALL, metrics_report, slice_stats
 from celeba_app.postprocessing import apply_rules, attribute_groups, fit_equalized_odds
 from celeba_app.task import bce_per_row
 
@@ -49,13 +49,13 @@ def test_fitted_rules_equalize_tpr_and_fpr_and_match_fairlearn():
     stats = slice_stats(p, y, bce_per_row(p, y), attrs)
     fitted = fit_equalized_odds(attribute_groups(stats, "Male"))
     after = apply_rules(attribute_groups(stats, "Male"), fitted)
-    rep = report(after)
+    rep = metrics_report(after)
     # On the data it was fitted on, every group sits at the common point.
     assert rep["gaps"]["Male"]["equalized_odds_difference"] < 1e-6
     for g in ("0", "1"):
         assert rep["groups"]["Male"][g]["tpr"] == pytest.approx(fitted["point"][1], abs=1e-9)
         assert rep["groups"]["Male"][g]["fpr"] == pytest.approx(fitted["point"][0], abs=1e-9)
-    before = report(stats)["gaps"]["Male"]["equalized_odds_difference"]
+    before = metrics_report(stats)["gaps"]["Male"]["equalized_odds_difference"]
     assert before > 0.1
 
     # fairlearn on the same scores: the same operating point, up to our bins of 1/120.
@@ -66,7 +66,7 @@ def test_fitted_rules_equalize_tpr_and_fpr_and_match_fairlearn():
     for g in (0, 1):
         assert theirs[g][0] == pytest.approx(fitted["point"][1], abs=0.02)  # TPR
         assert theirs[g][1] == pytest.approx(fitted["point"][0], abs=0.02)  # FPR
-    acc_ours = report(after)["overall"]["accuracy"]
+    acc_ours = metrics_report(after)["overall"]["accuracy"]
     pmf = opt._pmf_predict(p[:, None], sensitive_features=attrs["Male"])[:, 1]
     acc_theirs = np.mean(np.where(y == 1, pmf, 1 - pmf))
     assert acc_ours == pytest.approx(acc_theirs, abs=0.01)
@@ -77,7 +77,7 @@ def test_rules_fitted_on_one_sample_narrow_the_gap_on_another():
     fitted = fit_equalized_odds(attribute_groups(slice_stats(p, y, bce_per_row(p, y), attrs), "Male"))
     pt, yt, at = scores(4000, seed=2)  # "test": same population, other rows
     test = slice_stats(pt, yt, bce_per_row(pt, yt), at)
-    before, after = report(test), report(apply_rules(attribute_groups(test, "Male"), fitted))
+    before, after = metrics_report(test), metrics_report(apply_rules(attribute_groups(test, "Male"), fitted))
     assert after["gaps"]["Male"]["equalized_odds_difference"] < 0.5 * before["gaps"]["Male"]["equalized_odds_difference"]
     assert after["overall"]["n"] == before["overall"]["n"] == len(yt)
     assert abs(after["overall"]["accuracy"] - before["overall"]["accuracy"]) < 0.1  # a cost, bounded

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from celeba_app.config import RunConfig
 from celeba_app.metrics import flatten, slice_stats
 from celeba_app.selection import BestRound
-from celeba_app.strategy import (FairFedAdam, FairFedAvg, FairFedAvgM, FairFedProx, FairQFedAvg,
+from celeba_app.strategy import (FedAdamWithGroupMetrics, FedAvgWithGroupMetrics, FedAvgMWithGroupMetrics, FedProxWithGroupMetrics, QFedAvgWithGroupMetrics,
                                  NoClientTrained, RoundPolicy, RunFailed, make_strategy)
 from celeba_app.task import bce_per_row
 
@@ -36,9 +36,9 @@ def reply(weight: float, n: int, seed: int, male_shift: float = 0.0) -> Message:
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
-@pytest.mark.parametrize("name, cls", [("fedavg", FairFedAvg), ("fedprox", FairFedProx),
-                                       ("fedavgm", FairFedAvgM), ("fedadam", FairFedAdam),
-                                       ("qfedavg", FairQFedAvg)])
+@pytest.mark.parametrize("name, cls", [("fedavg", FedAvgWithGroupMetrics), ("fedprox", FedProxWithGroupMetrics),
+                                       ("fedavgm", FedAvgMWithGroupMetrics), ("fedadam", FedAdamWithGroupMetrics),
+                                       ("qfedavg", QFedAvgWithGroupMetrics)])
 def test_every_strategy_aggregates_and_records_fair_metrics(name, cls):
     extra = {"proximal-mu": 0.1} if name == "fedprox" else {}
     strategy = make_strategy(RunConfig.from_run_config({"strategy": name, "lr-decay": 0.5, **extra}), 3)
