@@ -52,7 +52,7 @@ IMAGES_CHECK_VERSION = "2"  # 2: remembered per row of the split
 
 
 @dataclass
-class Part:
+class LabeledRows:
     """A set of rows the app computes embeddings for and evaluates on."""
 
     name: str
@@ -76,7 +76,7 @@ class Part:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def blobs(self, batch_size: int, positions: np.ndarray | None = None) -> Iterator[list[bytes]]:
+    def encoded_images(self, batch_size: int, positions: np.ndarray | None = None) -> Iterator[list[bytes]]:
         """The encoded images, in row order, ``batch_size`` at a time (no decoding here); only
         those at ``positions`` (indices into this part, ascending) when given."""
         from datasets import Image
@@ -257,14 +257,23 @@ def _partition_meta(path: Path) -> dict:
         raise ConfigError(f"{meta} is not valid JSON ({exc}); accepted: the file celeba-partition wrote") from exc
 
 
-def _new_fds(spec: str, partitioners: dict, shuffle: bool, seed: int, memo_dir: str | None) -> FederatedDataset:
+def _new_fds(spec: str, partitioners: dict, shuffle: bool, seed: int, memo_dir: str | None,
+             splits: tuple[str, ...] | None = None) -> FederatedDataset:
+    """flwr-datasets' FederatedDataset over ``spec``. ``splits``: of a local folder, prepare
+    only these (``datasets`` otherwise converts every split it finds, the server's untouched
+    ``train`` included: memory and time that grow with the clients' data)."""
     from flwr_datasets import FederatedDataset
 
+    kwargs = _load_kwargs(spec, dataset_fingerprint(spec, memo_dir))
+    if splits and is_local_path(spec):
+        root = Path(spec).expanduser().resolve()
+        files = {s: sorted(str(p) for p in root.rglob(f"{s}-*.parquet") if not _hidden(p, root)) for s in splits}
+        if all(files.values()):  # else load as before, and let the schema check name what is missing
+            kwargs["data_files"] = files
     with warnings.catch_warnings():
         # flwr-datasets warns about any dataset outside its tested list; ours is known.
         warnings.filterwarnings("ignore", message="The currently tested dataset")
-        return FederatedDataset(dataset=spec, partitioners=partitioners, shuffle=shuffle, seed=seed,
-                                **_load_kwargs(spec, dataset_fingerprint(spec, memo_dir)))
+        return FederatedDataset(dataset=spec, partitioners=partitioners, shuffle=shuffle, seed=seed, **kwargs)
 
 
 def _load_split(cfg: RunConfig, fds: FederatedDataset, spec: str, split: str) -> Dataset:
@@ -409,12 +418,12 @@ def _check_split_values(spec: str, split: str, ds: Dataset, columns: list[str], 
 
 
 def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str, *, source: str, split: str,
-              memo_dir: str | None = None, may_be_empty: bool = False) -> Part:
-    """A Part of ``rows`` of split ``split`` of ``source`` (a dataset spec or data-path): its
+              memo_dir: str | None = None, may_be_empty: bool = False) -> LabeledRows:
+    """The LabeledRows of ``rows`` of split ``split`` of ``source`` (a dataset spec or data-path): its
     labels and sensitive attributes, refused unless booleans or 0/1 (``check_binary``), and
     its images, each of which must decode (``bad-images``): ``fail`` refuses the first one
     that cannot (ConfigError naming the part, the row and the celeb_id), ``skip`` leaves such
-    rows out of the Part (``Part.skipped_rows`` lists them; a warning names each).
+    rows out of the LabeledRows (``LabeledRows.skipped_rows`` lists them; a warning names each).
 
     The images are checked once per set of rows: the result is kept under
     ``<memo_dir>/checked`` (the rows' identity names it), so a run whose embeddings are cached
@@ -423,7 +432,7 @@ def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str, *, source:
     columns = rows.select_columns(["celeb_id", cfg.target, *cfg.sensitive_attributes])
     table = columns.with_format("numpy")[:]
     check_binary(source, split, {c: table[c] for c in (cfg.target, *cfg.sensitive_attributes)})
-    part = Part(
+    part = LabeledRows(
         name=name,
         rows=rows,
         rows_id=rows_identity(rows, data_id),
@@ -457,18 +466,18 @@ def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str, *, source:
     if len(found) > 10:
         flwr_log.warning("celeba-fl: bad-images='skip': and %d more rows of %s left out", len(found) - 10, name)
     kept = rows.select(keep)
-    return Part(name=name, rows=kept, rows_id=rows_identity(kept, data_id), labels=part.labels[keep],
+    return LabeledRows(name=name, rows=kept, rows_id=rows_identity(kept, data_id), labels=part.labels[keep],
                 attributes={a: v[keep] for a, v in part.attributes.items()}, celeb_ids=part.celeb_ids[keep],
                 skipped_rows=found, data_id=data_id, split=split, split_size=part.split_size,
                 split_rows=part.split_rows[keep])
 
 
-def _undecodable_rows(part: Part, memo_dir: str | None) -> list[tuple[int, str]]:
+def _undecodable_rows(part: LabeledRows, memo_dir: str | None) -> list[tuple[int, str]]:
     """(row, reason) of the part's images that cannot be decoded (features.undecodable): one
     decode per image, remembered per row of the split under ``<memo_dir>/checked``
     (row_store.py: 1.0 for a row that cannot be decoded, whose reason goes to ``reasons.json``
     beside it), so another partitioning of the same data decodes nothing again."""
-    from .features import undecodable
+    from .images import undecodable
     from .row_store import RowStore, file_lock
 
     if len(part) == 0:
@@ -485,7 +494,7 @@ def _undecodable_rows(part: Part, memo_dir: str | None) -> list[tuple[int, str]]
     for pos in np.flatnonzero(have & (values[:, 0] > 0)):
         found[int(pos)] = reasons.get(str(int(part.split_rows[pos])), "cannot be decoded")
     todo = np.flatnonzero(~have)
-    new = {int(todo[i]): reason for i, reason in undecodable(part.blobs(64, todo))} if len(todo) else {}
+    new = {int(todo[i]): reason for i, reason in undecodable(part.encoded_images(64, todo))} if len(todo) else {}
     found.update(new)
     if store is not None and len(todo):
         try:
@@ -509,7 +518,7 @@ def _read_reasons(store) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- a node's parts
-def client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
+def client_parts(cfg: RunConfig, node: NodeData) -> tuple[LabeledRows, LabeledRows]:
     """A node's local (train, validation) parts: its partition or its ``data-path`` folder,
     with ``val-fraction`` held out (by identity when the partitioning is by identity).
 
@@ -522,7 +531,7 @@ def client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
 
 
 @functools.lru_cache(maxsize=None)  # one simulation actor serves many partitions; parts are small
-def _cached_client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
+def _cached_client_parts(cfg: RunConfig, node: NodeData) -> tuple[LabeledRows, LabeledRows]:
     key = _parts_key(cfg, node)  # the on-disk key: the data's content and what shapes the parts
     parts = _load_parts(cfg, node, key) if node.cache_dir else None
     if parts is None:
@@ -546,7 +555,7 @@ def _parts_key(cfg: RunConfig, node: NodeData) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _client_parts(cfg: RunConfig, node: NodeData) -> tuple[Part, Part]:
+def _client_parts(cfg: RunConfig, node: NodeData) -> tuple[LabeledRows, LabeledRows]:
     from .partitioning import local_split
 
     if node.data_path is None:
@@ -582,12 +591,12 @@ def local_train_split(cfg: RunConfig, node: NodeData) -> Dataset:
                           "with this node's training rows, e.g. one written by celeba-partition")
     whole = fds.load_partition(0, "train")
     # An explicit row mapping: datasets turns a contiguous select on a dataset without one into
-    # a *slice* of its table, whose rows then restart at 0, and Part.split_rows (the key of the
+    # a *slice* of its table, whose rows then restart at 0, and LabeledRows.split_rows (the key of the
     # per-row caches) would name the wrong rows of the split.
     return whole._select_with_indices_mapping(range(len(whole)))  # noqa: SLF001
 
 
-def _save_parts(node: NodeData, key: str, parts: tuple[Part, Part]) -> None:
+def _save_parts(node: NodeData, key: str, parts: tuple[LabeledRows, LabeledRows]) -> None:
     arrays = {}
     for tag, part in zip(("train", "val"), parts):
         arrays[f"{tag}|labels"] = part.labels
@@ -607,7 +616,7 @@ def _save_parts(node: NodeData, key: str, parts: tuple[Part, Part]) -> None:
         logging.getLogger("flwr").warning("celeba-fl: could not cache the parts (%s); continuing", exc)
 
 
-def _load_parts(cfg: RunConfig, node: NodeData, key: str) -> tuple[Part, Part] | None:
+def _load_parts(cfg: RunConfig, node: NodeData, key: str) -> tuple[LabeledRows, LabeledRows] | None:
     path = Path(node.cache_dir) / "parts" / f"{key}.npz"
     if not path.is_file():
         return None
@@ -616,7 +625,7 @@ def _load_parts(cfg: RunConfig, node: NodeData, key: str) -> tuple[Part, Part] |
             out = []
             for tag in ("train", "val"):
                 data_id, split, split_size = json.loads(str(z[f"{tag}|where"]))
-                out.append(Part(
+                out.append(LabeledRows(
                     data_id=data_id, split=split, split_size=split_size, split_rows=z[f"{tag}|split_rows"],
                     name=str(z[f"{tag}|name"]), rows=None, rows_id=str(z[f"{tag}|rows_id"]),
                     labels=z[f"{tag}|labels"], celeb_ids=z[f"{tag}|celeb_ids"],
@@ -665,7 +674,7 @@ def load_server(cfg: RunConfig) -> FederatedDataset:
 
 @functools.lru_cache(maxsize=4)
 def _load_server(cfg: RunConfig) -> FederatedDataset:
-    fds = _new_fds(cfg.dataset, {}, True, cfg.seed, _cache_dir(cfg, None))
+    fds = _new_fds(cfg.dataset, {}, True, cfg.seed, _cache_dir(cfg, None), splits=("valid", "test"))
     _load_split(cfg, fds, cfg.dataset, "valid")
     _check_schema(cfg, fds, ("valid", "test"))
     for split in ("valid", "test"):  # refused here, before the server waits for any node
@@ -674,7 +683,7 @@ def _load_server(cfg: RunConfig) -> FederatedDataset:
     return fds
 
 
-def server_part(cfg: RunConfig, split: str) -> Part:
+def server_part(cfg: RunConfig, split: str) -> LabeledRows:
     """The server's ``valid`` or ``test`` split."""
     if split not in ("valid", "test"):
         raise ValueError(f"split={split!r}; accepted: valid, test")
