@@ -1,4 +1,4 @@
-"""Regenerate docs/RESULTS.md: IID vs non-IID vs centralized, and the remedies table.
+"""Regenerate the generated blocks of docs/RESULTS.md: IID vs non-IID vs centralized, the remedies, the appendix.
 
     python scripts/make_results.py --data ../shared/data/celeba-10k \
         --weights ../shared/weights/mobilenet_v2_imagenet.pth
@@ -6,11 +6,15 @@
 Runs (from the project root, results under outputs/results-<tag>/, embeddings cached):
   1. `flwr run .` IID and non-IID (50 clients, 10 rounds, defaults otherwise) and the
      centralized baseline, seed 42; `celeba-compare` of the three; docs/img/*.png.
-  2. The remedies on the non-IID split (and FedAvg on IID as reference), each with
-     --seeds seeds (a seed changes the partitioning, the local hold-outs, the head's
-     initialisation and batch order), reporting mean and standard deviation over seeds.
-Then writes docs/RESULTS.md from the run folders alone. `--only baseline|remedies` runs one
-part; `--write-only` rebuilds the document from existing run folders.
+  2. Each experiment of ``REMEDIES`` (keyed by name; its run folders are
+     ``remedy-<name>-seed<seed>``) with --seeds seeds (a seed changes the partitioning, the
+     local hold-outs, the head's initialisation and batch order): mean and standard deviation.
+
+Then rewrites, in docs/RESULTS.md, only the blocks between ``<!-- generated: NAME -->`` and
+``<!-- /generated -->`` (``BLOCKS``: the tables and figures, from the run folders alone); the
+text around them, the reading of the figures included, is the document's own and is kept.
+A block missing from the document is one error line, and nothing is written. ``--only
+baseline|remedies`` runs one part; ``--write-only`` rebuilds the blocks from existing run folders.
 """
 
 from __future__ import annotations
@@ -31,18 +35,18 @@ sys.path.insert(0, str(ROOT))
 from celeba_app.compare import compare  # noqa: E402
 from celeba_app.report import gap_table, group_table, load_run  # noqa: E402
 
-REMEDIES: list[tuple[str, str, str]] = [  # name, split, run-config overrides
-    ("FedAvg (IID reference)", "iid", ""),
-    ("FedAvg", "noniid", ""),
-    ("head dropout 0.3", "noniid", "head-dropout=0.3"),
-    ("weight decay 0.5 (AdamW)", "noniid", "weight-decay=0.5"),
-    ("2 local epochs, lr decay 0.8", "noniid", "local-epochs=2 lr-decay=0.8"),
-    ("FedProx mu=0.5", "noniid", "strategy='fedprox' proximal-mu=0.5"),
-    ("FedAvgM (server momentum 0.7)", "noniid", "strategy='fedavgm' server-momentum=0.7"),
-    ("FedAdam (server lr 0.01)", "noniid", "strategy='fedadam' server-learning-rate=0.01"),
-    ("q-FedAvg q=1", "noniid", "strategy='qfedavg' qfedavg-q=1.0"),
-    ("group-balanced loss (Male x Young)", "noniid", "balance-groups='Male,Young'"),
-]
+REMEDIES: dict[str, tuple[str, str]] = {  # experiment name -> (split, run-config overrides)
+    "FedAvg (IID reference)": ("iid", ""),
+    "FedAvg": ("noniid", ""),
+    "head dropout 0.3": ("noniid", "head-dropout=0.3"),
+    "weight decay 0.5 (AdamW)": ("noniid", "weight-decay=0.5"),
+    "2 local epochs, lr decay 0.8": ("noniid", "local-epochs=2 lr-decay=0.8"),
+    "FedProx mu=0.5": ("noniid", "strategy='fedprox' proximal-mu=0.5"),
+    "FedAvgM (server momentum 0.7)": ("noniid", "strategy='fedavgm' server-momentum=0.7"),
+    "FedAdam (server lr 0.01)": ("noniid", "strategy='fedadam' server-learning-rate=0.01"),
+    "q-FedAvg q=1": ("noniid", "strategy='qfedavg' qfedavg-q=1.0"),
+    "group-balanced loss (Male x Young)": ("noniid", "balance-groups='Male,Young'"),
+}
 
 
 def set_aside_incomplete(run: Path) -> None:
@@ -85,15 +89,17 @@ def run_baseline(args, out: Path) -> None:
         central_run(base_rc(args, out, "central"), out / "central.log")
 
 
-def remedy_dir(i: int, seed: int) -> str:
-    return f"remedy{i:02d}-seed{seed}"
+def remedy_dir(name: str, seed: int) -> str:
+    """The run folder of experiment ``name`` (a key of REMEDIES) and ``seed``."""
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return "remedy-" + "-".join(filter(None, slug.split("-"))) + f"-seed{seed}"
 
 
 def run_remedies(args, out: Path) -> None:
     for seed in args.seeds:
-        for i, (_, split, extra) in enumerate(REMEDIES):
-            name = remedy_dir(i, seed)
-            if seed != args.seeds[0] and i in args.first_seed_only:
+        for remedy, (split, extra) in REMEDIES.items():
+            name = remedy_dir(remedy, seed)
+            if seed != args.seeds[0] and remedy in args.first_seed_only:
                 continue
             set_aside_incomplete(out / name)
             if not (out / name / "test.json").exists():
@@ -134,8 +140,8 @@ def remedy_row(runs: list[dict]) -> dict[str, list]:
 
 def remedies_section(out: Path, seeds: list[int]) -> list[str]:
     rows = []
-    for i, (name, split, extra) in enumerate(REMEDIES):
-        runs = [load_run(out / remedy_dir(i, s)) for s in seeds]
+    for name, (split, extra) in REMEDIES.items():
+        runs = [load_run(out / remedy_dir(name, s)) for s in seeds if (out / remedy_dir(name, s)).exists()]
         runs = [r for r in runs if r["test"]]
         if runs:
             rows.append((name, split, extra, remedy_row(runs), len(runs)))
@@ -150,11 +156,9 @@ def remedies_section(out: Path, seeds: list[int]) -> list[str]:
         variances = [np.var([v for v in cols[key] if v is not None], ddof=1)
                      for name, split, _, cols, n in rows if split == "noniid" and n > 1]
         pooled[key] = float(np.sqrt(np.mean(variances))) if variances else None
-    seeds_used = sorted({int(d.name.rsplit("seed", 1)[1]) for d in out.glob("remedy*-seed*")
+    seeds_used = sorted({int(d.name.rsplit("seed", 1)[1]) for d in out.glob("remedy-*-seed*")
                          if (d / "test.json").exists()})
     lines = [
-        "## Overfitting and non-IID remedies",
-        "",
         f"Non-IID split (alpha 0.5 over Male x Young), 50 clients, 10 rounds; seeds {', '.join(map(str, seeds_used))} "
         "(mean ± standard deviation over seeds; a seed changes the partitioning, the clients' hold-outs, the "
         "initial head and the batch order). Test split. *Last* is the head after round 10, *best* the head "
@@ -187,9 +191,23 @@ def remedies_section(out: Path, seeds: list[int]) -> list[str]:
     return lines + [""]
 
 
+BASELINE = [("fed-iid", "federated IID"), ("fed-noniid", "federated non-IID"), ("central", "centralized")]
+
+
+def baseline_runs(out: Path) -> dict[str, dict]:
+    return {label: load_run(out / name) for name, label in BASELINE if (out / name / "test.json").exists()}
+
+
+def groups_section(out: Path) -> list[str]:
+    """Appendix: every group's and intersection's figures and the gaps, per baseline run."""
+    lines = []
+    for label, r in baseline_runs(out).items():
+        lines += [f"### Groups and gaps, {label} (test)", "", group_table(r["test"]), "", gap_table(r["test"]), ""]
+    return lines
+
+
 def baseline_section(out: Path, img: Path) -> list[str]:
-    names = [("fed-iid", "federated IID"), ("fed-noniid", "federated non-IID"), ("central", "centralized")]
-    runs = {label: load_run(out / name) for name, label in names if (out / name / "test.json").exists()}
+    runs = baseline_runs(out)
     if not runs:
         return []
     compare([r["dir"] for r in runs.values()], out / "compare")
@@ -201,8 +219,7 @@ def baseline_section(out: Path, img: Path) -> list[str]:
         if (out / name / png).exists():
             shutil.copy(out / name / png, img / f"{name}-{png}")
     keys = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc", "ece", "loss")
-    lines = ["## IID vs non-IID vs centralized", "",
-             "Same data, weights, head, optimiser and seed (42); 50 clients, 10 rounds (centralized: 10 x "
+    lines = ["Same data, weights, head, optimiser and seed (42); 50 clients, 10 rounds (centralized: 10 x "
              "`local-epochs` epochs on the union of the clients' training parts). Test split (1,941 images, "
              "1,086 identities), last round; *best round* is the round with the lowest validation loss "
              "(selected on `valid`). Wall time is the server process's, embeddings cached from earlier "
@@ -217,9 +234,8 @@ def baseline_section(out: Path, img: Path) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(_f(o[k], 4) for k in keys) +
                      f" | {_f(v, 4)} | {best} | {r['test'].get('wall_seconds', 0):.0f}s |")
     lines += ["", "Accuracy's 95% Wilson interval on 1,941 test images is about ±0.018: differences "
-              "between these three rows smaller than that are not evidence of a difference.", ""]
-    for label, r in runs.items():
-        lines += [f"### Groups and gaps, {label} (test)", "", group_table(r["test"]), "", gap_table(r["test"]), ""]
+              "between these three rows smaller than that are not evidence of a difference. Every group's "
+              "figures and the gaps with their intervals: appendix.", ""]
     if "federated non-IID" in runs:
         parts = runs["federated non-IID"]["partitions"]["partitions"]
         male = np.array([p["group_rates"]["Male"] for p in parts])
@@ -240,55 +256,8 @@ def baseline_section(out: Path, img: Path) -> list[str]:
     return lines
 
 
-READING = """## Reading these numbers (written against the figures of 2026-11-28)
-
-- **Federation costs nothing here, and centralized training overfits.** With the same
-  optimiser and the same number of passes, FedAvg's averaging of 50 small local fits acts as a
-  regulariser: the federated heads reach 0.795 test accuracy, the centralized head 0.780 after
-  50 epochs, but 0.812 at its best validation round (round 1 = 5 epochs). The fair yardstick is
-  the centralized *best-round* figure: federation costs about 0.017 accuracy (about one
-  Wilson half-width of the test set, so barely distinguishable).
-- **IID and non-IID (alpha 0.5 over Male x Young) are indistinguishable** in accuracy and in the
-  fairness gaps, although the non-IID clients are strongly skewed (Male share 0.01-1.00 per
-  client). A linear head on frozen ImageNet features has little room to drift; the label skew
-  this partition induces is mild (Smiling rate 0.39-0.67 per client).
-- **Overfitting is real locally and is measured**: the clients' locally trained heads are about
-  0.11 more accurate on their own data than the global head on `valid`. Fewer local epochs with
-  a decaying learning rate cut that gap to 0.03 but cost 0.025 test accuracy (the global model
-  then underfits in 10 rounds); FedProx (mu 0.5) cuts it to 0.08 at a cost of 0.010 test
-  accuracy (beyond noise).
-  Dropout and weight decay change nothing beyond noise. Validation loss still falls at round
-  10 in every federated run but one (group-balanced loss, seed 1: round 9), so selecting the
-  best round on validation changes nothing here and early stopping would not fire; for the
-  centralized baseline it matters (round 1 of 10).
-- **Server optimisers**: FedAvgM (momentum 0.7) gives the best AUROC (0.883 vs 0.876, beyond
-  the pooled noise of 0.001) and the best accuracy (0.805 vs 0.799, within noise). FedAdam
-  with server lr 0.01 is worse (0.778); it was not tuned.
-- **The fairness-aware options did not pay off here.** The group-balanced loss (equal weight per
-  Male x Young cell in each client's loss) lowers accuracy (0.781) and *raises* the Male
-  equalized-odds difference (0.170 vs 0.094) without lifting worst-group accuracy beyond noise:
-  reweighting the groups moves each group's operating point (positive rates) rather than
-  closing the TPR/FPR gaps. q-FedAvg (q=1) with flwr's Lipschitz estimate L = 1/learning-rate
-  (200 here, for 5 local Adam epochs) takes steps so small that the head hardly moves in 10
-  rounds (test accuracy 0.51, one seed; its rounds also took ~30 s instead of ~3 s, not
-  investigated); it would need its own tuning of L.
-- **Default kept**: plain FedAvg with no remedy switched on. No remedy improved test accuracy or
-  worst-group accuracy beyond run-to-run noise; FedAvgM's AUROC gain is the one candidate for a
-  new default, on three seeds only. Best-round selection on validation loss is always on (it is
-  free and, for FedAvg, picks the last round).
-- **Uncertainty**: remedies have three seeds each (q-FedAvg one), the smallest groups (e.g.
-  Male & Pale_Skin = 1 & 1, 17 test images) have intervals wider than ±0.15, and all of this
-  is one 10k-image subset of CelebA with the shared (slightly weaker) weights.
-"""
-
-
-def write_doc(args, out: Path) -> Path:
-    doc = ROOT / "docs" / "RESULTS.md"
-    lines = [
-        "# Results on real CelebA",
-        "",
-        "Regenerate with:",
-        "",
+def header_section(args) -> list[str]:
+    return [
         "```bash",
         f"python scripts/make_results.py --data {args.data} --weights {args.weights}",
         "```",
@@ -301,12 +270,37 @@ def write_doc(args, out: Path) -> Path:
         "`valid`). Generated on a 2-core CPU machine on "
         f"{time.strftime('%Y-%m-%d')}. Numbers are from one run per row unless a ± says otherwise; with "
         "test sets of this size, read them with their intervals.",
-        "",
     ]
-    lines += baseline_section(out, ROOT / "docs" / "img")
-    lines += remedies_section(out, args.seeds)
-    lines += READING.splitlines()
-    doc.write_text("\n".join(lines))
+
+
+#: The generated blocks of docs/RESULTS.md, by name: what fills ``<!-- generated: NAME -->``.
+BLOCKS = {
+    "header": lambda args, out, img: header_section(args),
+    "baseline": lambda args, out, img: baseline_section(out, img),
+    "remedies": lambda args, out, img: remedies_section(out, args.seeds),
+    "appendix-groups": lambda args, out, img: groups_section(out),
+}
+
+
+def fill_blocks(text: str, blocks: dict[str, list[str]]) -> str:
+    """``text`` with each ``<!-- generated: NAME -->`` ... ``<!-- /generated -->`` block's
+    content replaced by ``blocks[NAME]``. Raises ValueError naming a block that is missing or
+    not closed; the text outside the blocks is returned unchanged."""
+    for name, lines in blocks.items():
+        start = f"<!-- generated: {name} -->"
+        i = text.find(start)
+        j = text.find("<!-- /generated -->", i + len(start)) if i >= 0 else -1
+        if i < 0 or j < 0:
+            raise ValueError(f"docs/RESULTS.md has no block {start} ... <!-- /generated -->; accepted: the "
+                             f"blocks {', '.join(blocks)}, each closed")
+        text = text[:i + len(start)] + "\n" + "\n".join(lines).rstrip("\n") + "\n" + text[j:]
+    return text
+
+
+def write_doc(args, out: Path, doc: Path = ROOT / "docs" / "RESULTS.md", img: Path = ROOT / "docs" / "img") -> Path:
+    """Fill the generated blocks of ``doc`` from the run folders in ``out`` (plots copied to ``img``)."""
+    text = fill_blocks(doc.read_text(), {name: make(args, out, img) for name, make in BLOCKS.items()})
+    doc.write_text(text)
     return doc
 
 
@@ -317,8 +311,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])  # as in docs/RESULTS.md
     p.add_argument("--tag", default="celeba-10k")
-    p.add_argument("--first-seed-only", type=int, nargs="*", default=[8],
-                   help="indices of REMEDIES to run with the first seed only (slow ones)")
+    p.add_argument("--first-seed-only", nargs="*", default=["q-FedAvg q=1"], metavar="NAME",
+                   help="experiments of REMEDIES to run with the first seed only (slow ones)")
     p.add_argument("--only", choices=("baseline", "remedies"), default=None)
     p.add_argument("--write-only", action="store_true")
     args = p.parse_args()
@@ -329,7 +323,10 @@ def main() -> None:
             run_baseline(args, out)
         if args.only in (None, "remedies"):
             run_remedies(args, out)
-    print(write_doc(args, out))
+    try:
+        print(write_doc(args, out))
+    except ValueError as exc:
+        sys.exit(f"make_results: {exc}")
 
 
 if __name__ == "__main__":
