@@ -102,7 +102,7 @@ def test_a_supernode_that_vanishes_mid_run_is_survived_and_reported(celeba_dir, 
     run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), "image-size": 32,
                   "num-server-rounds": 3, "local-epochs": 1, "results-dir": str(tmp_path / "outputs"),
                   "cache-dir": str(tmp_path / "cache"), "run-name": "vanished", "min-nodes": 3,
-                  "node-wait-timeout": 60.0, "round-timeout": 20.0}
+                  "node-wait-timeout": 60.0, "round-timeout": 45.0}
     with Procs(tmp_path / "logs") as procs:
         ports = Ports()
         start_superlink(procs, ports, workdir=tmp_path)
