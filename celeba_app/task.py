@@ -106,14 +106,12 @@ def train_head(
     Batches come from a generator seeded with ``seed``, so the order is reproducible.
     On embeddings it runs on one torch thread (``one_thread``).
     """
-    if encoder is None and torch.device(device).type == "cpu":
-        with one_thread():
-            return _train_head(head, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                               encoder=None, weight_decay=weight_decay, proximal_mu=proximal_mu,
-                               sample_weight=sample_weight)
-    return _train_head(head, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                       encoder=encoder, weight_decay=weight_decay, proximal_mu=proximal_mu,
-                       sample_weight=sample_weight)
+    # through the backbone (``encoder``), torch keeps every thread: the backbone uses them
+    threads = one_thread() if encoder is None and torch.device(device).type == "cpu" else contextlib.nullcontext()
+    with threads:
+        return _train_head(head, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                           encoder=encoder, weight_decay=weight_decay, proximal_mu=proximal_mu,
+                           sample_weight=sample_weight)
 
 
 def _train_head(head, x, y, *, epochs, lr, batch_size, seed, device, encoder, weight_decay, proximal_mu,
