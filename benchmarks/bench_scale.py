@@ -21,7 +21,10 @@ nothing: embeddings are kept per dataset row). While a run goes, every process u
   rounds 2..R together, final test, report (to exit);
 * peak RSS (VmHWM) of the ServerApp's process and of the largest client actor, and the peak
   of the whole simulation's proportional set size (PSS summed over the process tree, so
-  pages shared between processes, e.g. the page cache of the embedding files, count once);
+  pages shared between processes, e.g. the page cache of the embedding files, count once),
+  also split into its anonymous part (memory the processes allocated) and its file-backed
+  part (mapped files' pages, which the kernel drops and re-reads under pressure; each
+  peak on its own, so the two need not add up to the whole);
 * disk used by the cache dir after the run (allocated blocks: the embedding files are sparse);
 * mean bytes per message each way (train and evaluate, Flower's protobuf encoding).
 
@@ -77,18 +80,30 @@ def _kib(path: str, field: str) -> int:
     return 0
 
 
+def _fields(path: str) -> dict[str, int]:
+    """{field: kB} of a /proc file of "Field:  123 kB" lines (empty if the process is gone)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in lines) if v.strip().endswith("kB")}
+
+
 class Sampler(threading.Thread):
-    """Every 0.5 s: each process's VmHWM (by command line) and the tree's summed PSS."""
+    """Every 0.5 s: each process's VmHWM (by command line) and the tree's summed PSS, whole
+    and split into anonymous (+ shared memory: what the processes allocated) and file-backed
+    (pages of files they map, e.g. the Arrow files and the embedding cache: the kernel can
+    drop and re-read those under memory pressure)."""
 
     def __init__(self, root: int) -> None:
         super().__init__(daemon=True)
         self.root, self.stop = root, threading.Event()
         self.hwm: dict[int, tuple[str, int]] = {}
-        self.peak_pss_kib = 0
+        self.peak_pss_kib = self.peak_anon_kib = self.peak_file_kib = 0
 
     def run(self) -> None:
         while not self.stop.is_set():
-            total = 0
+            total = anon = file = 0
             for pid in proc_tree(self.root):
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
@@ -97,8 +112,13 @@ class Sampler(threading.Thread):
                 hwm = _kib(f"/proc/{pid}/status", "VmHWM:")
                 if hwm:
                     self.hwm[pid] = (cmd, max(hwm, self.hwm.get(pid, ("", 0))[1]))
-                total += _kib(f"/proc/{pid}/smaps_rollup", "Pss:")
+                rollup = _fields(f"/proc/{pid}/smaps_rollup")
+                total += rollup.get("Pss", 0)
+                anon += rollup.get("Pss_Anon", 0) + rollup.get("Pss_Shmem", 0)
+                file += rollup.get("Pss_File", 0)
             self.peak_pss_kib = max(self.peak_pss_kib, total)
+            self.peak_anon_kib = max(self.peak_anon_kib, anon)
+            self.peak_file_kib = max(self.peak_file_kib, file)
             self.stop.wait(0.5)
 
     def peak(self, pattern: str) -> int:
@@ -149,7 +169,8 @@ def run_flwr(work: Path, dataset: Path, cache: Path, split: str, args) -> dict:
     return {"split": split, "rc": proc.returncode, "status": status, "wall": end, "phases": phases,
             "server_rss_mib": sampler.peak("flower-simulation") / 1024,
             "client_rss_mib": sampler.peak("ClientAppActor") / 1024,
-            "total_pss_mib": sampler.peak_pss_kib / 1024, "cache_mib": du(cache) / 2**20, "bytes": sizes}
+            "total_pss_mib": sampler.peak_pss_kib / 1024, "anon_pss_mib": sampler.peak_anon_kib / 1024,
+            "file_pss_mib": sampler.peak_file_kib / 1024, "cache_mib": du(cache) / 2**20, "bytes": sizes}
 
 
 def du(path: Path) -> int:
@@ -211,7 +232,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
     print("\n| size | train rows | split | partitioning (s) | start-up | describe | server embed | round 1 | "
           "rounds 2..R | final test | report | status | ServerApp peak RSS (MiB) | largest client actor "
-          "peak RSS (MiB) | whole simulation peak PSS (MiB) | cache on disk (MiB) | bytes/message train "
+          "peak RSS (MiB) | whole simulation peak PSS (MiB): all / anonymous / file-backed | cache on disk (MiB) | bytes/message train "
           "to client / to server | evaluate to client / to server |")
     print("|" + "---|" * 19)
     for r in rows:
@@ -221,7 +242,7 @@ def main() -> None:
               + " | ".join(fmt(p[k]) for k in ("start-up", "describe", "server embed", "round 1", "rounds 2..R",
                                                  "final test", "report"))
               + f" | {r['status']} | {r['server_rss_mib']:.0f} | {r['client_rss_mib']:.0f} | "
-              f"{r['total_pss_mib']:.0f} | {r['cache_mib']:.0f} | {fmt(t.get('to_client'), 'd')} / "
+              f"{r['total_pss_mib']:.0f} / {r['anon_pss_mib']:.0f} / {r['file_pss_mib']:.0f} | {r['cache_mib']:.0f} | {fmt(t.get('to_client'), 'd')} / "
               f"{fmt(t.get('to_server'), 'd')} | {fmt(e.get('to_client'), 'd')} / {fmt(e.get('to_server'), 'd')} |")
 
 

@@ -37,3 +37,35 @@ def test_onnx_features_match_pytorch(backbone, part, tmp_path):
     t, _ = embed(backbone, "torch", tmp_path / "t", part)
     o, _ = embed(backbone, "onnx", tmp_path / "o", part)
     assert torch.allclose(t, o, atol=1e-4, rtol=1e-4), (t - o).abs().max()
+
+
+def test_freed_memory_goes_back_to_the_system_on_glibc_and_nothing_changes_elsewhere(monkeypatch):
+    """extractor.return_freed_memory fixes glibc's mmap and trim thresholds (mallopt) so that
+    embedding's large freed blocks are returned; without glibc it reports False and does nothing."""
+    import ctypes
+    import platform
+
+    from celeba_app import extractor
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    extractor.return_freed_memory.cache_clear()
+    assert extractor.return_freed_memory() is True
+    assert calls == [(-3, 128 * 1024), (-1, 128 * 1024)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_glibc)
+    extractor.return_freed_memory.cache_clear()
+    assert extractor.return_freed_memory() is False
+    monkeypatch.undo()
+    extractor.return_freed_memory.cache_clear()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert extractor.return_freed_memory() is True  # the real mallopt accepts both
