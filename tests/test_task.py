@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from celeba_app.model import make_head
@@ -93,6 +94,35 @@ def test_adamw_is_torchs_adamw():
     for k, v in theirs.state_dict().items():
         assert torch.allclose(ours.state_dict()[k], v, atol=1e-7, rtol=0), k
     assert not torch.equal(ours.state_dict()["1.weight"], make_head(seed=3).state_dict()["1.weight"])
+
+
+class _AutogradLinear(torch.nn.Linear):
+    """A Linear that task._is_logistic_head does not recognise: its head trains by autograd."""
+
+
+@pytest.mark.parametrize("dropout, mu, decay, weighted, views", [
+    (0.0, 0.0, 0.0, False, 1), (0.3, 0.0, 0.0, False, 1), (0.0, 2.0, 0.0, False, 1),
+    (0.0, 0.0, 0.05, True, 1), (0.2, 1.0, 0.05, True, 2)])
+def test_the_closed_form_step_trains_the_head_autograd_trains(dropout, mu, decay, weighted, views):
+    """make_head's head trains by task._logistic_step (no autograd); any other head by
+    autograd. Same data, seed and options: the same head, with every option that changes
+    the gradient (dropout, FedProx's mu, weight decay, per-row weights, cached views)."""
+    x, y = data(n=150)
+    x = torch.stack([x, -x]) if views == 2 else x
+    fast = make_head(dropout, seed=4)
+    slow = torch.nn.Sequential(torch.nn.Dropout(dropout), _AutogradLinear(1280, 1))
+    slow.load_state_dict(fast.state_dict())
+    weight = torch.linspace(0.5, 1.5, 150) if weighted else None
+    kw = dict(epochs=3, lr=0.01, batch_size=32, seed=7, proximal_mu=mu, weight_decay=decay, sample_weight=weight)
+    torch.manual_seed(11)  # dropout's masks: the same draws on both paths
+    res_fast = train_head(fast, x, y, **kw)
+    torch.manual_seed(11)
+    res_slow = train_head(slow, x, y, **kw)
+    assert res_fast["steps"] == res_slow["steps"] == 15
+    assert abs(res_fast["loss"] - res_slow["loss"]) < 1e-6
+    for k, v in slow.state_dict().items():
+        assert torch.allclose(fast.state_dict()[k], v, atol=1e-6, rtol=0), k
+    assert distance(fast, make_head(dropout, seed=4)) > 0.01  # it trained
 
 
 def test_the_head_trains_and_predicts_on_one_thread_and_the_thread_count_comes_back(monkeypatch):
