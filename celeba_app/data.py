@@ -57,7 +57,6 @@ class LabeledRows:
 
     name: str
     rows: Dataset | None  # None until needed when the part came from the parts cache
-    rows_id: str
     labels: np.ndarray
     attributes: dict[str, np.ndarray] = field(default_factory=dict)
     celeb_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -96,7 +95,8 @@ class LabeledRows:
 
 
 def clear_caches() -> None:
-    """Forget this process's datasets and parts (tests)."""
+    """Forget this process's datasets and parts (``functools.lru_cache``s): tests that rewrite
+    a dataset in place, and benchmarks that time a cold load."""
     for cached in (_load_federated, _load_server, _cached_client_parts):
         cached.cache_clear()
 
@@ -193,6 +193,8 @@ class NodeData:
     @classmethod
     def partition(cls, cfg: RunConfig, partition_id: int, num_partitions: int,
                   cache_dir: str | None = None) -> "NodeData":
+        """Partition ``partition_id`` of ``num_partitions`` of the run config's dataset;
+        ConfigError unless 0 <= partition_id < num_partitions."""
         if not 0 <= partition_id < num_partitions:
             raise ConfigError(f"partition-id={partition_id} is out of range; accepted: 0..{num_partitions - 1} "
                               f"(num-partitions={num_partitions})")
@@ -348,30 +350,12 @@ def _check_schema(cfg: RunConfig, fds: FederatedDataset, splits: tuple[str, ...]
             )
 
 
-def rows_identity(ds: Dataset, data_id: str) -> str:
-    """Identity of exactly these rows of exactly this data, for the feature cache: the data's
-    content fingerprint (``dataset_fingerprint``) and the original row indices and identities
-    (hence split, partitioning and client id)."""
-    ids = np.asarray(ds["celeb_id"], dtype=np.int64)
-    return numpy_rows_digest(np.frombuffer(data_id.encode(), dtype=np.uint8), split_rows(ds), ids)
-
-
 def split_rows(ds: Dataset) -> np.ndarray:
     """Each row's index in its split (the row mapping left by shuffle/select). Right only for
     a dataset whose table is the whole split: one with a row mapping (every partition, shuffled
     or from ``local_train_split``), or the split itself."""
     indices = ds._indices  # noqa: SLF001
     return indices.column(0).to_numpy() if indices is not None else np.arange(len(ds))
-
-
-def numpy_rows_digest(*arrays: np.ndarray) -> str:
-    """Digest of row-identifying arrays (dtype, shape and bytes of each)."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def check_binary(spec: str, split: str, columns: Mapping[str, np.ndarray]) -> None:
@@ -435,7 +419,6 @@ def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str, *, source:
     part = LabeledRows(
         name=name,
         rows=rows,
-        rows_id=rows_identity(rows, data_id),
         labels=np.asarray(table[cfg.target], dtype=np.int64),
         attributes={a: np.asarray(table[a], dtype=np.int64) for a in cfg.sensitive_attributes},
         celeb_ids=np.asarray(table["celeb_id"], dtype=np.int64),
@@ -466,7 +449,7 @@ def make_part(cfg: RunConfig, name: str, rows: Dataset, data_id: str, *, source:
     if len(found) > 10:
         flwr_log.warning("celeba-fl: bad-images='skip': and %d more rows of %s left out", len(found) - 10, name)
     kept = rows.select(keep)
-    return LabeledRows(name=name, rows=kept, rows_id=rows_identity(kept, data_id), labels=part.labels[keep],
+    return LabeledRows(name=name, rows=kept, labels=part.labels[keep],
                 attributes={a: v[keep] for a, v in part.attributes.items()}, celeb_ids=part.celeb_ids[keep],
                 skipped_rows=found, data_id=data_id, split=split, split_size=part.split_size,
                 split_rows=part.split_rows[keep])
@@ -601,7 +584,6 @@ def _save_parts(node: NodeData, key: str, parts: tuple[LabeledRows, LabeledRows]
     for tag, part in zip(("train", "val"), parts):
         arrays[f"{tag}|labels"] = part.labels
         arrays[f"{tag}|celeb_ids"] = part.celeb_ids
-        arrays[f"{tag}|rows_id"] = np.array(part.rows_id)
         arrays[f"{tag}|name"] = np.array(part.name)
         arrays[f"{tag}|skipped"] = np.array(json.dumps(part.skipped_rows))
         arrays[f"{tag}|where"] = np.array(json.dumps([part.data_id, part.split, part.split_size]))
@@ -627,7 +609,7 @@ def _load_parts(cfg: RunConfig, node: NodeData, key: str) -> tuple[LabeledRows, 
                 data_id, split, split_size = json.loads(str(z[f"{tag}|where"]))
                 out.append(LabeledRows(
                     data_id=data_id, split=split, split_size=split_size, split_rows=z[f"{tag}|split_rows"],
-                    name=str(z[f"{tag}|name"]), rows=None, rows_id=str(z[f"{tag}|rows_id"]),
+                    name=str(z[f"{tag}|name"]), rows=None,
                     labels=z[f"{tag}|labels"], celeb_ids=z[f"{tag}|celeb_ids"],
                     attributes={a: z[f"{tag}|attr|{a}"] for a in cfg.sensitive_attributes},
                     load_rows=functools.partial(_rows_of, cfg, node, len(out)),
@@ -684,7 +666,10 @@ def _load_server(cfg: RunConfig) -> FederatedDataset:
 
 
 def server_part(cfg: RunConfig, split: str) -> LabeledRows:
-    """The server's ``valid`` or ``test`` split."""
+    """The server's ``valid`` or ``test`` split (``split``) as LabeledRows, checked like a
+    client's part (labels, attributes, images per ``bad-images``). Raises ConfigError naming the
+    problem (e.g. a split that is missing or empty, or an undecodable image with
+    ``bad-images='fail'``)."""
     if split not in ("valid", "test"):
         raise ValueError(f"split={split!r}; accepted: valid, test")
     memo = _cache_dir(cfg, None)

@@ -55,16 +55,20 @@ def test_unreachable_hub_dataset_is_one_clear_line(monkeypatch):
     assert "dataset='nobody/no-such-celeba' could not be loaded from the Hugging Face hub" in str(info.value)
 
 
-def test_rows_identity_differs_by_client_and_is_stable(celeba_dir):
+def test_row_identity_differs_by_client_and_is_stable(celeba_dir):
+    """A row's identity, the key of every per-row cache, is (data_id, split, split row): two
+    clients hold different rows, the same client the same rows again, another partitioning
+    other rows, and the identity does not depend on the path (data_id is the content's)."""
     cfg = cfg_for(celeba_dir)
     a0, _ = client_parts(cfg, NodeData.partition(cfg, 0, 4))
     a1, _ = client_parts(cfg, NodeData.partition(cfg, 1, 4))
     data.clear_caches()
     again, _ = client_parts(cfg, NodeData.partition(cfg, 0, 4))
-    assert a0.rows_id != a1.rows_id
-    assert again.rows_id == a0.rows_id
+    assert (a0.data_id, a0.split) == (a1.data_id, a1.split) == (again.data_id, "train") and a0.data_id
+    assert not set(a0.split_rows.tolist()) & set(a1.split_rows.tolist())
+    assert again.split_rows.tolist() == a0.split_rows.tolist()
     other_partitioning, _ = client_parts(cfg, NodeData.partition(cfg, 0, 5))
-    assert other_partitioning.rows_id != a0.rows_id
+    assert other_partitioning.split_rows.tolist() != a0.split_rows.tolist()
 
 
 def test_encoded_images_yield_every_image_in_order(celeba_dir):
@@ -198,7 +202,7 @@ def test_images_are_checked_once_per_set_of_rows(tmp_path, monkeypatch):
     data.clear_caches()
     monkeypatch.setattr(images, "undecodable", lambda batches: pytest.fail("images decoded again"))
     again = server_part(cfg, "valid")
-    assert again.skipped_rows == first.skipped_rows and again.rows_id == first.rows_id != ""
+    assert again.skipped_rows == first.skipped_rows and again.split_rows.tolist() == first.split_rows.tolist()
     assert len(again) == len(first)
 
 
