@@ -45,6 +45,9 @@ def _union(parts: list[LabeledRows], feats: list[torch.Tensor]) -> tuple[torch.T
 
 
 def run(cfg: RunConfig, num_partitions: int) -> Path:
+    """Train the centralized head for ``cfg`` (module docstring) on the union of
+    ``num_partitions`` clients' training parts; returns the run folder. Raises ConfigError
+    (one line naming the bad value) for any refusal, before the run folder exists."""
     t_start = time.time()
     if not cfg.run_name:
         cfg = dataclasses.replace(cfg, run_name=f"{time.strftime('%Y%m%d-%H%M%S')}-central-{cfg.split}")
@@ -121,6 +124,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI (module docstring): 0 on success, 2 and one line on stderr for a refused config."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-config", action="append", default=[],
                         help='overrides, as for flwr run: "key=value key=value"')

@@ -26,6 +26,8 @@ def _label(run: dict) -> str:
 
 
 def overlay(runs: list[dict], path: Path) -> Path:
+    """Server-``valid`` loss, accuracy and AUROC per round, one line per run (report.load_run
+    dicts), to ``path`` (PNG); returns ``path``."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key in zip(axes, ("loss", "accuracy", "auroc")):
         for run in runs:
@@ -37,6 +39,8 @@ def overlay(runs: list[dict], path: Path) -> Path:
 
 
 def overlay_gaps(runs: list[dict], path: Path, attrs=("Male", "Young", "Pale_Skin")) -> Path:
+    """The equalized-odds difference on ``valid`` per round, one panel per attribute of
+    ``attrs`` and one line per run, to ``path`` (PNG); returns ``path``."""
     fig, axes = plt.subplots(1, len(attrs), figsize=(13, 3.4))
     for ax, attr in zip(axes, attrs):
         for run in runs:
@@ -58,6 +62,9 @@ def train_val_gap(run: dict) -> float | None:
 
 
 def fairness_table(runs: list[dict], attrs=("Male", "Young", "Pale_Skin", "Male&Young")) -> str:
+    """A Markdown table, one row per finished run: the train-valid accuracy gap and, per
+    attribute (or intersection) of ``attrs``, test worst-group accuracy / equalized-odds
+    difference ("–" where a run has no such attribute)."""
     head = "| run | train-valid acc. gap | " + " | ".join(
         f"{a}: worst-group acc. / EOdds diff." for a in attrs) + " |"
     lines = [head, "|---" * (len(attrs) + 2) + "|"]
@@ -70,6 +77,8 @@ def fairness_table(runs: list[dict], attrs=("Male", "Young", "Pale_Skin", "Male&
 
 
 def compare(run_dirs: list[Path], out: Path) -> Path:
+    """Write ``out``/comparison.md and its two plots for finished run folders; returns the
+    Markdown file's path. SystemExit (one line naming them) if any folder has no test.json."""
     runs = [load_run(d) for d in run_dirs]
     missing = [str(r["dir"]) for r in runs if r["test"] is None]
     if missing:
@@ -87,6 +96,7 @@ def compare(run_dirs: list[Path], out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``celeba-compare RUN_DIR... [--out DIR]``: prints the comparison's path."""
     parser = argparse.ArgumentParser(description="Compare finished run folders side by side.")
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None,

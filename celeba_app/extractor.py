@@ -43,6 +43,7 @@ class ImageNetBackbone(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) in [0, 255] -> float32 (N, 1280)."""
         return self.backbone((x.float() - self.mean) / self.std)
 
 
@@ -147,11 +148,11 @@ def return_freed_memory() -> bool:
     after the first few batches a decoded batch (uint8 (64, 3, 224, 224): 9.6 MB) and ONNX
     Runtime's buffers come from the heaps of the decoding thread and of the main thread. The
     holes they leave are kept, not returned, and a process's anonymous memory grew with every
-    image it embedded (the server's peak: 1.8 GB after 2,623 images, 2.3 GB after 4,925).
-    Fixing both thresholds at glibc's default (128 KiB) turns off that adjustment: large blocks
-    stay in mmap and go back to the system when freed (peak 1.4 GB at both sizes, no slower;
-    ``benchmarks/bench_scale.py``, docs/SPEED.md). Process-wide, once per process; the same
-    as setting ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` before start.
+    image it embedded. Fixing both thresholds at glibc's default (128 KiB) turns off that
+    adjustment: large blocks stay in mmap and go back to the system when freed, so the peak
+    stays flat in the number of images, at no measurable cost in speed (docs/SPEED.md, "CelebA
+    at scale"). Process-wide, once per process; the same as setting ``MALLOC_MMAP_THRESHOLD_``
+    and ``MALLOC_TRIM_THRESHOLD_`` before the process starts.
 
     Returns False, changing nothing, where the C library is not glibc (macOS, musl).
     """

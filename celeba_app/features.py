@@ -52,6 +52,7 @@ class EmbeddingKey:
     version: str = EXTRACTOR_VERSION
 
     def digest(self) -> str:
+        """32 hex characters of sha256 over the key's fields: the RowStore's folder name."""
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -86,7 +87,9 @@ class FeatureStore:
 
     @property
     def extractor(self) -> Extractor:
-        """The extractor, built now if it was not yet."""
+        """The extractor (extractor.Extractor), built on first use: loading the weights, and
+        on CPU exporting the ONNX model, costs seconds, and a run whose embeddings are all
+        cached never pays it. Raises what loading the weights raises (model.load_mobilenet)."""
         if self._extractor is None:
             self._extractor = self._build()
             if self._extractor.runtime_id != self.runtime_id:
@@ -94,6 +97,7 @@ class FeatureStore:
         return self._extractor
 
     def key(self, part, view: str) -> EmbeddingKey:
+        """The EmbeddingKey of ``part``'s split (data.LabeledRows) for ``view`` on this store."""
         return EmbeddingKey(data=part.data_id, split=part.split, weights=self.weights_id,
                             image_size=self.image_size, runtime=self.runtime_id, view=view)
 

@@ -208,9 +208,14 @@ class FederationGrid:
         self._engine_seen = False
 
     def get_node_ids(self) -> list[int]:
+        """The described nodes that the wrapped Grid still lists as connected."""
         return [nid for nid in self._grid.get_node_ids() if nid in self.node_ids]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Push ``messages``, then pull until every one has a reply or ``timeout`` seconds
+        (None: no limit) have passed; returns the replies that came, error replies included
+        (``msg.has_error()``), each with the node it was sent to as its source. Raises
+        EngineStopped under simulation (class docstring)."""
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
         sent_to = dict(zip(ids, (m.metadata.dst_node_id for m in messages)))

@@ -145,10 +145,13 @@ class LongRunningClientApp:
             self.handle(token)
 
     def close(self) -> None:
+        """Close the gRPC channel to the SuperNode."""
         self.channel.close()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``celeba-clientapp --clientappio-api-address HOST:PORT``: serve that SuperNode's
+    messages until it is unreachable for ``--unreachable-timeout`` seconds; returns the exit code."""
     parser = argparse.ArgumentParser(prog="celeba-clientapp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clientappio-api-address", required=True,
                         help="the SuperNode's --clientappio-api-address, e.g. 127.0.0.1:9094")

@@ -43,7 +43,18 @@ Z95 = 1.959963984540054
 
 @dataclass
 class Stats:
-    """Additive sufficient statistics of one slice of predictions."""
+    """Additive sufficient statistics of one slice of predictions.
+
+    Why: every metric this app reports (accuracy, TPR/FPR, selection rate, loss, AUROC,
+    calibration, the gaps and their intervals) is a function of these sums, and sums add up
+    across clients, so a federated metric is exact, not an average of client metrics.
+
+    Counts (``n``, ``pos`` = label-positive rows, ``tp``/``fp``/``tn``/``fn`` at the decision
+    threshold) are numbers of rows; ``loss_sum`` is the summed binary cross-entropy in nats;
+    ``hist_pos``/``hist_neg`` (NUM_BINS,) count label-positive/negative rows per bin of the
+    predicted probability; ``prob_sum`` (NUM_BINS,) sums the probabilities per bin (for the
+    calibration error). ``a + b`` adds every field.
+    """
 
     n: float = 0
     pos: float = 0
@@ -59,6 +70,16 @@ class Stats:
     @classmethod
     def of(cls, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray,
            threshold: float = 0.5) -> "Stats":
+        """The statistics of ``probs`` (N,) in [0, 1] (the positive class's probability),
+        ``labels`` (N,) 0/1 or bool and ``losses`` (N,) per-row BCE; a row counts as predicted
+        positive when its probability is >= ``threshold``.
+
+        Example::
+
+            >>> s = Stats.of(np.array([0.9, 0.2]), np.array([1, 1]), np.array([0.1, 1.6]))
+            >>> (s.n, s.tp, s.fn)
+            (2, 1, 1)
+        """
         probs = np.asarray(probs, dtype=np.float64)
         labels = np.asarray(labels).astype(bool)
         pred = probs >= threshold
@@ -76,12 +97,14 @@ class Stats:
         return Stats(**{k: getattr(self, k) + getattr(other, k) for k in SCALARS + HISTS})
 
     def to_flat(self, prefix: str) -> dict[str, float | list[float]]:
+        """``{"<prefix>|<field>": value}``: one slice in the wire format (``flatten``)."""
         out: dict[str, float | list[float]] = {f"{prefix}|{k}": float(getattr(self, k)) for k in SCALARS}
         out.update({f"{prefix}|{k}": getattr(self, k).tolist() for k in HISTS})
         return out
 
     @classmethod
     def from_flat(cls, flat: Mapping, prefix: str) -> "Stats":
+        """The slice ``prefix`` read back from the wire format; KeyError if a field is missing."""
         kw = {k: float(flat[f"{prefix}|{k}"]) for k in SCALARS}
         kw.update({k: np.asarray(flat[f"{prefix}|{k}"], dtype=np.float64) for k in HISTS})
         return cls(**kw)
@@ -104,6 +127,9 @@ def slice_masks(attributes: Mapping[str, np.ndarray], n: int) -> dict[str, np.nd
 
 def slice_stats(probs, labels, losses, attributes: Mapping[str, np.ndarray],
                 threshold: float = 0.5) -> dict[str, Stats]:
+    """{slice name: Stats} over every slice of ``slice_masks(attributes)``: ``probs``,
+    ``labels`` and ``losses`` are (N,) as in ``Stats.of``; ``attributes`` maps each sensitive
+    attribute to its (N,) 0/1 values. An empty slice has all-zero statistics."""
     probs, labels, losses = map(np.asarray, (probs, labels, losses))
     return {name: Stats.of(probs[m], labels[m], losses[m], threshold)
             for name, m in slice_masks(attributes, len(labels)).items()}
@@ -135,6 +161,8 @@ def unflatten(flat: Mapping) -> dict[str, Stats]:
 
 
 def sum_stats(many: list[Mapping[str, Stats]]) -> dict[str, Stats]:
+    """{slice: the sum of that slice's Stats over ``many``} (e.g. over the clients' replies);
+    a slice missing from some replies is summed over those that have it."""
     out: dict[str, Stats] = {}
     for stats in many:
         for name, s in stats.items():

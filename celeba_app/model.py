@@ -42,6 +42,7 @@ class Backbone(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float (N, 3, H, W), ImageNet-normalised -> float (N, 1280): the features, average-pooled."""
         x = self.features(x)
         x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
         return torch.flatten(x, 1)
@@ -69,6 +70,7 @@ class BackboneWithHead(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float (N, 3, H, W), normalised -> logits (N,); no gradient reaches the backbone."""
         with torch.no_grad():
             z = self.backbone(x)
         return self.head(z).squeeze(-1)

@@ -72,6 +72,7 @@ def write_partitions(cfg: RunConfig, num_partitions: int, out: Path) -> list[Pat
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI (module docstring): 0 on success, 2 and one line on stderr for a refused input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-config", action="append", default=[],
                         help='overrides, as for flwr run: "dataset=\'...\' split=\'noniid\'"')

@@ -62,9 +62,12 @@ class IdentityDirichletPartitioner(Partitioner):
 
     @property
     def num_partitions(self) -> int:
+        """Total number of partitions."""
         return self._num_partitions
 
     def load_partition(self, partition_id: int) -> Dataset:
+        """The rows of partition ``partition_id`` (a ``datasets.Dataset``, as flwr-datasets'
+        partitioners return); ValueError unless 0 <= partition_id < num_partitions."""
         if not 0 <= partition_id < self._num_partitions:
             raise ValueError(
                 f"partition_id={partition_id} is out of range; accepted: 0..{self._num_partitions - 1}"

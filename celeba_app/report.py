@@ -42,6 +42,9 @@ def per_round(ax, title: str) -> None:
 
 
 def load_run(run_dir: Path) -> dict:
+    """A run folder's JSON files as {"dir", "name", "config", "partitions", "history", "test",
+    "best", "postprocessing"}; a file not (yet) written is None (a run still going, or
+    failed, has no test.json)."""
     run_dir = Path(run_dir)
     out = {"dir": run_dir, "name": run_dir.name}
     for name in ("config", "partitions", "history", "test", "best", "postprocessing"):
@@ -51,6 +54,8 @@ def load_run(run_dir: Path) -> dict:
 
 
 def series(history: list[dict], source: str, key: str) -> tuple[list[int], list[float]]:
+    """(rounds, values) of ``history[i][source]["overall"][key]`` (e.g. source
+    ``server_valid``, key ``accuracy``), for the rounds that have it."""
     xs, ys = [], []
     for entry in history:
         rep = entry.get(source)
@@ -62,6 +67,8 @@ def series(history: list[dict], source: str, key: str) -> tuple[list[int], list[
 
 
 def plot_learning_curves(history: list[dict], path: Path) -> Path:
+    """Loss, accuracy and AUROC per round for every source of ``SOURCES`` (clients' training,
+    federated evaluation, server ``valid``) to ``path`` (PNG); returns ``path``."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (key, title) in zip(axes, CURVES):
         for source, label in SOURCES:
@@ -84,6 +91,8 @@ def _group_rows(test: dict) -> list[tuple[str, dict]]:
 
 
 def plot_groups(test: dict, path: Path) -> Path:
+    """Accuracy, TPR and FPR of every group of a metrics_report (``test``) with 95% Wilson
+    intervals, against the overall value, to ``path`` (PNG); returns ``path``."""
     rows = _group_rows(test)
     fig, axes = plt.subplots(1, 3, figsize=(14, 0.32 * len(rows) + 1.6), sharey=True)
     labels = [f"{name} (n={row['n']})" for name, row in rows]
@@ -104,6 +113,8 @@ def plot_groups(test: dict, path: Path) -> Path:
 
 
 def plot_gaps(history: list[dict], path: Path, source: str = "server_valid") -> Path:
+    """Each gap of ``GAP_KEYS`` per round, one line per sensitive attribute (intersections
+    left out), from ``history[i][source]``, to ``path`` (PNG); returns ``path``."""
     attrs = [a for a in (history[-1].get(source) or {}).get("gaps", {}) if "&" not in a]
     fig, axes = plt.subplots(1, len(GAP_KEYS), figsize=(13, 3.4))
     for ax, (key, title) in zip(axes, GAP_KEYS):
@@ -118,6 +129,9 @@ def plot_gaps(history: list[dict], path: Path, source: str = "server_valid") -> 
 
 
 def plot_client_accuracy(history: list[dict], path: Path, source: str = "federated_evaluate") -> Path | None:
+    """The spread of the clients' accuracies on their held-out parts per round (min-max band,
+    10th percentile, mean) and their histogram in the last round, to ``path`` (PNG); None,
+    and nothing written, when no round has per-client figures."""
     rounds = [h for h in history if h.get(source) and h[source].get("clients")]
     if not rounds:
         return None
@@ -139,6 +153,8 @@ def plot_client_accuracy(history: list[dict], path: Path, source: str = "federat
 
 
 def plot_partitions(partitions: dict, path: Path) -> Path | None:
+    """Per client: images (train and held-out), target rate and each sensitive attribute's
+    share, from partitions.json, to ``path`` (PNG); None, and nothing written, without it."""
     parts = partitions and partitions.get("partitions")
     if not parts:
         return None
@@ -163,6 +179,7 @@ def plot_partitions(partitions: dict, path: Path) -> Path | None:
 
 
 def fmt(v, digits: int = 4) -> str:
+    """A metric for a table: ``digits`` decimals, or "–" for None (undefined, e.g. no positives)."""
     return "–" if v is None else f"{v:.{digits}f}"
 
 
@@ -171,6 +188,7 @@ def _ci(ci) -> str:
 
 
 def overall_table(reports: dict[str, dict]) -> str:
+    """A Markdown table, one row per {name: metrics_report}, of the overall metrics."""
     keys = ("n", "loss", "accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc", "ece")
     lines = ["| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, rep in reports.items():
@@ -317,6 +335,7 @@ def write_report(run_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``celeba-report RUN_DIR...``: (re)write each run folder's plots and report.md."""
     parser = argparse.ArgumentParser(description="Write plots and report.md for run folders.")
     parser.add_argument("run_dirs", nargs="+", type=Path)
     args = parser.parse_args(argv)

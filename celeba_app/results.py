@@ -80,6 +80,7 @@ def check_results_dir(results_dir: str) -> None:
 
 
 def load_checkpoint_path(path: Path) -> Path | None:
+    """``path``/checkpoint.pt if that file exists (a run folder that finished a round), else None."""
     p = Path(path) / "checkpoint.pt"
     return p if p.is_file() else None
 
@@ -130,6 +131,7 @@ def create_run_dir(path: Path) -> Path:
 
 
 def package_versions() -> dict[str, str | None]:
+    """{"python": version, package: installed version or None} for ``PACKAGES``, for config.json."""
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -159,6 +161,8 @@ def _tmp_name(path: Path) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (NaN/inf as null) to a temporary name, then rename: a
+    reader, or a crash mid-write, never sees half a file."""
     tmp = _tmp_name(path)
     tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
     tmp.replace(path)
@@ -174,6 +178,7 @@ def write_status(run_dir: Path, state: str, last_round: int | None, reason: str 
 
 
 def read_status(run_dir: Path) -> dict | None:
+    """status.json of ``run_dir`` as a dict (``write_status``), or None before a run wrote one."""
     path = Path(run_dir) / "status.json"
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -194,7 +199,7 @@ def process_ended(status: dict) -> bool:
 
 
 def save_torch(path: Path, obj: Any) -> None:
-    """torch.save to a temporary name, then rename."""
+    """``torch.save`` to a temporary name, then rename: a kill mid-write keeps the previous file."""
     import torch
 
     tmp = _tmp_name(path)
@@ -210,6 +215,8 @@ def write_round(run_dir: Path, history: list[dict], checkpoint: dict) -> None:
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
+    """The last round's checkpoint.pt of ``run_dir`` (``write_round``), loaded with
+    ``weights_only=True`` on the CPU; None if there is none."""
     import torch
 
     path = Path(run_dir) / "checkpoint.pt"

@@ -25,6 +25,21 @@ def metric_value(rep: dict, metric: str) -> float | None:
 
 @dataclass
 class BestRound:
+    """The best round so far on ``valid`` (never on test), and early stopping.
+
+    ``metric``: a key of ``SELECTION_METRICS`` (``loss`` by default: lower is better);
+    ``patience``: stop after this many rounds without a new best (0: never stop). ``round``,
+    ``value`` and ``state`` (the head's state_dict) describe the best round once there is one.
+
+    Example::
+
+        >>> best = BestRound("loss", patience=2)
+        >>> [best.update(r, {"overall": {"loss": v}}, {}) for r, v in [(1, 0.6), (2, 0.5), (3, 0.55)]]
+        [True, True, False]
+        >>> best.round, best.should_stop
+        (2, False)
+    """
+
     metric: str = "loss"
     patience: int = 0
     round: int | None = None
@@ -48,4 +63,5 @@ class BestRound:
 
     @property
     def should_stop(self) -> bool:
+        """True once ``patience`` rounds (> 0) have passed without a new best."""
         return self.patience > 0 and self.since_best >= self.patience

@@ -265,6 +265,8 @@ class GroupMetrics:
                 int(ckpt["round"]) + 1)
 
     def configure_train(self, server_round, arrays: ArrayRecord, config, grid) -> Iterable[Message]:
+        """The base strategy's train messages, with this round's learning rate
+        (learning-rate x lr-decay^(round-1)) in their config; records the bytes sent."""
         config["lr"] = self.learning_rate * self.lr_decay ** (server_round - 1)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         head_bytes = sum(a.numpy().nbytes for a in arrays.values())
@@ -273,6 +275,9 @@ class GroupMetrics:
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """The base strategy's aggregate of the replies sorted by partition id, and the
+        clients' summed training statistics as a report in the history; (None, None) when
+        every reply is an error."""
         # Replies arrive in any order, and a float sum depends on its order: sorted by
         # partition, the same run gives the same head bit for bit (resumed or not).
         replies = sorted(replies, key=_partition_order)
@@ -287,6 +292,8 @@ class GroupMetrics:
         return arrays, headline(rep)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        """The federated evaluation: the clients' held-out statistics summed into one report
+        (history ``federated_evaluate``); None when no reply has a held-out row."""
         valid, _ = self._check_and_log_replies(list(replies), is_train=False)
         return self._aggregate_evaluate_contents(server_round, [m.content for m in valid])
 
@@ -302,7 +309,7 @@ class GroupMetrics:
 
 
 class FedAvgWithGroupMetrics(GroupMetrics, FedAvg):
-    """FedAvg with GroupMetrics."""
+    """Flower's FedAvg (the mean of the clients' heads, weighted by training rows), with GroupMetrics."""
 
 
 class FedProxWithGroupMetrics(GroupMetrics, FedProx):
@@ -310,7 +317,7 @@ class FedProxWithGroupMetrics(GroupMetrics, FedProx):
 
 
 class FedAvgMWithGroupMetrics(GroupMetrics, FedAvgM):
-    """FedAvg with server momentum, with GroupMetrics."""
+    """FedAvgM (FedAvg's mean update applied with server momentum), with GroupMetrics."""
 
 
 class FedAdamWithGroupMetrics(GroupMetrics, FedAdam):
@@ -328,6 +335,7 @@ class QFedAvgNoGC(QFedAvg):
     """
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """flwr's q-FedAvg update (compute_delta_and_h per reply, then w - sum(delta)/sum(h))."""
         from flwr.app import Array
         from flwr.serverapp.strategy.qfedavg import compute_delta_and_h, get_train_loss
 
@@ -386,10 +394,14 @@ class FairFed(GroupMetrics, FedAvg):
         self.fairfed_weights: dict[str, float] | None = None  # by partition id; checkpointed
 
     def configure_train(self, server_round, arrays: ArrayRecord, config, grid) -> Iterable[Message]:
+        """Train messages that also ask each client for the received head's statistics on its
+        training part (``global-stats``): FairFed's local fairness gap of the global model."""
         config["global-stats"] = True  # clients add the received head's statistics (client_app.train)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """The clients' heads averaged with FairFed's weights (``weights_for``) instead of
+        FedAvg's; the weights go to the history (``fairfed``)."""
         replies = sorted(replies, key=_partition_order)
         fedavg_arrays, metrics = super().aggregate_train(server_round, replies)
         valid = [m for m in replies if not m.has_error()]

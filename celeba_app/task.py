@@ -20,6 +20,8 @@ from .metrics import Stats, slice_stats
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
+    """The device of ``cfg.device``: ``cuda`` or ``cpu`` as given, ``auto`` = CUDA when torch
+    sees a GPU, else the CPU. (A config asking for ``cuda`` without one fails later, in torch.)"""
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -62,11 +64,13 @@ class AdamW:
         self.steps = 0
 
     def zero_grad(self) -> None:
+        """Drop the gradients (as torch's ``set_to_none=True``)."""
         for p in self.params:
             p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
+        """One AdamW update of every parameter that has a gradient, in place."""
         self.steps += 1
         beta1, beta2 = self.betas
         step_size = self.lr / (1 - beta1 ** self.steps)
@@ -168,8 +172,8 @@ def _logistic_step(head: nn.Sequential, feats: torch.Tensor, y: torch.Tensor, we
     autograd; returns the per-row BCE (B,).
 
     Why: the head is 1,281 numbers, so a step's cost is Python and autograd bookkeeping, not
-    arithmetic; at full size rounds 2..10 are ~25,000 such steps, and the closed form below
-    makes a step ~40% cheaper (benchmarks/bench_scale.py). The loss is the autograd path's
+    arithmetic, and at full size a round is tens of thousands of steps; the closed form below
+    skips building and walking an autograd graph (docs/SPEED.md, "CelebA at scale"). The loss is the autograd path's
     exactly: mean over the batch of BCE(z, y) (times ``weight`` per row), z = drop(x) w^T + b,
     plus (mu/2)||theta - theta_received||^2; its gradient is dz = (sigmoid(z) - y) * weight / B,
     dw = dz^T drop(x), db = sum(dz), plus mu (theta - theta_received). Dropout draws its mask

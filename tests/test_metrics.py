@@ -166,3 +166,12 @@ def test_binned_auroc_stays_within_its_reported_bound_even_for_a_poor_head():
         assert abs(m["auroc"] - roc_auc_score(y, p)) <= m["auroc_max_error"] + 1e-12
         bounds.append(m["auroc_max_error"])
     assert bounds[0] > 0.1 and bounds[0] > bounds[1] > bounds[2] and bounds[2] < 0.01
+
+
+def test_the_docstring_examples_hold():
+    import doctest
+
+    from celeba_app import metrics
+
+    result = doctest.testmod(metrics)
+    assert result.attempted > 0 and result.failed == 0

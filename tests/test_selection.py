@@ -29,3 +29,12 @@ def test_early_stopping_after_patience_rounds_without_improvement():
         best.update(r, rep(loss, 0, 0), {})
     assert best.should_stop and best.round == 2
     assert not BestRound("loss", patience=0).should_stop
+
+
+def test_the_docstring_examples_hold():
+    import doctest
+
+    from celeba_app import selection
+
+    result = doctest.testmod(selection)
+    assert result.attempted > 0 and result.failed == 0
