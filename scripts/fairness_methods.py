@@ -12,6 +12,12 @@ Per split (``iid``; ``noniid``: alpha 0.5 over Male x Young, the default) and se
 * ``group-balanced loss`` (``balance-groups='Male,Young'``), with ``--runs``: the remedies
   table of docs/RESULTS.md has it over 3 seeds on the non-IID split.
 
+With ``--remedies-from outputs/results-<tag>`` it also reads every remedy of
+scripts/make_results.py (``REMEDIES``: dropout, weight decay, fewer local epochs, FedProx,
+FedAvgM, FedAdam, q-FedAvg, the group-balanced loss), from the run folders that
+``make_results.py --only remedies`` wrote for the same seeds, so that the table and the plot
+show every method and remedy (the remedies are defined, and run, in one place).
+
 Prints one row per method and split: test accuracy and its difference to FedAvg, the Male
 equalized-odds difference (mean +- standard deviation over seeds), the mean of its 95%
 Newcombe interval's bounds, and in how many seeds that interval includes 0. Writes
@@ -24,13 +30,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from experiment_runs import ensure_run, slug  # noqa: E402
+from make_results import REMEDIES, remedy_dir  # noqa: E402
 
 RUNS: dict[str, str] = {  # name -> run-config overrides
     "FedAvg": "",
@@ -41,10 +50,6 @@ DEFAULT_RUNS = ["FedAvg", "FairFed beta 0.1"]  # group-balanced loss: 3 seeds in
 POST = {"post-processing, fitted on clients' held-out": "clients' held-out",
         "post-processing, fitted on valid": "valid"}
 SPLITS = {"iid": "split='iid'", "noniid": "split='noniid'"}
-
-
-def slug(name: str, split: str, seed: int) -> str:
-    return "".join(c if c.isalnum() else "-" for c in f"{name}-{split}".lower()).strip("-") + f"-s{seed}"
 
 
 def male(summary: dict) -> dict:
@@ -78,33 +83,46 @@ def main() -> None:
                     help=f"which runs (default: {', '.join(DEFAULT_RUNS)}; all: {', '.join(RUNS)})")
     ap.add_argument("--out", type=Path, default=Path("outputs/fairness"))
     ap.add_argument("--cache-dir", default=".cache/celeba-fl")
+    ap.add_argument("--remedies-from", type=Path, default=None, metavar="DIR",
+                    help="make_results.py's run folder (e.g. outputs/results-<tag>): add its remedies")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/img/pareto_accuracy_vs_male_eodds.png")
     args = ap.parse_args()
     out = args.out.resolve()
     common = (f"dataset='{Path(args.data).resolve()}' weights='{Path(args.weights).resolve()}' "
               f"results-dir='{out}' cache-dir='{Path(args.cache_dir).resolve()}' num-server-rounds={args.rounds}")
-    flwr = str(Path(sys.executable).with_name("flwr"))
     rows: dict[tuple[str, str], list[dict]] = {}
     for split in args.splits:
         for name, overrides in RUNS.items():
             if name not in args.runs:
                 continue
             for seed in args.seeds:
-                run = out / slug(name, split, seed)
-                if not (run / "test.json").exists():
-                    rc = f"{common} {SPLITS[split]} {overrides} seed={seed} run-name='{run.name}'"
-                    proc = subprocess.run([flwr, "run", str(ROOT), "--run-config", rc], cwd=ROOT,
-                                          capture_output=True, text=True)
-                    if not (run / "test.json").exists():
-                        sys.exit(f"{run.name} failed (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-                print(f"done {run.name}", flush=True)
+                run = ensure_run(out / f"{slug(f'{name}-{split}')}-s{seed}",
+                                 f"{common} {SPLITS[split]} {overrides} seed={seed}")
                 for method, figures in measures(run).items():
                     if method != "run" and name != "FedAvg":
                         continue  # post-processing of FedAvg's head only
                     label = name if method == "run" else method
                     rows.setdefault((label, split), []).append(figures)
+    if args.remedies_from is not None:
+        rows.update(remedy_rows(args.remedies_from.resolve(), args.seeds))
     table(rows, args.seeds)
     plot(rows, args.plot)
+
+
+def remedy_rows(results: Path, seeds: list[int]) -> dict[tuple[str, str], list[dict]]:
+    """{(remedy, split): figures per seed} of make_results.py's remedies (not its FedAvg
+    rows: this script's own FedAvg runs are those). Exits naming the first missing run folder."""
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for name, (split, _) in REMEDIES.items():
+        if name.startswith("FedAvg"):
+            continue
+        for seed in seeds:
+            run = results / remedy_dir(name, seed)
+            if not (run / "test.json").exists():
+                sys.exit(f"--remedies-from {results}: {run.name} has no test.json; run "
+                         f"scripts/make_results.py --only remedies --seeds {' '.join(map(str, seeds))} first")
+            rows.setdefault((name, split), []).append(measures(run)["run"])
+    return rows
 
 
 def table(rows: dict[tuple[str, str], list[dict]], seeds: list[int]) -> None:
@@ -130,10 +148,10 @@ def plot(rows: dict[tuple[str, str], list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10.5, 5))
+    fig, ax = plt.subplots(figsize=(11.5, 6))
     markers = {"iid": "o", "noniid": "s"}
-    labels = sorted({label for label, _ in rows})
-    colors = {label: plt.cm.tab10(i) for i, label in enumerate(labels)}
+    labels = list(dict.fromkeys(label for label, _ in rows))
+    colors = {label: plt.cm.tab20(i % 20) for i, label in enumerate(labels)}
     for (label, split), runs in rows.items():
         eo, acc = np.mean([r["eo"] for r in runs]), np.mean([r["accuracy"] for r in runs])
         lo, hi = np.mean([r["ci"][0] for r in runs]), np.mean([r["ci"][1] for r in runs])
@@ -142,7 +160,7 @@ def plot(rows: dict[tuple[str, str], list[dict]], path: Path) -> None:
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlabel("Male equalized-odds difference on test (bars: mean 95% Newcombe interval)")
     ax.set_ylabel("test accuracy (bars: std over seeds)")
-    ax.set_title("Accuracy against the Male gap, per method (celeba-10k, 50 clients, 10 rounds)")
+    ax.set_title("Accuracy against the Male gap, per method and remedy (celeba-10k, 50 clients, 10 rounds)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

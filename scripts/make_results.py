@@ -20,7 +20,6 @@ baseline|remedies`` runs one part; ``--write-only`` rebuilds the blocks from exi
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -31,9 +30,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from celeba_app.compare import compare  # noqa: E402
 from celeba_app.report import gap_table, group_table, load_run  # noqa: E402
+from experiment_runs import ensure_run, set_aside_incomplete, slug  # noqa: E402
 
 REMEDIES: dict[str, tuple[str, str]] = {  # experiment name -> (split, run-config overrides)
     "FedAvg (IID reference)": ("iid", ""),
@@ -49,23 +50,6 @@ REMEDIES: dict[str, tuple[str, str]] = {  # experiment name -> (split, run-confi
 }
 
 
-def set_aside_incomplete(run: Path) -> None:
-    """A run folder without test.json (an interrupted run) is renamed, not overwritten."""
-    if run.exists() and not (run / "test.json").exists():
-        run.rename(run.with_name(f"{run.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
-
-
-def flwr_run(rc: str, log: Path) -> None:
-    cmd = [str(Path(sys.executable).with_name("flwr")), "run", ".", "--run-config", rc]
-    t0 = time.time()
-    with open(log, "w") as f:
-        # flwr starts flower-simulation by name: this interpreter's bin folder goes first on
-        # PATH, so a venv's python works without activating the venv.
-        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PATH": path})
-    print(f"  {time.time() - t0:5.0f}s  rc={proc.returncode}  {rc[-90:]}", flush=True)
-
-
 def central_run(rc: str, log: Path) -> None:
     cmd = [sys.executable, "-m", "celeba_app.centralized", "--run-config", rc]
     t0 = time.time()
@@ -74,37 +58,29 @@ def central_run(rc: str, log: Path) -> None:
     print(f"  {time.time() - t0:5.0f}s  centralized {rc[-60:]}", flush=True)
 
 
-def base_rc(args, out: Path, name: str) -> str:
-    return (f"dataset='{args.data}' weights='{args.weights}' results-dir='{out}' run-name='{name}' "
-            f"num-server-rounds={args.rounds}")
+def base_rc(args, out: Path) -> str:
+    return f"dataset='{args.data}' weights='{args.weights}' results-dir='{out}' num-server-rounds={args.rounds}"
 
 
 def run_baseline(args, out: Path) -> None:
     for split in ("iid", "noniid"):
-        set_aside_incomplete(out / f"fed-{split}")
-        if not (out / f"fed-{split}" / "test.json").exists():
-            flwr_run(base_rc(args, out, f"fed-{split}") + f" split='{split}'", out / f"fed-{split}.log")
+        ensure_run(out / f"fed-{split}", base_rc(args, out) + f" split='{split}'")
     set_aside_incomplete(out / "central")
     if not (out / "central" / "test.json").exists():
-        central_run(base_rc(args, out, "central"), out / "central.log")
+        central_run(base_rc(args, out) + " run-name='central'", out / "central.log")
 
 
 def remedy_dir(name: str, seed: int) -> str:
     """The run folder of experiment ``name`` (a key of REMEDIES) and ``seed``."""
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower())
-    return "remedy-" + "-".join(filter(None, slug.split("-"))) + f"-seed{seed}"
+    return f"remedy-{slug(name)}-seed{seed}"
 
 
 def run_remedies(args, out: Path) -> None:
     for seed in args.seeds:
         for remedy, (split, extra) in REMEDIES.items():
-            name = remedy_dir(remedy, seed)
             if seed != args.seeds[0] and remedy in args.first_seed_only:
                 continue
-            set_aside_incomplete(out / name)
-            if not (out / name / "test.json").exists():
-                rc = base_rc(args, out, name) + f" split='{split}' seed={seed} {extra}"
-                flwr_run(rc, out / f"{name}.log")
+            ensure_run(out / remedy_dir(remedy, seed), base_rc(args, out) + f" split='{split}' seed={seed} {extra}")
 
 
 # --------------------------------------------------------------------------- the document
@@ -311,7 +287,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])  # as in docs/RESULTS.md
     p.add_argument("--tag", default="celeba-10k")
-    p.add_argument("--first-seed-only", nargs="*", default=["q-FedAvg q=1"], metavar="NAME",
+    p.add_argument("--first-seed-only", nargs="*", default=[], metavar="NAME",
                    help="experiments of REMEDIES to run with the first seed only (slow ones)")
     p.add_argument("--only", choices=("baseline", "remedies"), default=None)
     p.add_argument("--write-only", action="store_true")

@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from experiment_runs import ensure_run, slug  # noqa: E402
 
 REGIMES: dict[str, str] = {  # name -> run-config overrides
     "iid": "split='iid'",
@@ -48,10 +50,6 @@ REGIMES: dict[str, str] = {  # name -> run-config overrides
 }
 #: SuperNodes per regime where it is not the federation's default (50).
 SUPERNODES = {"one celebrity per client (LEAF)": 3800}
-
-
-def slug(name: str, seed: int) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") + f"-s{seed}"
 
 
 def measures(run: Path) -> dict:
@@ -81,20 +79,13 @@ def main() -> None:
     out = args.out.resolve()
     common = (f"dataset='{Path(args.data).resolve()}' weights='{Path(args.weights).resolve()}' "
               f"results-dir='{out}' cache-dir='{Path(args.cache_dir).resolve()}'")
-    flwr = str(Path(sys.executable).with_name("flwr"))
     results: dict[str, list[dict]] = {}
     for name, overrides in REGIMES.items():
         if name not in args.regimes:
             continue
         for seed in args.seeds:
-            run = out / slug(name, seed)
-            if not (run / "test.json").exists():
-                cmd = [flwr, "run", str(ROOT), "--run-config", f"{common} {overrides} seed={seed} run-name='{run.name}'"]
-                if name in SUPERNODES:
-                    cmd += ["--federation-config", f"options.num-supernodes={SUPERNODES[name]}"]
-                done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-                if not (run / "test.json").exists():
-                    sys.exit(f"{run.name} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
+            run = ensure_run(out / f"{slug(name)}-s{seed}", f"{common} {overrides} seed={seed}",
+                             f"options.num-supernodes={SUPERNODES[name]}" if name in SUPERNODES else None)
             results.setdefault(name, []).append(measures(run))
             print(f"{run.name}: {results[name][-1]}", flush=True)
 
