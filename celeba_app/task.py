@@ -108,7 +108,9 @@ def train_head(
     ``x``: embeddings (N, D), or (V, N, D) for V cached views (a random view per row and
     step, e.g. original / horizontally flipped), or raw inputs when ``encoder`` is given.
     Batches come from a generator seeded with ``seed``, so the order is reproducible.
-    On embeddings it runs on one torch thread (``one_thread``).
+    On embeddings it runs on one torch thread (``one_thread``), and make_head's head takes
+    its steps in closed form (``_logistic_step``); any other head, or raw inputs through
+    ``encoder``, train by autograd. Returns {"loss": mean BCE per row and epoch, "steps"}.
     """
     # through the backbone (``encoder``), torch keeps every thread: the backbone uses them
     threads = one_thread() if encoder is None and torch.device(device).type == "cpu" else contextlib.nullcontext()
@@ -173,8 +175,10 @@ def _logistic_step(head: nn.Sequential, feats: torch.Tensor, y: torch.Tensor, we
 
     Why: the head is 1,281 numbers, so a step's cost is Python and autograd bookkeeping, not
     arithmetic, and at full size a round is tens of thousands of steps; the closed form below
-    skips building and walking an autograd graph (docs/SPEED.md, "CelebA at scale"). The loss is the autograd path's
-    exactly: mean over the batch of BCE(z, y) (times ``weight`` per row), z = drop(x) w^T + b,
+    skips building and walking an autograd graph (docs/SPEED.md, "CelebA at scale").
+
+    The loss is the autograd path's exactly: the batch mean of BCE(z, y) (times ``weight`` per
+    row), z = drop(x) w^T + b,
     plus (mu/2)||theta - theta_received||^2; its gradient is dz = (sigmoid(z) - y) * weight / B,
     dw = dz^T drop(x), db = sum(dz), plus mu (theta - theta_received). Dropout draws its mask
     from the same generator as nn.Dropout, so both paths give the same head
