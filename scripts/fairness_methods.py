@@ -114,7 +114,7 @@ def remedy_rows(results: Path, seeds: list[int]) -> dict[tuple[str, str], list[d
     rows: this script's own FedAvg runs are those). Exits naming the first missing run folder."""
     rows: dict[tuple[str, str], list[dict]] = {}
     for name, (split, _) in REMEDIES.items():
-        if name.startswith("FedAvg"):
+        if name in ("FedAvg", "FedAvg (IID reference)"):
             continue
         for seed in seeds:
             run = results / remedy_dir(name, seed)
