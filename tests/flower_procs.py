@@ -37,6 +37,14 @@ def overrides(config: dict) -> str:
     return " ".join(f"{k}={quote(v)}" for k, v in config.items())
 
 
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default, as for a program started in a
+    terminal. A test runner started in the background of a non-interactive shell (``cmd &``)
+    inherits SIGINT ignored, and so would every process it starts: Python then installs no
+    KeyboardInterrupt handler, and a Ctrl-C test would send a signal nobody receives."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Procs:
     """Processes started by one test; ``with Procs(tmp) as procs:`` ends them all on exit."""
 
@@ -55,7 +63,8 @@ class Procs:
         out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         proc = subprocess.Popen(cmd, cwd=cwd or ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                preexec_fn=_default_sigint)
         out.close()
         self.procs[name] = proc
         return proc
