@@ -133,7 +133,10 @@ class FeatureStore:
                              f"; {n - len(missing)} more read from the cache" if len(missing) < n else "")
             if len(feats) != len(missing):
                 raise RuntimeError(f"expected {len(missing)} embeddings for {part.name}, got {len(feats)}")
-            values[missing] = feats.numpy()
+            if len(missing) == n:  # nothing was cached: use the new array, not a copy of it
+                values = np.ascontiguousarray(feats.numpy(), dtype=np.float32)
+            else:
+                values[missing] = feats.numpy()
             if store is not None:
                 try:
                     store.write(part.split_rows[missing], values[missing])
