@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,14 @@ def test_flwr_run_with_every_remedy_switch(run_config):
     assert history[-1]["round"] == 3  # early stopping: tests/test_strategy.py and test_server_app.py
 
 
+def _saved_round(run: Path) -> int:
+    """status.json's last completed round (-1 before there is one, or mid-write)."""
+    try:
+        return int(json.loads((run / "status.json").read_text())["last_completed_round"] or -1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def test_a_killed_run_resumes_where_it_stopped(run_config, tmp_path):
     """Killed after round 2 of 4, resumed: the same final head as an uninterrupted run, and a
     continuous history."""
@@ -85,8 +94,13 @@ def test_a_killed_run_resumes_where_it_stopped(run_config, tmp_path):
     with Procs(tmp_path / "logs") as procs:
         procs.start("killed", cmd)
         assert procs.wait_for("killed", "celeba-fl: round 2/4", 300), procs.logs()
+        # the round's log line comes just before its checkpoint and status.json are written:
+        # kill once status.json says round 2 is saved (or the run got further)
+        run = Path(run_config["results-dir"]) / "killed"
+        deadline = time.time() + 60
+        while time.time() < deadline and _saved_round(run) < 2:
+            time.sleep(0.05)
         procs.stop("killed", grace=0)  # SIGTERM then SIGKILL to the whole process group
-    run = Path(run_config["results-dir"]) / "killed"
     status = json.loads((run / "status.json").read_text())
     assert status["state"] in ("running", "failed") and 2 <= status["last_completed_round"] < 4
     assert not (run / "head.pt").exists() or status["state"] == "failed"
