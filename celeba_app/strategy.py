@@ -129,7 +129,8 @@ class GroupMetrics:
         """Rounds ``1..num_rounds`` (or from a checkpoint's next round): train, federated
         evaluation, ``server_evaluate`` (the global head on ``valid``: a metrics report), the
         best round and early stopping (no round runs after it), then ``on_round(history,
-        checkpoint)`` so the caller can write both before the next round starts.
+        checkpoint)`` so the caller can write both before the next round starts, and only then
+        the round's log line: a round the log announces is a round a resumed run will not redo.
 
         Each round records the nodes sampled, the replies and each failure (node, partition,
         error code and reason). A round with fewer successful train replies than
@@ -152,8 +153,8 @@ class GroupMetrics:
             valid = server_evaluate(0, arrays)
             history.append({"round": 0, "seconds": time.time() - t0, "bytes_sent": 0, "server_valid": valid,
                             "gap_train_minus_valid": None})
-            _log_round(0, num_rounds, history[-1])
             on_round(history, self._checkpoint(0, arrays, history, best, 0))
+            _log_round(0, num_rounds, history[-1])
         for rnd in range(first, num_rounds + 1):
             t0 = time.time()
             _wait_for_nodes(grid, policy)
@@ -197,15 +198,17 @@ class GroupMetrics:
             best.update(rnd, entry["server_valid"], {k: v.clone() for k, v in arrays.to_torch_state_dict().items()})
             entry["seconds"] = time.time() - t0
             history.append(entry)
-            _log_round(rnd, num_rounds, entry)
             stop = best.should_stop
             if stop:
                 self.stopped_after = rnd
                 entry["early_stopped"] = True
+            # Written before it is announced: a run killed right after its "round N" line
+            # resumes after round N, not N-1.
+            on_round(history, self._checkpoint(rnd, arrays, history, best, skipped_in_row))
+            _log_round(rnd, num_rounds, entry)
+            if stop:
                 log(INFO, "celeba-fl: early stopping after round %d: no better validation %s for %d "
                     "rounds (best: round %d)", rnd, best.metric, best.patience, best.round)
-            on_round(history, self._checkpoint(rnd, arrays, history, best, skipped_in_row))
-            if stop:
                 break
         last = history[-1]
         if policy.evaluate_with_train and last["round"] >= 1 and not last.get("skipped") \

@@ -1,6 +1,8 @@
 """Strategies aggregate arrays their own way and metrics from summed statistics."""
 
 import json
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -119,6 +121,28 @@ def test_early_stopping_really_stops():
     assert [h["round"] for h in history] == [0, 1, 2, 3]  # stopped after round 3: no round 4 at all
     assert history[-1]["early_stopped"] and sorted(set(sent)) == [1, 2, 3]
     assert [c["round"] for _, c in written] == [0, 1, 2, 3]  # every round written as it ended
+
+
+def test_a_round_is_written_before_its_log_line_announces_it():
+    """A run killed right after its "round N" line must resume after round N, not N-1."""
+    saved, announced_unsaved = [], []
+
+    class Announcements(logging.Handler):
+        def emit(self, record):
+            m = re.match(r"celeba-fl: round (\d+)/", record.getMessage())
+            if m and int(m.group(1)) not in saved:
+                announced_unsaved.append(int(m.group(1)))
+
+    handler, logger = Announcements(), logging.getLogger("flwr")
+    logger.addHandler(handler)
+    try:
+        make_strategy(RunConfig(), 3).start(
+            LoopGrid(trained), ArrayRecord({"1.weight": torch.zeros(1, 4), "1.bias": torch.zeros(1)}),
+            num_rounds=3, server_evaluate=valid_report([1, 0.9, 0.8, 0.7]), best=BestRound("loss", 0),
+            on_round=lambda history, checkpoint: saved.append(checkpoint["round"]))
+    finally:
+        logger.removeHandler(handler)
+    assert saved == [0, 1, 2, 3] and announced_unsaved == []
 
 
 def test_a_failing_client_is_survived_and_recorded():
