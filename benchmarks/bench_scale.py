@@ -70,18 +70,9 @@ def proc_tree(root: int) -> list[int]:
     return out
 
 
-def _kib(path: str, field: str) -> int:
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _fields(path: str) -> dict[str, int]:
-    """{field: kB} of a /proc file of "Field:  123 kB" lines (empty if the process is gone)."""
+def proc_kib_fields(path: str) -> dict[str, int]:
+    """{field: kB} of a /proc file of "Field:  123 kB" lines (status, smaps_rollup); empty if
+    the process is gone."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError:
@@ -109,10 +100,10 @@ class Sampler(threading.Thread):
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
                 except OSError:
                     continue
-                hwm = _kib(f"/proc/{pid}/status", "VmHWM:")
+                hwm = proc_kib_fields(f"/proc/{pid}/status").get("VmHWM", 0)
                 if hwm:
                     self.hwm[pid] = (cmd, max(hwm, self.hwm.get(pid, ("", 0))[1]))
-                rollup = _fields(f"/proc/{pid}/smaps_rollup")
+                rollup = proc_kib_fields(f"/proc/{pid}/smaps_rollup")
                 total += rollup.get("Pss", 0)
                 anon += rollup.get("Pss_Anon", 0) + rollup.get("Pss_Shmem", 0)
                 file += rollup.get("Pss_File", 0)

@@ -29,15 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_scale import proc_kib_fields  # noqa: E402 - this folder is on sys.path when run as a script
+
 
 def rss() -> dict[str, int]:
     """{"RssAnon", "RssFile"} of this process in MiB, from /proc/self/status."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) // 1024
-    return out
+    fields = proc_kib_fields("/proc/self/status")
+    return {key: fields.get(key, 0) // 1024 for key in ("RssAnon", "RssFile")}
 
 
 class Peak(threading.Thread):

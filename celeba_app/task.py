@@ -178,11 +178,10 @@ def _logistic_step(head: nn.Sequential, feats: torch.Tensor, y: torch.Tensor, we
     skips building and walking an autograd graph (docs/SPEED.md, "CelebA at scale").
 
     The loss is the autograd path's exactly: the batch mean of BCE(z, y) (times ``weight`` per
-    row), z = drop(x) w^T + b,
-    plus (mu/2)||theta - theta_received||^2; its gradient is dz = (sigmoid(z) - y) * weight / B,
-    dw = dz^T drop(x), db = sum(dz), plus mu (theta - theta_received). Dropout draws its mask
-    from the same generator as nn.Dropout, so both paths give the same head
-    (tests/test_task.py checks them against each other).
+    row), z = drop(x) w^T + b, plus (mu/2)||theta - theta_received||^2; its gradient is
+    dz = (sigmoid(z) - y) * weight / B, dw = dz^T drop(x), db = sum(dz), plus
+    mu (theta - theta_received). Dropout draws its mask from the same generator as nn.Dropout,
+    so both paths give the same head (tests/test_task.py checks them against each other).
     """
     dropout, linear = head[0], head[1]
     feats = nn.functional.dropout(feats, dropout.p, training=True) if dropout.p else feats
