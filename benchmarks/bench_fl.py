@@ -16,9 +16,11 @@ Prints, on one machine in one process:
      resizing alone; on CUDA also decoding alone (one CPU thread, nvJPEG), the alternative
      of decoding in CPU threads, and how far GPU embeddings are from the CPU fp32 ones
      (``--source-size 218x178`` re-encodes the images at full CelebA size first);
-  3. (unless --skip-runs) wall time of `flwr run .` with the feature cache on (fresh cache)
+  3. with ``--settings 18/1 13/7 ...``: the same end-to-end throughput for each
+     feature-layer/feature-pool (the backbone run only up to that block), as ratios to the first;
+  4. (unless --skip-runs) wall time of `flwr run .` with the feature cache on (fresh cache)
      and off: total, round 1, rounds 2..R, and bytes sent per round;
-  4. projections for full CelebA from the measured per-image costs.
+  5. projections for full CelebA from the measured per-image costs.
 Throughput parts need only torch/torchvision/pyarrow (they run on a bare GPU machine);
 part 3 needs the installed app.
 """
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from celeba_app.config import RUNTIMES  # noqa: E402
 from celeba_app.extractor import Extractor, extract  # noqa: E402
 from celeba_app.images import decode, decode_resize, resize_crop  # noqa: E402
+from celeba_app.mobilenet_layers import describe  # noqa: E402
 from celeba_app.model import Backbone, load_mobilenet  # noqa: E402
 
 FULL_TRAIN, FULL_VALID, FULL_TEST = 162_770, 19_867, 19_962
@@ -258,6 +261,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--split", default="iid")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--settings", nargs="*", default=[], metavar="LAYER/POOL",
+                   help="also time the pipeline for these feature-layer/feature-pool settings, e.g. 18/1 13/7 "
+                        "(each as a ratio to the first)")
     args = p.parse_args()
     device = torch.device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="celeba-bench-"))
@@ -295,6 +301,21 @@ def main() -> None:
     same = report["pipeline_over_best_raw_same_precision"]
     print(f"pipeline / fastest raw backbone = {ratio:.2f}; at the same precision "
           f"({'int8' if int8 else 'float'}) = {f'{same:.2f}' if same else 'n/a'}", flush=True)
+
+    if args.settings:
+        # The same real images through the app's pipeline for each feature-layer/feature-pool,
+        # the backbone run only up to the block; one process, one after another.
+        report["settings_img_s"] = {}
+        for setting in args.settings:
+            layer, pool = (int(v) for v in setting.split("/"))
+            bb = Backbone(load_mobilenet(args.weights), layer, pool)
+            rate = pipeline(bb, device, blobs, args.batch, args.size, tmp / "onnx", args.runtime)["end-to-end extraction"]
+            report["settings_img_s"][setting] = rate
+            print(f"setting       {describe(layer, pool):38s} {rate:8.1f} img/s end-to-end", flush=True)
+        rates = report["settings_img_s"]
+        first = args.settings[0]
+        for setting in args.settings[1:]:
+            print(f"setting       {setting} / {first} = {rates[setting] / rates[first]:.2f}", flush=True)
 
     if not args.skip_runs:
         on = flwr_run(args, True, tmp / "cache", tmp / "runs", "cache-on")

@@ -24,7 +24,7 @@ def _worker(threads: int | None, queue) -> None:
     feats, labels = torch.randn(2400, 1280), torch.randint(0, 2, (2400,)).float()
     times = []
     for r in range(4):
-        head = make_head(0.0, seed=r)
+        head = make_head(1280, 0.0, seed=r)
         t0 = time.perf_counter()
         if threads is None:
             train_head(head, feats, labels, epochs=5, lr=1e-3, batch_size=32, seed=r)

@@ -77,7 +77,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
     f_valid, f_test = store.for_part(valid), store.for_part(test)
     plain_train = x_train[0] if cfg.augment_hflip else x_train
 
-    head = make_head(cfg.head_dropout, seed=cfg.seed)
+    head = make_head(cfg.feature_dim, cfg.head_dropout, seed=cfg.seed)
     weights = group_balance_weights(a_train, cfg.balance_groups) if cfg.balance_groups else None
     best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
     history = []
@@ -108,7 +108,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
             break
 
     def test_report(state: dict) -> dict:
-        model = make_head(cfg.head_dropout, state=state)
+        model = make_head(cfg.feature_dim, cfg.head_dropout, state=state)
         return metrics_report(evaluate_stats(model, f_test, test.labels, test.attributes, device), "test", cfg.min_group_size)
 
     test_rep = test_report(head.state_dict())

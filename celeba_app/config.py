@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from . import mobilenet_layers
+from .mobilenet_layers import LAST
+
 HUB_DATASET = "flwrlabs/celeba"
 
 #: The 40 binary attributes of CelebA, in the hub's column order.
@@ -138,6 +141,8 @@ class RunConfig:
     target: str = "Smiling"
     sensitive_attributes: tuple[str, ...] = ("Male", "Young", "Pale_Skin")
     image_size: int = 224
+    feature_layer: int = LAST
+    feature_pool: int = 1
     batch_size: int = 32
     local_epochs: int = 5
     learning_rate: float = 0.005
@@ -202,6 +207,11 @@ class RunConfig:
         cfg.validate(check_paths)  # on the values as written, so a refusal echoes them (lr-decay=0, not 0.0)
         floats = {k: float(v) for k, v in kwargs.items() if types[k] is float and type(v) is not float}
         return dataclasses.replace(cfg, **floats) if floats else cfg
+
+    @property
+    def feature_dim(self) -> int:
+        """Numbers per image the head reads (``feature-layer``'s channels x ``feature-pool``^2)."""
+        return mobilenet_layers.feature_dim(self.feature_layer, self.feature_pool)
 
     def resolved(self) -> "RunConfig":
         """This config with its local paths (dataset, weights, results-dir, cache-dir) made
@@ -290,6 +300,14 @@ class RunConfig:
         if not IMAGE_SIZE_MIN <= self.image_size <= IMAGE_SIZE_MAX:
             raise ConfigError(f"image-size={self.image_size!r} is not valid; accepted: an integer "
                               f"{IMAGE_SIZE_MIN} <= x <= {IMAGE_SIZE_MAX}")
+        if not 0 <= self.feature_layer <= LAST:
+            raise ConfigError(f"feature-layer={self.feature_layer!r} is not known; accepted: an integer 0 <= x "
+                              f"<= {LAST} (the output of torchvision's mobilenet_v2().features[x])")
+        side = mobilenet_layers.map_size(self.feature_layer, self.image_size)
+        if not 1 <= self.feature_pool <= side:
+            raise ConfigError(f"feature-pool={self.feature_pool!r} is not valid for features[{self.feature_layer}], "
+                              f"whose map is {side}x{side} at image-size={self.image_size}; accepted: an integer "
+                              f"1 <= x <= {side}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             # numpy's generators refuse a negative seed; say so here, not from inside the data split
             raise ConfigError(f"seed={self.seed!r} is not valid; accepted: an integer >= 0")

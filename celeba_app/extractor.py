@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from .images import IMAGENET_MEAN, IMAGENET_STD, decode_resize
-from .model import FEATURE_DIM, Backbone
+from .model import Backbone
 from .quantization import INT8_RECIPE, quantize
 
 #: Bump when preprocessing, pooling or the export changes: every cached embedding then misses.
-EXTRACTOR_VERSION = "3"  # 2: normalisation inside the model; 3: GPU resize without antialiasing when enlarging
+EXTRACTOR_VERSION = "4"  # 2: normalisation inside the model; 3: GPU resize without antialiasing when enlarging;
+#                           4: any block and pool (pooling as matrix products), ONNX exported per image size
 
 
 class ImageNetBackbone(nn.Module):
@@ -43,7 +44,7 @@ class ImageNetBackbone(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) in [0, 255] -> float32 (N, 1280)."""
+        """uint8 (N, 3, H, W) in [0, 255] -> float32 (N, backbone.dim)."""
         return self.backbone((x.float() - self.mean) / self.std)
 
 
@@ -56,6 +57,8 @@ class Extractor:
         self.model = ImageNetBackbone(backbone).to(device).eval()
         self.device = device
         self.image_size = image_size
+        #: Numbers per image (model.Backbone.dim).
+        self.dim = backbone.dim
         runtime = resolve_runtime(runtime, device)
         self.runtime = runtime
         self._session = None
@@ -75,18 +78,15 @@ class Extractor:
     def _onnx_session(self, onnx_dir: Path | None, weights_id: str, int8: bool = False):
         import onnxruntime as ort
 
-        key = hashlib.sha256(f"{weights_id}|{EXTRACTOR_VERSION}|{torch.__version__}".encode()).hexdigest()[:16]
+        backbone = self.model.backbone
+        key = hashlib.sha256(f"{weights_id}|{EXTRACTOR_VERSION}|{torch.__version__}|{backbone.layer}|"
+                             f"{backbone.pool_size}|{self.image_size}".encode()).hexdigest()[:16]
         directory = Path(onnx_dir) if onnx_dir else Path(tempfile.gettempdir()) / "celeba-fl-onnx"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"mobilenet_v2_features-{key}.onnx"
         if not path.exists():
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            dummy = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8)
-            torch.onnx.export(
-                self.model.cpu(), dummy, str(tmp), input_names=["x"], output_names=["z"],
-                dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "z": {0: "n"}},
-                opset_version=17, dynamo=False,
-            )
+            export_onnx(self.model.cpu(), self.image_size, tmp)
             os.replace(tmp, path)
         if int8:
             path = quantize(path, self.image_size)
@@ -99,7 +99,7 @@ class Extractor:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float32 (N, 1280), on the CPU for ONNX Runtime, else on the
+        """uint8 (N, 3, H, W) -> float32 (N, dim), on the CPU for ONNX Runtime, else on the
         model's device (no synchronisation: ``extract`` moves everything to the CPU once)."""
         if self._session is not None:
             out = self._session.run(None, {"x": x.cpu().contiguous().numpy()})[0]
@@ -110,6 +110,21 @@ class Extractor:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return self.model(x).float()
         return self.model(x)
+
+
+def export_onnx(model: nn.Module, image_size: int, path: Path) -> None:
+    """``model`` (uint8 (N, 3, S, S) -> float32 (N, D)) to ONNX at ``path``, for ``image_size``
+    = S only: the pooling matrices (model.AdaptiveAvgPool2d) are constants of the map size.
+    The exporter's warnings (the TorchScript path's deprecation, the traced shape) are
+    silenced: they concern this fixed-size export, not the user."""
+    import warnings
+
+    dummy = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(model, dummy, str(path), input_names=["x"], output_names=["z"],
+                          dynamic_axes={"x": {0: "n"}, "z": {0: "n"}}, opset_version=17, dynamo=False)
 
 
 def resolve_runtime(runtime: str, device: torch.device) -> str:
@@ -166,7 +181,7 @@ def return_freed_memory() -> bool:
 
 def extract(extractor: Extractor, encoded: Iterable[Sequence[bytes]], hflip: bool = False,
             progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """float32 (N, 1280) CPU embeddings of every batch of encoded images, in order.
+    """float32 (N, extractor.dim) CPU embeddings of every batch of encoded images, in order.
 
     On the CPU, one thread decodes and resizes the next batch while the backbone runs on the
     current one (libjpeg-turbo and ONNX Runtime release the GIL). On a GPU, each batch is
@@ -200,4 +215,4 @@ def extract(extractor: Extractor, encoded: Iterable[Sequence[bytes]], hflip: boo
                 pending = fut
             if pending is not None:
                 done(extractor(pending.result()))
-    return torch.cat(outs).cpu() if outs else torch.empty(0, FEATURE_DIM)
+    return torch.cat(outs).cpu() if outs else torch.empty(0, extractor.dim)

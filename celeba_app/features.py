@@ -5,7 +5,8 @@ computing it once per machine instead of once per round and local epoch removes 
 of the compute of a federated run. ``FeatureStore`` keeps embeddings per row of a split
 (row_store.py), so every partitioning, client and later run reads the same rows. The key
 (``EmbeddingKey``) covers everything that changes an embedding: the data's content
-fingerprint, the split, the weights digest, image size, view (flip), runtime and
+fingerprint, the split, the weights digest, image size, the block the head reads and its pool
+(``feature-layer``, ``feature-pool``), view (flip), runtime and
 ``extractor.EXTRACTOR_VERSION``; a per-row checksum catches a torn or damaged row, which is
 then computed again. Images: images.py; the backbone's runtimes: extractor.py.
 """
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 
 from .extractor import EXTRACTOR_VERSION, Extractor, extract, resolve_runtime, runtime_id
-from .model import FEATURE_DIM, Backbone
+from .mobilenet_layers import feature_dim
+from .model import Backbone
 from .row_store import RowStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ class EmbeddingKey:
     split: str
     weights: str
     image_size: int
+    layer: int  # feature-layer: the output of mobilenet_v2().features[layer]
+    pool: int  # feature-pool: that output average-pooled to pool x pool
     runtime: str
     view: str
     version: str = EXTRACTOR_VERSION
@@ -61,25 +65,30 @@ class FeatureStore:
     partitioning or client holds it), or every time with no cache dir.
 
     On disk: one RowStore (row_store.py) per ``EmbeddingKey`` under ``<cache-dir>/features``:
-    (split size, 1280) float32 by the row's index in its split. A part reads the rows it
+    (split size, dim) float32 by the row's index in its split. A part reads the rows it
     holds and computes only those nobody computed before; the OS's page cache, not this
     process, keeps them in memory, shared by every process of the machine.
 
     ``extractor`` is an ``Extractor`` or a function that builds one: built on the first
     miss only, so a process whose embeddings are all cached never loads the backbone. With a
-    function, ``image_size`` and ``runtime_id`` (the cache key's) must be given.
+    function, ``image_size``, ``runtime_id``, ``layer`` and ``pool`` (the cache key's) must be
+    given. ``dim``: numbers per embedding (mobilenet_layers.feature_dim(layer, pool)).
     ``stats``: rows read from the cache, rows computed, and the seconds spent computing.
     """
 
     def __init__(self, extractor: Extractor | Callable[[], Extractor], weights_id: str,
                  cache_dir: str | None, batch_size: int = 64, *, image_size: int | None = None,
-                 runtime_id: str | None = None) -> None:
+                 runtime_id: str | None = None, layer: int | None = None, pool: int | None = None) -> None:
         self._extractor = extractor if isinstance(extractor, Extractor) else None
         self._build = None if isinstance(extractor, Extractor) else extractor
-        self.image_size = image_size if self._extractor is None else self._extractor.image_size
-        self.runtime_id = runtime_id if self._extractor is None else self._extractor.runtime_id
-        if self.image_size is None or self.runtime_id is None:
-            raise ValueError("FeatureStore with an extractor factory needs image_size and runtime_id")
+        if self._extractor is not None:
+            backbone = self._extractor.model.backbone
+            image_size, runtime_id = self._extractor.image_size, self._extractor.runtime_id
+            layer, pool = backbone.layer, backbone.pool_size
+        if image_size is None or runtime_id is None or layer is None or pool is None:
+            raise ValueError("FeatureStore with an extractor factory needs image_size, runtime_id, layer and pool")
+        self.image_size, self.runtime_id, self.layer, self.pool = image_size, runtime_id, layer, pool
+        self.dim = feature_dim(layer, pool)
         self.weights_id = weights_id
         self.cache_dir = Path(cache_dir) / "features" if cache_dir else None
         self.batch_size = batch_size
@@ -92,31 +101,33 @@ class FeatureStore:
         cached never pays it. Raises what loading the weights raises (model.load_mobilenet)."""
         if self._extractor is None:
             self._extractor = self._build()
-            if self._extractor.runtime_id != self.runtime_id:
-                raise RuntimeError(f"runtime {self._extractor.runtime_id} != {self.runtime_id} of the cache key")
+            if self._extractor.runtime_id != self.runtime_id or self._extractor.dim != self.dim:
+                raise RuntimeError(f"extractor ({self._extractor.runtime_id}, {self._extractor.dim} numbers) differs "
+                                   f"from the cache key's ({self.runtime_id}, {self.dim})")
         return self._extractor
 
     def key(self, part, view: str) -> EmbeddingKey:
         """The EmbeddingKey of ``part``'s split (data.LabeledRows) for ``view`` on this store."""
         return EmbeddingKey(data=part.data_id, split=part.split, weights=self.weights_id,
-                            image_size=self.image_size, runtime=self.runtime_id, view=view)
+                            image_size=self.image_size, layer=self.layer, pool=self.pool,
+                            runtime=self.runtime_id, view=view)
 
     def rows(self, part, view: str) -> RowStore | None:
         """The RowStore of ``part``'s split for ``view``; None without a cache dir."""
         if self.cache_dir is None or not part.split_size:
             return None
         key = self.key(part, view)
-        return RowStore(self.cache_dir / key.digest(), key.__dict__, part.split_size, FEATURE_DIM)
+        return RowStore(self.cache_dir / key.digest(), key.__dict__, part.split_size, self.dim)
 
     def get(self, part, view: str = "orig") -> torch.Tensor:
-        """float32 (len(part), 1280) embeddings of ``part``'s rows for ``view``."""
+        """float32 (len(part), dim) embeddings of ``part``'s rows for ``view``."""
         if view not in VIEWS:
             raise ValueError(f"view={view!r} is not known; accepted: {', '.join(VIEWS)}")
         n = len(part)
         if n == 0:
-            return torch.empty(0, FEATURE_DIM)
+            return torch.empty(0, self.dim)
         store = self.rows(part, view)
-        values, have = store.read(part.split_rows) if store else (np.zeros((n, FEATURE_DIM), np.float32),
+        values, have = store.read(part.split_rows) if store else (np.zeros((n, self.dim), np.float32),
                                                                   np.zeros(n, bool))
         missing = np.flatnonzero(~have)
         self.stats["rows_cached"] += n - len(missing)
@@ -152,7 +163,7 @@ class FeatureStore:
         return sum(len(part) - int(s.filled(part.split_rows).sum()) if s else len(part) for s in stores)
 
     def for_part(self, part, hflip: bool = False) -> torch.Tensor:
-        """Embeddings of a data.LabeledRows: (N, 1280), or (2, N, 1280) with the flipped view."""
+        """Embeddings of a data.LabeledRows: (N, dim), or (2, N, dim) with the flipped view."""
         views = VIEWS if hflip else VIEWS[:1]
         feats = [self.get(part, v) for v in views]
         return torch.stack(feats) if hflip else feats[0]
@@ -197,8 +208,10 @@ def _feature_store(cfg, device: torch.device, cache_dir: str | None) -> FeatureS
     onnx_dir = Path(cache_dir or cfg.cache_dir) / "onnx"
 
     def build() -> Extractor:
-        return Extractor(Backbone(load_mobilenet(cfg.weights)), cfg.feature_runtime, device,
+        return Extractor(Backbone(load_mobilenet(cfg.weights), cfg.feature_layer, cfg.feature_pool),
+                         cfg.feature_runtime, device,
                          cfg.image_size, onnx_dir=onnx_dir, weights_id=weights_id)
 
     return FeatureStore(build, weights_id, cache_dir, cfg.extract_batch_size, image_size=cfg.image_size,
+                        layer=cfg.feature_layer, pool=cfg.feature_pool,
                         runtime_id=runtime_id(resolve_runtime(cfg.feature_runtime, device), device))

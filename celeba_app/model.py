@@ -17,45 +17,90 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .mobilenet_layers import LAST, feature_dim
 
-FEATURE_DIM = 1280
 #: torchvision's ``MobileNet_V2_Weights.IMAGENET1K_V1.url`` (a test checks they agree): the
 #: identity of weights='imagenet', known without importing torchvision (seconds per process).
-IMAGENET1K_V1_URL = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"  # MobileNetV2's pooled feature width
+IMAGENET1K_V1_URL = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
+
+
+class AdaptiveAvgPool2d(nn.Module):
+    """``torch.nn.functional.adaptive_avg_pool2d(x, pool)``, written as two matrix products.
+
+    Why: ONNX export supports adaptive pooling only to a size that divides the map (14 -> 7,
+    not 14 -> 3). PyTorch's bins are rows ``floor(i*H/p) .. ceil((i+1)*H/p) - 1``; ``P_h``
+    (p, H) averages each bin, and ``P_h x P_w^T`` is the pooled map, for any H, W and p <= H, W.
+    The matrices are built from the input's shape, so an exported graph holds them as
+    constants for the image size it was traced at. Computed in float32 whatever autocast says.
+    """
+
+    def __init__(self, pool: int) -> None:
+        super().__init__()
+        self.pool = int(pool)
+
+    @staticmethod
+    def bins(size: int, pool: int) -> torch.Tensor:
+        """float32 (pool, size): row i averages input positions floor(i*size/pool) .. ceil((i+1)*size/pool)-1."""
+        m = torch.zeros(pool, size)
+        for i in range(pool):
+            start, end = (i * size) // pool, -((-(i + 1) * size) // pool)
+            m[i, start:end] = 1.0 / (end - start)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float (N, C, H, W) -> float32 (N, C, pool, pool)."""
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if (h, w) == (self.pool, self.pool):
+            return x.float()
+        ph = self.bins(h, self.pool).to(x.device)
+        pw = ph if w == h else self.bins(w, self.pool).to(x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.matmul(torch.matmul(ph, x.float()), pw.t())
 
 
 class Backbone(nn.Module):
-    """MobileNetV2's ``features`` + global average pool: image -> 1280-d embedding.
+    """MobileNetV2's ``features[0..layer]``, then its output pooled to ``pool`` x ``pool``:
+    image -> ``mobilenet_layers.feature_dim(layer, pool)`` numbers (channel-major).
 
-    Same computation as torchvision's ``MobileNetV2._forward_impl`` up to the classifier.
+    ``layer=18, pool=1`` is torchvision's ``MobileNetV2._forward_impl`` up to the classifier
+    (the global average of the last layer, 1,280 numbers). Only the blocks up to ``layer``
+    are kept: the rest is never run.
     """
 
-    def __init__(self, mobilenet: nn.Module) -> None:
+    def __init__(self, mobilenet: nn.Module, layer: int = LAST, pool: int = 1) -> None:
         super().__init__()
-        self.features = mobilenet.features
+        if not 0 <= layer <= LAST:
+            raise ValueError(f"layer={layer} is not a block of mobilenet_v2().features (0..{LAST})")
+        self.layer, self.pool_size = layer, pool
+        self.features = mobilenet.features[:layer + 1]
+        self.pool = AdaptiveAvgPool2d(pool)
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
+
+    @property
+    def dim(self) -> int:
+        """Numbers per image in the output."""
+        return feature_dim(self.layer, self.pool_size)
 
     def train(self, mode: bool = True) -> "Backbone":  # noqa: ARG002 - frozen by design
         """Stay in eval mode whatever the caller asks: BN statistics must never move."""
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """float (N, 3, H, W), ImageNet-normalised -> float (N, 1280): the features, average-pooled."""
-        x = self.features(x)
-        x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
-        return torch.flatten(x, 1)
+        """float (N, 3, H, W), ImageNet-normalised -> float32 (N, dim): the block's output, pooled."""
+        return torch.flatten(self.pool(self.features(x)), 1)
 
 
-def make_head(dropout: float = 0.0, seed: int | None = None,
+def make_head(in_features: int, dropout: float = 0.0, seed: int | None = None,
               state: dict[str, torch.Tensor] | None = None) -> nn.Sequential:
-    """A binary head (logit output, for ``BCEWithLogitsLoss``): freshly initialised (from
-    ``seed`` when given), or holding ``state`` (a received or selected head)."""
+    """A binary head on ``in_features`` numbers per image (logit output, for
+    ``BCEWithLogitsLoss``): freshly initialised (from ``seed`` when given), or holding
+    ``state`` (a received or selected head; its shapes must match ``in_features``)."""
     with torch.random.fork_rng(devices=[], enabled=seed is not None):  # a seed leaves the global RNG alone
         if seed is not None:
             torch.manual_seed(seed)
-        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURE_DIM, 1))
+        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, 1))
     if state is not None:
         head.load_state_dict(state)
     return head

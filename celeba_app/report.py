@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .mobilenet_layers import feature_dim  # noqa: E402
 from .results import process_ended, read_status  # noqa: E402
 
 SOURCES = (("train", "train"), ("federated_evaluate", "federated eval (clients' held-out)"),
@@ -273,6 +274,15 @@ def failure_lines(history: list[dict], num_clients: int | None) -> list[str]:
     return out
 
 
+def head_line(cfg: dict, history: list[dict]) -> str:
+    """Where the head reads the backbone and what it weighs on the wire, in one sentence."""
+    layer, pool = cfg.get("feature-layer", 18), cfg.get("feature-pool", 1)
+    head_bytes = next((e["head_bytes"] for e in history if e.get("head_bytes")), None)
+    size = f", {head_bytes:,} bytes per head sent" if head_bytes else ""
+    return (f"The linear head reads `features[{layer}]` of the frozen MobileNetV2, average-pooled to "
+            f"{pool}x{pool} ({feature_dim(layer, pool):,} numbers per image){size}.")
+
+
 def write_report(run_dir: Path) -> Path:
     """Plots and report.md for one run folder; returns the report's path."""
     run = load_run(run_dir)
@@ -303,6 +313,7 @@ def write_report(run_dir: Path) -> Path:
                  f"`{cfg.get('dataset')}`, weights `{cfg.get('weights')}`, "
                  f"{(run['config'] or {}).get('num_clients', '–')} clients, "
                  f"{cfg.get('num-server-rounds')} rounds, seed {cfg.get('seed')}.")
+    lines.append(head_line(cfg, history))
     lines.append("")
     if test:
         finals = {f"test, last round ({test.get('round', '?')})": test}
@@ -340,6 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path)
     args = parser.parse_args(argv)
     for run_dir in args.run_dirs:
+        if not (run_dir / "config.json").is_file():
+            what = "no such folder" if not run_dir.exists() else "not a run folder (no config.json)"
+            raise SystemExit(f"celeba-report: {str(run_dir)!r}: {what}; accepted: a run folder, e.g. "
+                             "outputs/<run-name>")
         print(write_report(run_dir))
 
 

@@ -28,6 +28,7 @@ from .data import check_clients_disjoint, server_identities, server_part
 from .federation import FederationGrid, describe_nodes, wait_for_nodes
 from .features import feature_store
 from .metrics import metrics_report
+from .mobilenet_layers import describe
 from .model import make_head, weights_digest
 from .postprocessing import equalized_odds_report
 from .report import write_report
@@ -96,8 +97,9 @@ def main(grid: Grid, context: Context) -> None:
                         identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
         write_skipped_rows(run_dir, cfg, [valid, test], partitions)
     write_status(run_dir, "running", resume["round"] if resume else None)
-    log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s%s", run_dir, num_nodes,
-        cfg.split, cfg.target, device, f"; resuming after round {resume['round']}" if resume else "")
+    log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s; the head reads %s%s", run_dir,
+        num_nodes, cfg.split, cfg.target, device, describe(cfg.feature_layer, cfg.feature_pool),
+        f"; resuming after round {resume['round']}" if resume else "")
     log_plan(store, [valid, test], to_embed)
     last_round = resume["round"] if resume else None
     interrupted: str | None = None  # set by a signal (see on_signal)
@@ -115,7 +117,7 @@ def main(grid: Grid, context: Context) -> None:
     add_exit_handler(on_signal)
     try:
         def evaluate_valid(server_round: int, arrays: ArrayRecord) -> dict:
-            head = make_head(cfg.head_dropout, state=arrays.to_torch_state_dict())
+            head = make_head(cfg.feature_dim, cfg.head_dropout, state=arrays.to_torch_state_dict())
             return metrics_report(evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
                           where="valid", min_group_size=cfg.min_group_size)
 
@@ -129,7 +131,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy = make_strategy(cfg, num_nodes)
         best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
         result = strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(make_head(cfg.head_dropout, seed=cfg.seed).state_dict()),
+            grid=grid, initial_arrays=ArrayRecord(make_head(cfg.feature_dim, cfg.head_dropout, seed=cfg.seed).state_dict()),
             num_rounds=cfg.num_server_rounds,
             train_config=ConfigRecord({"lr": cfg.learning_rate}),  # per round: lr * lr-decay^(r-1)
             server_evaluate=evaluate_valid, best=best, on_round=on_round, resume=resume,
@@ -141,7 +143,7 @@ def main(grid: Grid, context: Context) -> None:
         save_torch(run_dir / "head.pt", last_state)  # before the final test: a crash there keeps it
 
         def test_report(state: dict) -> dict:
-            head = make_head(cfg.head_dropout, state=state)
+            head = make_head(cfg.feature_dim, cfg.head_dropout, state=state)
             return metrics_report(evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device), "test",
                           min_group_size=cfg.min_group_size)
 
@@ -173,7 +175,7 @@ def write_postprocessing(run_dir: Path, cfg: RunConfig, strategy, state: dict, s
     server's ``valid`` (central) and on the clients' summed held-out histograms of the last
     round (federated), applied to ``test`` (postprocessing.py). Optional: a failure here is
     logged and recorded in the file, and the run goes on."""
-    head = make_head(cfg.head_dropout, state=state)
+    head = make_head(cfg.feature_dim, cfg.head_dropout, state=state)
     try:
         fit_on = {"valid": evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
                   "clients' held-out": strategy.last_evaluate_stats}

@@ -274,7 +274,7 @@ class GroupMetrics:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         head_bytes = sum(a.numpy().nbytes for a in arrays.values())
         self.bytes_sent[server_round] = head_bytes * len(messages)
-        self.history.setdefault(server_round, {})["lr"] = config["lr"]
+        self.history.setdefault(server_round, {}).update(lr=config["lr"], head_bytes=head_bytes)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

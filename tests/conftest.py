@@ -21,62 +21,22 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ.pop("HF_DATASETS_CACHE", None)
 atexit.register(shutil.rmtree, _HF_HOME, True)
 
-import io  # noqa: E402
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from datasets import Dataset, Features, Image, Value
-from PIL import Image as PILImage
 
 from celeba_app import centralized
-from celeba_app.config import ATTRIBUTES, RunConfig
+from celeba_app.config import RunConfig
 from celeba_app.data import server_part
+from celeba_app.demo_data import make_celeba
 from celeba_app.model import Backbone, load_mobilenet
 
 
-def _jpeg(rng: np.random.Generator, smiling: bool, h: int = 36, w: int = 30) -> bytes:
-    arr = rng.integers(60, 140, size=(h, w, 3), dtype=np.uint8)
-    if smiling:
-        arr[h // 2:] = np.clip(arr[h // 2:].astype(int) + 90, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    PILImage.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def make_split(rng: np.random.Generator, ids: list[int], per_id: tuple[int, int]) -> Dataset:
-    rows: dict[str, list] = {"image": [], "celeb_id": [], **{a: [] for a in ATTRIBUTES}}
-    for ident in ids:
-        male = bool(rng.random() < 0.45)
-        young = bool(rng.random() < 0.7)
-        pale = bool(rng.random() < 0.15)
-        for _ in range(int(rng.integers(per_id[0], per_id[1] + 1))):
-            smiling = bool(rng.random() < (0.35 if male else 0.6))
-            rows["image"].append({"bytes": _jpeg(rng, smiling), "path": None})
-            rows["celeb_id"].append(ident)
-            for a in ATTRIBUTES:
-                rows[a].append(bool(rng.random() < 0.3))
-            rows["Male"][-1], rows["Young"][-1] = male, young
-            rows["Pale_Skin"][-1], rows["Smiling"][-1] = pale, smiling
-    features = Features({"image": Image(), "celeb_id": Value("int64"),
-                         **{a: Value("bool") for a in ATTRIBUTES}})
-    return Dataset.from_dict(rows, features=features)
-
-
-def make_celeba(root: Path, n_train_ids: int = 60, n_eval_ids: int = 12, seed: int = 0,
-                per_id: tuple[int, int] = (1, 6)) -> Path:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    ids = list(range(1, n_train_ids + 2 * n_eval_ids + 1))
-    splits = {"train": ids[:n_train_ids], "valid": ids[n_train_ids:n_train_ids + n_eval_ids],
-              "test": ids[n_train_ids + n_eval_ids:]}
-    for name, split_ids in splits.items():
-        make_split(rng, split_ids, per_id).to_parquet(str(root / f"{name}-00000-of-00001.parquet"))
-    # Like the hub's card: without it, `datasets` does not recognise a split named "valid".
-    configs = "".join(f"  - split: {s}\n    path: {s}-*.parquet\n" for s in splits)
-    (root / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n{configs}---\n")
-    return root
+#: The tests' images are 32 px, at which features[13]'s map is 2x2: the head reads it pooled
+#: 2x2 (384 numbers), whatever the default feature-layer and feature-pool are.
+TINY = {"image-size": 32, "feature-layer": 13, "feature-pool": 2}
+TINY_RC = "image-size=32 feature-layer=13 feature-pool=2"
 
 
 def recode_column(root: Path, split: str, column: str, recode, dtype: str = "int64") -> None:
@@ -133,7 +93,7 @@ def weights_file(tmp_path_factory) -> Path:
 def run_config(celeba_dir, weights_file, tmp_path) -> dict:
     """A flat run config (as ``context.run_config``) for the tiny data, fast settings."""
     return {
-        "dataset": str(celeba_dir), "weights": str(weights_file), "image-size": 32,
+        "dataset": str(celeba_dir), "weights": str(weights_file), **TINY,
         "num-server-rounds": 2, "local-epochs": 1, "batch-size": 16, "split": "iid",
         "results-dir": str(tmp_path / "outputs"), "cache-dir": str(tmp_path / "cache"),
         "extract-batch-size": 32, "seed": 7,
@@ -145,7 +105,7 @@ def two_runs(tmp_path_factory, celeba_dir, weights_file):
     """Two finished centralized runs (iid, noniid) on the tiny dataset: run folders for the
     report, compare and centralized tests."""
     out = tmp_path_factory.mktemp("runs")
-    base = {"dataset": str(celeba_dir), "weights": str(weights_file), "image-size": 32,
+    base = {"dataset": str(celeba_dir), "weights": str(weights_file), **TINY,
             "num-server-rounds": 2, "local-epochs": 1, "batch-size": 16,
             "results-dir": str(out), "cache-dir": str(out / "cache")}
     runs = []

@@ -11,6 +11,7 @@ from celeba_app import centralized
 from celeba_app.config import RunConfig
 from celeba_app.data import NodeData, client_parts
 from celeba_app.task import group_balance_weights
+from conftest import TINY, TINY_RC
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def test_centralized_trains_with_the_federations_lr_decay_weight_decay_and_group
 
     monkeypatch.setattr(centralized, "train_head", spy)
     cfg = RunConfig.from_run_config({
-        "dataset": str(celeba_dir), "weights": str(weights_file), "image-size": 32, "num-server-rounds": 2,
+        "dataset": str(celeba_dir), "weights": str(weights_file), **TINY, "num-server-rounds": 2,
         "local-epochs": 1, "results-dir": str(tmp_path), "cache-dir": str(tmp_path / "c"), "run-name": "wd",
         "learning-rate": 0.01, "lr-decay": 0.5, "weight-decay": 0.3, "balance-groups": "Male"})
     centralized.run(cfg, num_partitions=3)
@@ -50,7 +51,7 @@ def test_centralized_trains_with_the_federations_lr_decay_weight_decay_and_group
 
 
 def test_centralized_cli_reads_pyproject_and_overrides(tmp_path, celeba_dir, weights_file, capsys):
-    rc = (f"dataset='{celeba_dir}' weights='{weights_file}' image-size=32 num-server-rounds=1 "
+    rc = (f"dataset='{celeba_dir}' weights='{weights_file}' {TINY_RC} num-server-rounds=1 "
           f"local-epochs=1 results-dir='{tmp_path}' cache-dir='{tmp_path / 'c'}' run-name='cli' target='Bald'")
     assert centralized.main(["--project", str(ROOT), "--run-config", rc, "--num-partitions", "3"]) == 0
     config = json.loads((tmp_path / "cli" / "config.json").read_text())

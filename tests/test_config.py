@@ -35,6 +35,17 @@ def test_pyproject_keys_all_parse(tmp_path):
     ({"run-name": "../escape"}, "run-name='../escape' is not valid"),
     ({"target": "Male"}, "target='Male' is also in sensitive-attributes"),
     ({"bad-images": "drop"}, "bad-images='drop' is not known; accepted: fail, skip"),
+    ({"feature-layer": 19}, "feature-layer=19 is not known; accepted: an integer 0 <= x <= 18 (the output of "
+                            "torchvision's mobilenet_v2().features[x])"),
+    ({"feature-layer": -1}, "feature-layer=-1 is not known; accepted: an integer 0 <= x <= 18"),
+    ({"feature-pool": 0}, "feature-pool=0 is not valid for features["),
+    ({"feature-layer": 18, "feature-pool": 7, "image-size": 96},
+     "feature-pool=7 is not valid for features[18], whose map is 3x3 at image-size=96; accepted: an integer "
+     "1 <= x <= 3"),
+    ({"feature-layer": 13, "feature-pool": 15, "image-size": 224},
+     "feature-pool=15 is not valid for features[13], whose map is 14x14 at image-size=224; accepted: an integer "
+     "1 <= x <= 14"),
+    ({"feature-pool": 2.0}, "feature-pool=2.0 is a float; accepted: an integer"),
     ({"evaluate-with-train": True, "fraction-evaluate": 0.5},
      "fraction-evaluate=0.5 is not valid with evaluate-with-train=true, which evaluates on the clients sampled for "
      "training; accepted: fraction-evaluate = fraction-train (1.0)"),
@@ -177,3 +188,51 @@ def test_a_mistyped_key_for_the_projects_command_line_tools_is_refused_in_one_li
     with pytest.raises(ConfigError, match=r"run-config key 'learning-rat' is not known \(did you mean "
                                           r"'learning-rate'\?\); accepted: the keys of \[tool.flwr.app.config\]"):
         load_run_config(root, ["learning-rat=0.1"])
+
+
+def test_the_head_width_follows_feature_layer_and_feature_pool():
+    assert RunConfig(feature_layer=18, feature_pool=1).feature_dim == 1280  # the global average of the last layer
+    assert RunConfig(feature_layer=13, feature_pool=7).feature_dim == 96 * 49
+    assert RunConfig(feature_layer=6, feature_pool=3).feature_dim == 32 * 9
+
+
+def _doc_defaults() -> dict[str, str]:
+    """docs/CONFIG.md's table: key -> the default as written (rows may name several keys,
+    ``| `a`, `b` | 1, 2 | ... |``)."""
+    import re
+    from pathlib import Path
+
+    out = {}
+    for line in (Path(__file__).parents[1] / "docs" / "CONFIG.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        keys = re.findall(r"`([a-z0-9-]+)`", cells[0])
+        values = [v.strip().strip("`") for v in cells[1].split(",")] if len(keys) > 1 else [cells[1].strip("`")]
+        assert len(keys) == len(values), line
+        out.update(zip(keys, values))
+    return out
+
+
+def test_the_config_reference_pyproject_and_runconfig_agree():
+    """docs/CONFIG.md lists every key of [tool.flwr.app.config] once, with pyproject's default,
+    and pyproject's defaults are RunConfig's."""
+    import dataclasses
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    doc = _doc_defaults()
+    assert sorted(doc) == sorted(pyproject)
+    fields = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunConfig) if f.name != "extra"}
+    assert sorted(fields) == sorted(pyproject)
+    as_dict = RunConfig().as_dict()
+    for key, value in pyproject.items():
+        assert as_dict[key] == value, f"{key}: RunConfig {as_dict[key]!r}, pyproject {value!r}"
+        written = doc[key]
+        if isinstance(value, bool):
+            assert written == str(value).lower(), key
+        elif isinstance(value, (int, float)):
+            assert float(written) == value, f"{key}: docs/CONFIG.md {written}, pyproject {value!r}"
+        else:
+            assert written == (value or '""'), f"{key}: docs/CONFIG.md {written!r}, pyproject {value!r}"

@@ -8,11 +8,15 @@ as a simulation, and train the same head as a simulation of the same config.
 
 import json
 
+import pytest
 import torch
 
 from celeba_app.partition_folders import main as celeba_partition
+from conftest import TINY
 from flower_procs import (Ports, Procs, flwr_run_command, flwr_run_deployment, flwr_run_simulation, start_superlink,
                           start_supernode)
+
+pytestmark = pytest.mark.e2e  # real Flower processes: `pytest -m "not e2e"` skips them
 
 
 def test_three_supernodes_train_the_simulations_head(celeba_dir, weights_file, tmp_path):
@@ -23,7 +27,7 @@ def test_three_supernodes_train_the_simulations_head(celeba_dir, weights_file, t
     assert sorted(p.name for p in (parts / "server").glob("*.parquet")) == [
         "test-00000-of-00001.parquet", "valid-00000-of-00001.parquet"]  # no train split for the server
 
-    run_config = {**common, "weights": str(weights_file), "image-size": 32, "num-server-rounds": 2,
+    run_config = {**common, "weights": str(weights_file), **TINY, "num-server-rounds": 2,
                   "local-epochs": 1, "batch-size": 16, "extract-batch-size": 32}
     with Procs(tmp_path / "logs") as procs:
         ports = Ports()
@@ -74,7 +78,7 @@ def test_three_supernodes_train_the_simulations_head(celeba_dir, weights_file, t
 def test_refused_runs_end_with_one_line(celeba_dir, weights_file, tmp_path):
     """On the Deployment Engine a refusal must end the ServerApp and the run (flwr run
     --stream returns), with the app's one line in the stream."""
-    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), "image-size": 32,
+    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), **TINY,
                   "results-dir": str(tmp_path / "outputs"), "cache-dir": str(tmp_path / "cache"),
                   "node-wait-timeout": 3.0}
     with Procs(tmp_path / "logs") as procs:
@@ -99,7 +103,7 @@ def test_refused_runs_end_with_one_line(celeba_dir, weights_file, tmp_path):
 
 
 def test_a_supernode_that_vanishes_mid_run_is_survived_and_reported(celeba_dir, weights_file, tmp_path):
-    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), "image-size": 32,
+    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), **TINY,
                   "num-server-rounds": 3, "local-epochs": 1, "results-dir": str(tmp_path / "outputs"),
                   "cache-dir": str(tmp_path / "cache"), "run-name": "vanished", "min-nodes": 3,
                   "node-wait-timeout": 60.0, "round-timeout": 45.0}

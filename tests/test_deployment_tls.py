@@ -40,7 +40,7 @@ REFUSED = "No SuperNode found with the given public key."
 SELF_REGISTRATION_REFUSED = "SuperNode authentication is enabled. All SuperNodes must be registered via the CLI."
 SELF_REGISTRATION_REFUSED_LINK = "SuperNode registration is disabled through Fleet API."
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")]
 
 
 def write_project(project: Path, control_port: int) -> dict:

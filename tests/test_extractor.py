@@ -9,7 +9,7 @@ from celeba_app.extractor import Extractor, ImageNetBackbone, extract
 
 
 def embed(backbone, runtime, onnx_dir, part, size=32):
-    """float32 (N, 1280) embeddings of ``part`` by an Extractor on ``runtime``, batches of 8."""
+    """float32 (N, backbone.dim) embeddings of ``part`` by an Extractor on ``runtime``, batches of 8."""
     ex = Extractor(backbone, runtime, torch.device("cpu"), size, onnx_dir=onnx_dir, weights_id="w1")
     return extract(ex, part.encoded_images(8)), ex
 
@@ -36,6 +36,20 @@ def test_onnx_features_match_pytorch(backbone, part, tmp_path):
     pytest.importorskip("onnxruntime")
     t, _ = embed(backbone, "torch", tmp_path / "t", part)
     o, _ = embed(backbone, "onnx", tmp_path / "o", part)
+    assert torch.allclose(t, o, atol=1e-4, rtol=1e-4), (t - o).abs().max()
+
+
+@pytest.mark.parametrize("layer, pool, size", [(13, 4, 96), (6, 3, 64), (10, 7, 96), (18, 1, 32)])
+def test_onnx_matches_pytorch_for_any_block_and_pool(weights_file, part, tmp_path, layer, pool, size):
+    """4 from a 6x6 map and 3 from 8x8 do not divide: ONNX's own adaptive pooling refuses
+    them, model.AdaptiveAvgPool2d does not."""
+    pytest.importorskip("onnxruntime")
+    from celeba_app.model import Backbone, load_mobilenet
+
+    backbone = Backbone(load_mobilenet(str(weights_file)), layer, pool)
+    t, _ = embed(backbone, "torch", tmp_path / "t", part, size=size)
+    o, ex = embed(backbone, "onnx", tmp_path / "o", part, size=size)
+    assert t.shape == (len(part), backbone.dim) == o.shape and ex.dim == backbone.dim
     assert torch.allclose(t, o, atol=1e-4, rtol=1e-4), (t - o).abs().max()
 
 

@@ -123,6 +123,21 @@ def test_a_part_with_rows_left_out_embeds_what_it_holds(backbone, celeba_dir, tm
     assert feats.shape == (len(part), 1280) and len(part.skipped_rows) == 1
 
 
+def test_another_block_or_pool_is_another_cache_entry_of_its_own_width(weights_file, part, tmp_path):
+    from celeba_app.model import Backbone, load_mobilenet
+
+    mobilenet = load_mobilenet(str(weights_file))
+    stores = [F.FeatureStore(Extractor(Backbone(mobilenet, layer, pool), "torch", torch.device("cpu"), 64), "w",
+                             str(tmp_path), batch_size=8) for layer, pool in ((18, 1), (13, 1), (13, 2))]
+    feats = [s.for_part(part) for s in stores]
+    assert [f.shape[1] for f in feats] == [1280, 96, 384] == [s.dim for s in stores]
+    assert all(s.stats["rows_computed"] == len(part) for s in stores)  # none reused another's rows
+    assert len({s.key(part, "orig").digest() for s in stores}) == 3
+    again = F.FeatureStore(Extractor(Backbone(mobilenet, 13, 2), "torch", torch.device("cpu"), 64), "w",
+                           str(tmp_path), batch_size=8)
+    assert torch.equal(again.for_part(part), feats[2]) and again.stats["rows_computed"] == 0
+
+
 def test_cache_off_recomputes_every_time(backbone, part, tmp_path):
     ex = Extractor(backbone, "torch", torch.device("cpu"), 32)
     store = F.FeatureStore(ex, "w", None, batch_size=8)
@@ -145,12 +160,12 @@ def test_training_on_cached_features_equals_training_through_the_backbone(backbo
     labels = torch.as_tensor(train.labels)
     feats = store_for(backbone, tmp_path).for_part(train)
     kw = dict(epochs=3, lr=0.01, batch_size=8, seed=11)
-    cached, through = make_head(seed=1), make_head(seed=1)
+    cached, through = make_head(1280, seed=1), make_head(1280, seed=1)
     train_head(cached, feats, labels, **kw)
     train_head(through, pixels, labels, encoder=ImageNetBackbone(backbone), **kw)
     for k, v in cached.state_dict().items():
         assert torch.allclose(v, through.state_dict()[k], atol=1e-5), k
-    assert not torch.equal(cached.state_dict()["1.weight"], make_head(seed=1).state_dict()["1.weight"])
+    assert not torch.equal(cached.state_dict()["1.weight"], make_head(1280, seed=1).state_dict()["1.weight"])
 
 
 def test_a_cache_disk_that_cannot_be_written_costs_time_not_the_run(backbone, part, tmp_path, monkeypatch):

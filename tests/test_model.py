@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from celeba_app.config import ConfigError
-from celeba_app.model import FEATURE_DIM, Backbone, BackboneWithHead, head_state, load_mobilenet, make_head
+from celeba_app.model import Backbone, BackboneWithHead, head_state, load_mobilenet, make_head
 from celeba_app.task import train_head
 
 
@@ -10,7 +10,7 @@ def test_backbone_weights_and_bn_statistics_are_bit_identical_after_training(wei
     backbone = Backbone(load_mobilenet(str(weights_file)))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     assert any("running_mean" in k for k in before)  # BN buffers are part of what is checked
-    model = BackboneWithHead(backbone, make_head(seed=0))
+    model = BackboneWithHead(backbone, make_head(1280, seed=0))
     model.train()  # what a careless training loop does; the backbone must refuse it
     assert not backbone.training and all(not m.training for m in backbone.modules())
     assert not any(p.requires_grad for p in backbone.parameters())
@@ -29,12 +29,12 @@ def test_backbone_weights_and_bn_statistics_are_bit_identical_after_training(wei
 
 
 def test_head_is_fresh_binary_and_is_all_that_travels():
-    head = make_head(dropout=0.1, seed=3)
+    head = make_head(1280, dropout=0.1, seed=3)
     state = head_state(head)
     assert set(state) == {"1.weight", "1.bias"}
-    assert tuple(state["1.weight"].shape) == (1, FEATURE_DIM)
-    assert torch.equal(state["1.weight"], head_state(make_head(seed=3))["1.weight"])
-    assert not torch.equal(state["1.weight"], head_state(make_head(seed=4))["1.weight"])
+    assert tuple(state["1.weight"].shape) == (1, 1280)
+    assert torch.equal(state["1.weight"], head_state(make_head(1280, seed=3))["1.weight"])
+    assert not torch.equal(state["1.weight"], head_state(make_head(1280, seed=4))["1.weight"])
 
 
 def test_bad_weights_file_is_named(tmp_path):
@@ -74,7 +74,7 @@ def _no_classifier(sd):
 
 
 def _two_classes(sd):
-    return {**_no_classifier(sd), "classifier.1.weight": torch.zeros(2, FEATURE_DIM),
+    return {**_no_classifier(sd), "classifier.1.weight": torch.zeros(2, 1280),
             "classifier.1.bias": torch.zeros(2)}
 
 
@@ -200,3 +200,36 @@ def test_imagenet_identity_is_torchvisions_url():
     from celeba_app.model import IMAGENET1K_V1_URL, weights_digest
 
     assert weights_digest("imagenet") == IMAGENET1K_V1_URL == MobileNet_V2_Weights.IMAGENET1K_V1.url
+
+
+@pytest.mark.parametrize("h, w, pool", [(14, 14, 3), (14, 14, 7), (7, 7, 7), (28, 28, 4), (5, 7, 2), (3, 3, 1), (6, 6, 4)])
+def test_explicit_pooling_equals_torchs_adaptive_average_pool(h, w, pool):
+    from celeba_app.model import AdaptiveAvgPool2d
+
+    x = torch.randn(2, 5, h, w, generator=torch.Generator().manual_seed(h * w + pool))
+    ref = torch.nn.functional.adaptive_avg_pool2d(x, pool)
+    assert torch.allclose(AdaptiveAvgPool2d(pool)(x), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer, pool", [(18, 1), (13, 3), (6, 2), (0, 4)])
+def test_backbone_reads_the_block_and_pools_it_channel_major(weights_file, layer, pool):
+    """feature-layer=i, feature-pool=p: flatten(adaptive_avg_pool2d(features[i] output, p), 1),
+    with only the blocks up to i kept (the rest is never run)."""
+    mobilenet = load_mobilenet(str(weights_file))
+    backbone = Backbone(mobilenet, layer, pool)
+    assert len(backbone.features) == layer + 1 and backbone.dim == backbone(torch.zeros(1, 3, 64, 64)).shape[1]
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(layer))
+    with torch.no_grad():
+        ref = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(mobilenet.features[:layer + 1](x), pool), 1)
+        assert torch.allclose(backbone(x), ref, atol=1e-5)
+    if (layer, pool) == (18, 1):  # the app's earlier setting: torchvision's own pooled features
+        with torch.no_grad():
+            ref = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(mobilenet.features(x), 1), 1)
+        assert torch.allclose(backbone(x), ref, atol=1e-5)
+
+
+def test_a_head_of_any_width_is_fresh_and_loads_only_its_own_shape():
+    head = make_head(4704, seed=0)
+    assert tuple(head_state(head)["1.weight"].shape) == (1, 4704)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        make_head(1280, state=head_state(head))

@@ -21,3 +21,12 @@ def test_int8_runtime_approximates_fp32_with_one_model_per_machine(healthy_backb
     [m2] = tmp_path.glob("q2/*-int8-*.onnx")
     assert m1.read_bytes() == m2.read_bytes()
     assert q_ex.runtime_id == "onnx-cpu-int8-r1" != o_ex.runtime_id
+
+
+def test_int8_runtime_works_for_any_block_and_pool(weights_file, part, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from celeba_app.model import Backbone, load_mobilenet
+
+    backbone = Backbone(load_mobilenet(str(weights_file)), 13, 4)
+    q, ex = embed(backbone, "onnx-int8", tmp_path / "q", part, size=96)
+    assert q.shape == (len(part), 96 * 16) and torch.isfinite(q).all()

@@ -3,6 +3,8 @@
 import json
 import re
 
+import pytest
+
 
 from celeba_app import report
 
@@ -59,3 +61,14 @@ def test_a_partial_run_gets_a_report_marked_incomplete_naming_failed_clients(two
     assert "Training metrics cover fewer clients than the federation's 4 in rounds 1 (3 of 4)." in text
     assert "| 1 | train | 12 | 1 | 2 | row 7 of client-1/train cannot be decoded |" in text
     assert "## Final metrics" not in text and (run / "learning_curves.png").exists()
+
+
+def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
+    from celeba_app.report import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / "nope")])
+    assert str(info.value) == (f"celeba-report: {str(tmp_path / 'nope')!r}: no such folder; accepted: a run folder, "
+                               "e.g. outputs/<run-name>")
+    with pytest.raises(SystemExit, match="not a run folder"):
+        main([str(tmp_path)])

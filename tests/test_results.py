@@ -51,6 +51,11 @@ def test_resume_refuses_a_config_or_partitions_that_change_results(stopped_run):
         check_resume(run, RunConfig(resume="r1", learning_rate=0.01, seed=1), PARTS)
     assert str(info.value).startswith("resume='r1': the run config differs from the saved one in "
                                       "learning-rate (0.005 saved, 0.01 now), seed (42 saved, 1 now)")
+    for key, value in (("feature_layer", 10), ("feature_pool", 2)):
+        with pytest.raises(ConfigError) as info:  # another layer or pool is another head
+            check_resume(run, RunConfig(resume="r1", learning_rate=0.005, **{key: value}), PARTS)
+        name = key.replace("_", "-")
+        assert f"{name} ({getattr(cfg, key)!r} saved, {value!r} now)" in str(info.value)
     moved = [PARTS[0], {**PARTS[1], "celeb_ids": [4]}]
     with pytest.raises(ConfigError, match=r"differs from the saved partitions.json \(partitions \[1\]\)"):
         check_resume(run, same, moved)

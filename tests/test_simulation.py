@@ -12,6 +12,8 @@ import pytest
 from flower_procs import Procs, flwr_run_command
 from flower_procs import flwr_run_simulation as flwr_run
 
+pytestmark = pytest.mark.e2e  # real Flower processes: `pytest -m "not e2e"` skips them
+
 
 @pytest.mark.parametrize("split", ["noniid"])
 def test_flwr_run_writes_the_results_contract(run_config, tmp_path, split):
@@ -44,7 +46,11 @@ def test_flwr_run_writes_the_results_contract(run_config, tmp_path, split):
     for key in ("train", "federated_evaluate", "server_valid"):
         assert 0 <= last[key]["overall"]["accuracy"] <= 1, key
     assert last["train"]["num_clients"] == 3
-    assert last["bytes_sent"] == 3 * (1280 + 1) * 4  # the head only, to 3 clients
+    assert last["head_bytes"] == (96 * 2 * 2 + 1) * 4  # features[13] pooled 2x2, and the bias (conftest.TINY)
+    assert last["bytes_sent"] == 3 * last["head_bytes"]  # the head only, to 3 clients
+    report = (run / "report.md").read_text()
+    assert "reads `features[13]` of the frozen MobileNetV2, average-pooled to 2x2 (384 numbers per image), " \
+           "1,540 bytes per head sent" in report
     assert last["federated_evaluate"]["clients"]["accuracy"]["count"] >= 1
 
     test = json.loads((run / "test.json").read_text())

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from celeba_app.config import RunConfig
 from celeba_app.metrics import flatten, slice_stats
 from celeba_app.selection import BestRound
-from celeba_app.strategy import (FedAdamWithGroupMetrics, FedAvgWithGroupMetrics, FedAvgMWithGroupMetrics, FedProxWithGroupMetrics, QFedAvgWithGroupMetrics,
+from celeba_app.strategy import (FairFed, FedAdamWithGroupMetrics, FedAvgWithGroupMetrics, FedAvgMWithGroupMetrics, FedProxWithGroupMetrics, QFedAvgWithGroupMetrics,
                                  NoClientTrained, RoundPolicy, RunFailed, make_strategy)
 from celeba_app.task import bce_per_row
 
@@ -22,7 +22,7 @@ class FakeGrid:
         return [1, 2, 3]
 
 
-def reply(weight: float, n: int, seed: int, male_shift: float = 0.0) -> Message:
+def reply(weight: float, n: int, seed: int, male_shift: float = 0.0, width: int = 4) -> Message:
     """A train reply: arrays filled with ``weight``, statistics of random scores, and (as a
     client asked for "global-stats" sends) the received head's statistics, whose TPR/FPR for
     Male=1 are moved by ``male_shift`` (a client-specific gap)."""
@@ -31,7 +31,7 @@ def reply(weight: float, n: int, seed: int, male_shift: float = 0.0) -> Message:
     attrs = {"Male": rng.integers(0, 2, n)}
     metrics = {"num-examples": n, "train_loss": 0.5, "global_loss": 0.6 + seed / 10,
                "partition_id": seed, **flatten(slice_stats(p, y, bce_per_row(p, y), attrs))}
-    arrays = ArrayRecord({"1.weight": torch.full((1, 4), weight), "1.bias": torch.zeros(1)})
+    arrays = ArrayRecord({"1.weight": torch.full((1, width), weight), "1.bias": torch.zeros(1)})
     g = np.clip(p + male_shift * attrs["Male"], 0, 1)
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
                           "global_model": ConfigRecord(flatten(slice_stats(g, y, bce_per_row(g, y), attrs)))})
@@ -40,24 +40,30 @@ def reply(weight: float, n: int, seed: int, male_shift: float = 0.0) -> Message:
 
 @pytest.mark.parametrize("name, cls", [("fedavg", FedAvgWithGroupMetrics), ("fedprox", FedProxWithGroupMetrics),
                                        ("fedavgm", FedAvgMWithGroupMetrics), ("fedadam", FedAdamWithGroupMetrics),
-                                       ("qfedavg", QFedAvgWithGroupMetrics)])
-def test_every_strategy_aggregates_and_records_fair_metrics(name, cls):
+                                       ("qfedavg", QFedAvgWithGroupMetrics), ("fairfed", FairFed)])
+@pytest.mark.parametrize("width", [4, 1280, 4704])  # a head on any feature-layer and feature-pool
+def test_every_strategy_aggregates_and_records_fair_metrics(name, cls, width):
     extra = {"proximal-mu": 0.1} if name == "fedprox" else {}
     strategy = make_strategy(RunConfig.from_run_config({"strategy": name, "lr-decay": 0.5, **extra}), 3)
     assert isinstance(strategy, cls)
-    start = ArrayRecord({"1.weight": torch.zeros(1, 4), "1.bias": torch.zeros(1)})
+    start = ArrayRecord({"1.weight": torch.zeros(1, width), "1.bias": torch.zeros(1)})
     messages = list(strategy.configure_train(2, start, ConfigRecord(), FakeGrid()))
     config = messages[0].content["config"]
     assert config["lr"] == pytest.approx(0.005 * 0.5)  # round 2: lr * decay^1
     if name == "fedprox":
         assert config["proximal-mu"] == 0.1
-    arrays, headline = strategy.aggregate_train(2, [reply(1.0, 30, 0), reply(3.0, 10, 1)])
+    assert strategy.history[2]["head_bytes"] == (width + 1) * 4
+    arrays, headline = strategy.aggregate_train(2, [reply(1.0, 30, 0, width=width), reply(3.0, 10, 1, width=width)])
     w = arrays.to_torch_state_dict()["1.weight"]
+    assert w.shape == (1, width)
     if name == "fedavg":
-        assert torch.allclose(w, torch.full((1, 4), 1.5))  # (30*1 + 10*3) / 40
-    if name == "qfedavg":  # a step of FedAvg's size (the clients' mean, reweighted by loss^q), not ~0
-        assert 1.0 < w.mean().item() < 3.0
-    assert not torch.equal(w, torch.zeros(1, 4))
+        assert torch.allclose(w, torch.full((1, width), 1.5))  # (30*1 + 10*3) / 40
+    if name == "qfedavg":  # a step towards the clients' heads; of FedAvg's size on a small head (its
+        # denominator grows with ||update||^2, hence with the width: the formula's test is below)
+        assert (1.0 if width == 4 else 0.0) < w.mean().item() < 3.0
+    if name == "fairfed":  # a convex combination of the clients' heads
+        assert 1.0 <= w.min().item() and w.max().item() <= 3.0
+    assert not torch.equal(w, torch.zeros(1, width))
     rep = strategy.history[2]["train"]
     assert rep["overall"]["n"] == 40 and rep["num_clients"] == 2
     assert set(rep["clients"]["accuracy_by_partition"]) == {"0", "1"}

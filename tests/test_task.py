@@ -6,9 +6,9 @@ from celeba_app.model import make_head
 from celeba_app.task import bce_per_row, group_balance_weights, predict, train_head
 
 
-def data(n=200, seed=0):
+def data(n=200, seed=0, d=1280):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1280, generator=g)
+    x = torch.randn(n, d, generator=g)
     y = (x[:, 0] + 0.3 * torch.randn(n, generator=g) > 0).long()
     return x, y
 
@@ -19,7 +19,7 @@ def distance(a, b):
 
 def test_training_learns_a_separable_signal():
     x, y = data()
-    head = make_head(seed=0)
+    head = make_head(1280, seed=0)
     res = train_head(head, x, y, epochs=20, lr=0.01, batch_size=32, seed=0)
     acc = ((predict(head, x) >= 0.5) == y.numpy()).mean()
     assert acc > 0.95 and res["steps"] == 20 * 7
@@ -27,8 +27,8 @@ def test_training_learns_a_separable_signal():
 
 def test_proximal_term_keeps_the_head_near_the_received_one():
     x, y = data()
-    start = make_head(seed=0)
-    free, prox = make_head(seed=0), make_head(seed=0)
+    start = make_head(1280, seed=0)
+    free, prox = make_head(1280, seed=0), make_head(1280, seed=0)
     kw = dict(epochs=5, lr=0.01, batch_size=32, seed=1)
     train_head(free, x, y, **kw)
     train_head(prox, x, y, proximal_mu=10.0, **kw)
@@ -37,7 +37,7 @@ def test_proximal_term_keeps_the_head_near_the_received_one():
 
 def test_weight_decay_shrinks_the_weights():
     x, y = data()
-    plain, decayed = make_head(seed=0), make_head(seed=0)
+    plain, decayed = make_head(1280, seed=0), make_head(1280, seed=0)
     kw = dict(epochs=10, lr=0.01, batch_size=32, seed=1)
     train_head(plain, x, y, **kw)
     train_head(decayed, x, y, weight_decay=5.0, **kw)
@@ -61,7 +61,7 @@ def test_group_balanced_loss_gives_a_small_group_equal_say():
     x = torch.zeros(300, 1280)
     y = torch.cat([torch.ones(270), torch.zeros(30)]).long()
     attrs = {"Male": np.r_[np.ones(270), np.zeros(30)].astype(int)}
-    plain, balanced = make_head(seed=0), make_head(seed=0)
+    plain, balanced = make_head(1280, seed=0), make_head(1280, seed=0)
     kw = dict(epochs=300, lr=0.05, batch_size=300, seed=1)
     train_head(plain, x, y, **kw)
     train_head(balanced, x, y, sample_weight=group_balance_weights(attrs, ("Male",)), **kw)
@@ -83,7 +83,7 @@ def test_adamw_is_torchs_adamw():
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 1280, generator=gen), (torch.rand(64, generator=gen) > 0.5).float()
-    ours, theirs = make_head(seed=3), make_head(seed=3)
+    ours, theirs = make_head(1280, seed=3), make_head(1280, seed=3)
     opts = [AdamW(list(ours.parameters()), lr=0.01, weight_decay=0.05),
             torch.optim.AdamW(theirs.parameters(), lr=0.01, weight_decay=0.05)]
     for _ in range(25):
@@ -93,24 +93,26 @@ def test_adamw_is_torchs_adamw():
             opt.step()
     for k, v in theirs.state_dict().items():
         assert torch.allclose(ours.state_dict()[k], v, atol=1e-7, rtol=0), k
-    assert not torch.equal(ours.state_dict()["1.weight"], make_head(seed=3).state_dict()["1.weight"])
+    assert not torch.equal(ours.state_dict()["1.weight"], make_head(1280, seed=3).state_dict()["1.weight"])
 
 
 class _AutogradLinear(torch.nn.Linear):
     """A Linear that task._is_logistic_head does not recognise: its head trains by autograd."""
 
 
-@pytest.mark.parametrize("dropout, mu, decay, weighted, views", [
-    (0.0, 0.0, 0.0, False, 1), (0.3, 0.0, 0.0, False, 1), (0.0, 2.0, 0.0, False, 1),
-    (0.0, 0.0, 0.05, True, 1), (0.2, 1.0, 0.05, True, 2)])
-def test_the_closed_form_step_trains_the_head_autograd_trains(dropout, mu, decay, weighted, views):
+@pytest.mark.parametrize("dropout, mu, decay, weighted, views, width", [
+    (0.0, 0.0, 0.0, False, 1, 1280), (0.3, 0.0, 0.0, False, 1, 1280), (0.0, 2.0, 0.0, False, 1, 1280),
+    (0.0, 0.0, 0.05, True, 1, 1280), (0.2, 1.0, 0.05, True, 2, 1280),
+    (0.2, 1.0, 0.05, True, 2, 32), (0.2, 1.0, 0.05, True, 2, 4704), (0.0, 0.0, 0.0, False, 1, 864)])
+def test_the_closed_form_step_trains_the_head_autograd_trains(dropout, mu, decay, weighted, views, width):
     """make_head's head trains by task._logistic_step (no autograd); any other head by
     autograd. Same data, seed and options: the same head, with every option that changes
-    the gradient (dropout, FedProx's mu, weight decay, per-row weights, cached views)."""
-    x, y = data(n=150)
+    the gradient (dropout, FedProx's mu, weight decay, per-row weights, cached views), for a
+    head on any number of features (feature-layer, feature-pool)."""
+    x, y = data(n=150, d=width)
     x = torch.stack([x, -x]) if views == 2 else x
-    fast = make_head(dropout, seed=4)
-    slow = torch.nn.Sequential(torch.nn.Dropout(dropout), _AutogradLinear(1280, 1))
+    fast = make_head(width, dropout, seed=4)
+    slow = torch.nn.Sequential(torch.nn.Dropout(dropout), _AutogradLinear(width, 1))
     slow.load_state_dict(fast.state_dict())
     weight = torch.linspace(0.5, 1.5, 150) if weighted else None
     kw = dict(epochs=3, lr=0.01, batch_size=32, seed=7, proximal_mu=mu, weight_decay=decay, sample_weight=weight)
@@ -122,7 +124,7 @@ def test_the_closed_form_step_trains_the_head_autograd_trains(dropout, mu, decay
     assert abs(res_fast["loss"] - res_slow["loss"]) < 1e-6
     for k, v in slow.state_dict().items():
         assert torch.allclose(fast.state_dict()[k], v, atol=1e-6, rtol=0), k
-    assert distance(fast, make_head(dropout, seed=4)) > 0.01  # it trained
+    assert distance(fast, make_head(width, dropout, seed=4)) > 0.01  # it trained
 
 
 def test_the_head_trains_and_predicts_on_one_thread_and_the_thread_count_comes_back(monkeypatch):
