@@ -32,7 +32,7 @@ from .data import (NodeData, LabeledRows, check_identity_disjoint, client_parts,
 from .features import feature_store
 from .metrics import metrics_report
 from .report import write_report
-from .model import make_head, weights_digest
+from .model import head_for, weights_digest
 from .results import create_run_dir, run_dir_for, write_best, write_run_end, write_run_start, write_skipped_rows
 from .selection import BestRound
 from .task import evaluate_stats, group_balance_weights, pick_device, train_head
@@ -77,7 +77,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
     f_valid, f_test = store.for_part(valid), store.for_part(test)
     plain_train = x_train[0] if cfg.augment_hflip else x_train
 
-    head = make_head(cfg.feature_dim, cfg.head_dropout, seed=cfg.seed)
+    head = head_for(cfg, seed=cfg.seed)
     weights = group_balance_weights(a_train, cfg.balance_groups) if cfg.balance_groups else None
     best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
     history = []
@@ -108,7 +108,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
             break
 
     def test_report(state: dict) -> dict:
-        model = make_head(cfg.feature_dim, cfg.head_dropout, state=state)
+        model = head_for(cfg, state=state)
         return metrics_report(evaluate_stats(model, f_test, test.labels, test.attributes, device), "test", cfg.min_group_size)
 
     test_rep = test_report(head.state_dict())

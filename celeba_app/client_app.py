@@ -34,7 +34,7 @@ from .config import ConfigError, RunConfig
 from .data import NodeData, client_parts, describe_node
 from .features import feature_store
 from .metrics import flatten
-from .model import head_state, make_head
+from .model import head_for, head_state
 from .task import evaluate_stats, group_balance_weights, pick_device, train_head
 
 app = ClientApp()
@@ -89,7 +89,7 @@ def query(msg: Message, context: Context) -> Message:
 def _setup(msg: Message, context: Context):
     cfg, node = _node(context)
     device = pick_device(cfg)
-    head = make_head(cfg.feature_dim, cfg.head_dropout, state=msg.content["arrays"].to_torch_state_dict())
+    head = head_for(cfg, state=msg.content["arrays"].to_torch_state_dict())
     train_part, val_part = client_parts(cfg, node)
     return cfg, node.partition_id, device, head, train_part, val_part, feature_store(cfg, device, node.cache_dir)
 

@@ -41,6 +41,7 @@ SELECTION_METRICS = {  # name -> True when larger is better
     "worst_group_accuracy": True,
 }
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+HEADS = ("linear", "conv1x1")
 DEVICES = ("auto", "cpu", "cuda")
 BAD_IMAGES = ("fail", "skip")
 # image-size: the side of the square the aligned faces (178x218) are resized to. Below 32,
@@ -141,8 +142,9 @@ class RunConfig:
     target: str = "Smiling"
     sensitive_attributes: tuple[str, ...] = ("Male", "Young", "Pale_Skin")
     image_size: int = 224
-    feature_layer: int = LAST
-    feature_pool: int = 1
+    feature_layer: int = 13
+    feature_pool: int = 7
+    head: str = "conv1x1"
     batch_size: int = 32
     local_epochs: int = 5
     learning_rate: float = 0.005
@@ -308,6 +310,8 @@ class RunConfig:
             raise ConfigError(f"feature-pool={self.feature_pool!r} is not valid for features[{self.feature_layer}], "
                               f"whose map is {side}x{side} at image-size={self.image_size}; accepted: an integer "
                               f"1 <= x <= {side}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head={self.head!r} is not known; accepted: {', '.join(HEADS)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             # numpy's generators refuse a negative seed; say so here, not from inside the data split
             raise ConfigError(f"seed={self.seed!r} is not valid; accepted: an integer >= 0")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .mobilenet_layers import LAST, feature_dim
+from .mobilenet_layers import CHANNELS, LAST, feature_dim
 
 #: torchvision's ``MobileNet_V2_Weights.IMAGENET1K_V1.url`` (a test checks they agree): the
 #: identity of weights='imagenet', known without importing torchvision (seconds per process).
@@ -92,18 +92,61 @@ class Backbone(nn.Module):
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
+#: Channels of the ``conv1x1`` head's 1x1 convolution.
+CONV_HEAD_CHANNELS = 8
+
+
+class ConvHead(nn.Module):
+    """The ``conv1x1`` head: the (C, p, p) map a setting gives (flattened channel-major, as the
+    cache holds it), a 1x1 convolution to ``k`` channels, ReLU, then a linear layer on the
+    k x p x p result: (N, C*p*p) -> logits (N, 1). Dropout, if any, acts on the input."""
+
+    def __init__(self, channels: int, pool: int, k: int = CONV_HEAD_CHANNELS, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.c, self.p = channels, pool
+        self.drop = nn.Dropout(dropout)
+        self.conv = nn.Conv2d(channels, k, 1)
+        self.out = nn.Linear(k * pool * pool, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop.p:
+            x = self.drop(x)
+        z = torch.relu(self.conv(x.reshape(-1, self.c, self.p, self.p)))
+        return self.out(torch.flatten(z, 1))
+
+
 def make_head(in_features: int, dropout: float = 0.0, seed: int | None = None,
-              state: dict[str, torch.Tensor] | None = None) -> nn.Sequential:
+              state: dict[str, torch.Tensor] | None = None, *, kind: str = "linear",
+              channels: int | None = None) -> nn.Module:
     """A binary head on ``in_features`` numbers per image (logit output, for
     ``BCEWithLogitsLoss``): freshly initialised (from ``seed`` when given), or holding
-    ``state`` (a received or selected head; its shapes must match ``in_features``)."""
+    ``state`` (a received or selected head; its shapes must match).
+
+    ``kind``: ``linear`` (Dropout, Linear(in_features, 1): logistic regression, trained in
+    closed form by task.train_head) or ``conv1x1`` (``ConvHead``; ``channels`` is the block's,
+    and in_features = channels x pool x pool). ``head_for`` builds the run config's."""
     with torch.random.fork_rng(devices=[], enabled=seed is not None):  # a seed leaves the global RNG alone
         if seed is not None:
             torch.manual_seed(seed)
-        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, 1))
+        if kind == "linear":
+            head = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, 1))
+        elif kind == "conv1x1":
+            pool = round((in_features // channels) ** 0.5)
+            if channels * pool * pool != in_features:
+                raise ValueError(f"in_features={in_features} is not channels={channels} x pool x pool")
+            head = ConvHead(channels, pool, dropout=dropout)
+        else:
+            raise ValueError(f"kind={kind!r} is not known; accepted: linear, conv1x1")
     if state is not None:
         head.load_state_dict(state)
     return head
+
+
+def head_for(cfg, seed: int | None = None, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The run config's head (``head``, on ``feature-layer`` pooled ``feature-pool``, with
+    ``head-dropout``): fresh from ``seed``, or holding ``state``."""
+    return make_head(cfg.feature_dim, cfg.head_dropout, seed, state, kind=cfg.head,
+                     channels=CHANNELS[cfg.feature_layer])
 
 
 class BackboneWithHead(nn.Module):

@@ -279,7 +279,7 @@ def head_line(cfg: dict, history: list[dict]) -> str:
     layer, pool = cfg.get("feature-layer", 18), cfg.get("feature-pool", 1)
     head_bytes = next((e["head_bytes"] for e in history if e.get("head_bytes")), None)
     size = f", {head_bytes:,} bytes per head sent" if head_bytes else ""
-    return (f"The linear head reads `features[{layer}]` of the frozen MobileNetV2, average-pooled to "
+    return (f"The {cfg.get('head', 'linear')} head reads `features[{layer}]` of the frozen MobileNetV2, average-pooled to "
             f"{pool}x{pool} ({feature_dim(layer, pool):,} numbers per image){size}.")
 
 

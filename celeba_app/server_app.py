@@ -29,7 +29,7 @@ from .federation import FederationGrid, describe_nodes, wait_for_nodes
 from .features import feature_store
 from .metrics import metrics_report
 from .mobilenet_layers import describe
-from .model import make_head, weights_digest
+from .model import head_for, weights_digest
 from .postprocessing import equalized_odds_report
 from .report import write_report
 from .results import (check_resume, create_run_dir, load_checkpoint, run_dir_for, save_torch, write_best,
@@ -117,7 +117,7 @@ def main(grid: Grid, context: Context) -> None:
     add_exit_handler(on_signal)
     try:
         def evaluate_valid(server_round: int, arrays: ArrayRecord) -> dict:
-            head = make_head(cfg.feature_dim, cfg.head_dropout, state=arrays.to_torch_state_dict())
+            head = head_for(cfg, state=arrays.to_torch_state_dict())
             return metrics_report(evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
                           where="valid", min_group_size=cfg.min_group_size)
 
@@ -131,7 +131,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy = make_strategy(cfg, num_nodes)
         best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
         result = strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(make_head(cfg.feature_dim, cfg.head_dropout, seed=cfg.seed).state_dict()),
+            grid=grid, initial_arrays=ArrayRecord(head_for(cfg, seed=cfg.seed).state_dict()),
             num_rounds=cfg.num_server_rounds,
             train_config=ConfigRecord({"lr": cfg.learning_rate}),  # per round: lr * lr-decay^(r-1)
             server_evaluate=evaluate_valid, best=best, on_round=on_round, resume=resume,
@@ -143,7 +143,7 @@ def main(grid: Grid, context: Context) -> None:
         save_torch(run_dir / "head.pt", last_state)  # before the final test: a crash there keeps it
 
         def test_report(state: dict) -> dict:
-            head = make_head(cfg.feature_dim, cfg.head_dropout, state=state)
+            head = head_for(cfg, state=state)
             return metrics_report(evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device), "test",
                           min_group_size=cfg.min_group_size)
 
@@ -175,7 +175,7 @@ def write_postprocessing(run_dir: Path, cfg: RunConfig, strategy, state: dict, s
     server's ``valid`` (central) and on the clients' summed held-out histograms of the last
     round (federated), applied to ``test`` (postprocessing.py). Optional: a failure here is
     logged and recorded in the file, and the run goes on."""
-    head = make_head(cfg.feature_dim, cfg.head_dropout, state=state)
+    head = head_for(cfg, state=state)
     try:
         fit_on = {"valid": evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
                   "clients' held-out": strategy.last_evaluate_stats}

@@ -47,7 +47,7 @@ from celeba_app.config import RunConfig  # noqa: E402
 from celeba_app.data import dataset_fingerprint, make_part  # noqa: E402
 from celeba_app.extractor import Extractor, ImageNetBackbone, export_onnx, extract  # noqa: E402
 from celeba_app.metrics import metrics_report  # noqa: E402
-from celeba_app.model import AdaptiveAvgPool2d, Backbone, load_mobilenet, make_head  # noqa: E402
+from celeba_app.model import AdaptiveAvgPool2d, Backbone, ConvHead, load_mobilenet, make_head  # noqa: E402
 from celeba_app.selection import BestRound  # noqa: E402
 from celeba_app.task import evaluate_stats, train_head  # noqa: E402
 
@@ -56,20 +56,6 @@ FULL_CELEBA = 202_599
 PRACTICAL_BYTES = 4e9
 #: Bytes per row of a RowStore besides its float32 values: crc32 (4) and the filled flag (1).
 ROW_OVERHEAD = 5
-
-
-class ConvHead(nn.Module):
-    """A 1x1 convolution of the (C, p, p) map to ``k`` channels, ReLU, then a linear layer."""
-
-    def __init__(self, channels: int, pool: int, k: int = 8) -> None:
-        super().__init__()
-        self.c, self.p = channels, pool
-        self.conv = nn.Conv2d(channels, k, 1)
-        self.out = nn.Linear(k * pool * pool, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.relu(self.conv(x.view(-1, self.c, self.p, self.p)))
-        return self.out(torch.flatten(z, 1))
 
 
 class AttentionPoolHead(nn.Module):
@@ -89,6 +75,10 @@ class AttentionPoolHead(nn.Module):
 
 
 SMALL_HEADS = {"conv1x1-8": ConvHead, "attention-pool": AttentionPoolHead}
+SMALL_HEAD_WORDS = ("a 1x1 convolution to 8 channels, ReLU, a linear layer: the app's `head='conv1x1'`; "
+                    "attention pooling over the positions, then a linear layer")
+#: The sweep's heads that the app has, by its ``head`` values.
+APP_HEADS = {"linear": "linear", "conv1x1-8": "conv1x1"}
 
 
 class AllSettings(nn.Module):
@@ -166,6 +156,30 @@ def embed_all(args, parts: dict, settings: list[tuple[int, int]]) -> dict:
     return out
 
 
+def new_head(args, layer: int, pool: int, name: str) -> nn.Module:
+    """A fresh head named ``name`` (``linear`` or a key of SMALL_HEADS) on a setting, from ``--seed``."""
+    dim, c = mobilenet_layers.feature_dim(layer, pool), mobilenet_layers.CHANNELS[layer]
+    if name == "linear":
+        return make_head(dim, seed=args.seed)
+    return seeded(args.seed, SMALL_HEADS[name], c, pool)
+
+
+def fit_best_lr(args, parts: dict, feats: dict, layer: int, pool: int, name: str, ips: float) -> dict:
+    """The row of head ``name`` on a setting: trained at each of ``--lrs``, the lowest valid loss kept."""
+    tried = []
+    for lr in args.lrs:
+        t0 = time.time()
+        best, rep = fit(new_head(args, layer, pool, name), {s: feats[s][(layer, pool)] for s in feats}, parts, args, lr)
+        tried.append({"key": f"{layer}/{pool}/{name}", "layer": layer, "pool": pool, "head": name, "lr": lr,
+                      "dim": mobilenet_layers.feature_dim(layer, pool), "best_round": best.round,
+                      "valid_loss": best.value, "valid": summary(rep), "img_per_s": ips,
+                      "cache_bytes": cache_bytes(layer, pool)})
+        print(f"  {mobilenet_layers.describe(layer, pool)}, {name}, lr {lr}: valid loss {best.value:.4f} acc "
+              f"{rep['overall']['accuracy']:.4f} AUROC {rep['overall']['auroc']:.4f} (round {best.round}, "
+              f"{time.time() - t0:.0f}s); {ips:.0f} img/s", flush=True)
+    return min(tried, key=lambda r: r["valid_loss"])
+
+
 def seeded(seed: int, cls, *args) -> nn.Module:
     """``cls(*args)`` initialised from ``seed``, leaving the global RNG alone."""
     with torch.random.fork_rng(devices=[]):
@@ -221,7 +235,7 @@ def federated_lrs(args, chosen: dict) -> list[dict]:
     out, rows = args.out / "federated", []
     for lr in args.federated_lrs:
         run = ensure_run(out / f"lr-{lr}", f"dataset='{args.data}' weights='{args.weights}' results-dir='{out}' "
-                         f"split='iid' feature-layer={chosen['layer']} feature-pool={chosen['pool']} "
+                         f"split='iid' head='{APP_HEADS[chosen['head']]}' feature-layer={chosen['layer']} feature-pool={chosen['pool']} "
                          f"learning-rate={lr} num-server-rounds={args.rounds} seed={args.seed}")
         history = json.loads((run / "history.json").read_text())
         best = min((h for h in history if h["round"] >= 1), key=lambda h: h["server_valid"]["overall"]["loss"])
@@ -254,11 +268,12 @@ def table(rows: list[dict], chosen: str | None) -> list[str]:
 
 
 def final_table(finals: list[dict]) -> list[str]:
-    lines = ["| setting | numbers per image | test acc. | test AUROC | EOdds diff. Male [95% CI] | worst-group acc. |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | head | numbers per image | test acc. | test AUROC | EOdds diff. Male [95% CI] | "
+             "worst-group acc. |", "|---|---|---|---|---|---|---|"]
     for r in finals:
         t = r["test"]
-        lines.append(f"| `feature-layer={r['layer']} feature-pool={r['pool']}` | {r['dim']:,} | {t['accuracy']:.4f} | "
+        lines.append(f"| `feature-layer={r['layer']} feature-pool={r['pool']}` | {r['head']} | {r['dim']:,} | "
+                     f"{t['accuracy']:.4f} | "
                      f"{t['auroc']:.4f} | {t['male_eodds']:.3f} {fmt_ci(t['male_eodds_ci'])} | "
                      f"{t['worst_group_accuracy']:.4f} |")
     return lines
@@ -285,6 +300,8 @@ def main() -> None:
     ap.add_argument("--final", nargs="*", default=None, help="settings L/P whose test figures are reported")
     ap.add_argument("--federated-lrs", type=float, nargs="*", default=[0.005, 0.002, 0.001, 0.0005],
                     help="learning rates of the federated check on the chosen setting (none: skip it)")
+    ap.add_argument("--rows-from", type=Path, default=None,
+                    help="an earlier sweep.json: reuse its fits and throughput (the final heads are trained again)")
     ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -293,58 +310,57 @@ def main() -> None:
     settings = [(layer, p) for layer in args.layers for p in args.pools
                 if p <= mobilenet_layers.map_size(layer, args.image_size)]
     parts = load_parts(args)
-    speed = {s: throughput(args, parts, *s) for s in settings}  # first, while nothing else runs
-    feats = embed_all(args, parts, settings)
-    rows = []
-    for layer, p in settings:
-        ips = speed[(layer, p)]
-        dim, c = mobilenet_layers.feature_dim(layer, p), mobilenet_layers.CHANNELS[layer]
-        heads = {"linear": lambda: make_head(dim, seed=args.seed)}
-        if p in args.small_head_pools:
-            heads.update({name: (lambda cls=cls: seeded(args.seed, cls, c, p)) for name, cls in SMALL_HEADS.items()})
-        for name, new_head in heads.items():
-            tried = []
-            for lr in args.lrs:
-                t0 = time.time()
-                best, rep = fit(new_head(), {s: feats[s][(layer, p)] for s in feats}, parts, args, lr)
-                tried.append({"key": f"{layer}/{p}/{name}", "layer": layer, "pool": p, "head": name, "lr": lr,
-                              "dim": dim, "best_round": best.round, "valid_loss": best.value,
-                              "valid": summary(rep), "img_per_s": ips, "cache_bytes": cache_bytes(layer, p),
-                              "state": best.state})
-                print(f"  {mobilenet_layers.describe(layer, p)}, {name}, lr {lr}: valid loss {best.value:.4f} acc "
-                      f"{rep['overall']['accuracy']:.4f} AUROC {rep['overall']['auroc']:.4f} (round {best.round}, "
-                      f"{time.time() - t0:.0f}s); {ips:.0f} img/s", flush=True)
-            rows.append(min(tried, key=lambda r: r["valid_loss"]))
+    if args.rows_from:  # the fits of an earlier sweep; only the final heads are trained again
+        rows = json.loads(args.rows_from.read_text())["rows"]
+        settings = sorted({(r["layer"], r["pool"]) for r in rows})
+        feats = embed_all(args, parts, settings)
+    else:
+        speed = {s: throughput(args, parts, *s) for s in settings}  # first, while nothing else runs
+        feats = embed_all(args, parts, settings)
+        rows = [fit_best_lr(args, parts, feats, layer, p, name, speed[(layer, p)])
+                for layer, p in settings for name in ["linear", *(SMALL_HEADS if p in args.small_head_pools else [])]]
 
-    linear = [r for r in rows if r["head"] == "linear"]
-    practical = [r for r in linear if r["cache_bytes"] * FULL_CELEBA <= PRACTICAL_BYTES]
-    chosen = max(practical, key=lambda r: r["valid"]["accuracy"])
-    best_small = max((r for r in rows if r["head"] != "linear"), key=lambda r: r["valid"]["accuracy"], default=None)
-    finals = [f"{chosen['layer']}/{chosen['pool']}", "18/1"] if args.final is None else args.final
+    def practical(r: dict) -> bool:
+        return r["cache_bytes"] * FULL_CELEBA <= PRACTICAL_BYTES
+
+    linear = max((r for r in rows if r["head"] == "linear" and practical(r)), key=lambda r: r["valid"]["accuracy"])
+    small = max((r for r in rows if r["head"] in APP_HEADS and r["head"] != "linear" and practical(r)),
+                key=lambda r: r["valid"]["accuracy"], default=None)
+    # The default head stays linear unless a small head beats it on valid by at least one point.
+    chosen = small if small and small["valid"]["accuracy"] >= linear["valid"]["accuracy"] + 0.01 else linear
+    finals = [chosen["key"], linear["key"], "18/1/linear"] if args.final is None else args.final
     final_rows = []
     for key in dict.fromkeys(finals):
-        r = next(r for r in linear if f"{r['layer']}/{r['pool']}" == key)
-        head = make_head(r["dim"], state=r["state"])
+        r = next(r for r in rows if r["key"] == key)
+        best, _ = fit(new_head(args, r["layer"], r["pool"], r["head"]),
+                      {sp: feats[sp][(r["layer"], r["pool"])] for sp in feats}, parts, args, r["lr"])
+        head = new_head(args, r["layer"], r["pool"], r["head"])
+        head.load_state_dict(best.state)
         final_rows.append({**{k: v for k, v in r.items() if k != "state"},
                            "test": summary(report(head, feats["test"][(r["layer"], r["pool"])], parts["test"]))})
+    rows = [{k: v for k, v in r.items() if k != "state"} for r in rows]
+    gain = 100 * (small["valid"]["accuracy"] - linear["valid"]["accuracy"]) if small else None
     lines = [f"Data: `{args.data}` (train {len(parts['train']):,} / valid {len(parts['valid']):,} / test "
-             f"{len(parts['test']):,}), weights `{args.weights}`, {args.image_size} px; head trained centrally on "
+             f"{len(parts['test']):,}), weights `{args.weights}`, {args.image_size} px; each head trained centrally on "
              f"`train` ({args.rounds} rounds x {args.local_epochs} epochs, AdamW, batch {args.batch}, seed {args.seed}); "
              f"for each head the learning rate of {', '.join(map(str, args.lrs))} and the round with the lowest "
-             f"`valid` loss are kept. Embedding img/s: the app's extraction (ONNX Runtime, "
-             f"{torch.get_num_threads()} threads) of {args.throughput_images} real images, backbone run up to the "
-             f"block. Generated on {time.strftime('%Y-%m-%d')} by:",
+             f"`valid` loss are kept. Small heads: {', '.join(SMALL_HEADS)} ({SMALL_HEAD_WORDS}), on the "
+             f"{'/'.join(map(str, args.small_head_pools))}x pools. Embedding img/s: the app's extraction (ONNX Runtime, "
+             f"{torch.get_num_threads()} threads) of {args.throughput_images} real images, median of 3, backbone run up "
+             f"to the block. Generated on {time.strftime('%Y-%m-%d')} by:",
              "", "```bash", f"python scripts/feature_sweep.py --data {args.data} --weights {args.weights}", "```", "",
              *table(rows, chosen["key"]), "",
-             f"Chosen on `valid`: the linear head on `feature-layer={chosen['layer']} feature-pool={chosen['pool']}` "
-             f"(valid accuracy {chosen['valid']['accuracy']:.4f}), the best linear setting whose cache at full "
-             f"CelebA size is at most {PRACTICAL_BYTES / 1e9:.0f} GB"
-             + (f"; the best small head ({best_small['head']} on features[{best_small['layer']}] "
-                f"pooled {best_small['pool']}x{best_small['pool']}: {best_small['valid']['accuracy']:.4f}) is "
-                f"{100 * (best_small['valid']['accuracy'] - chosen['valid']['accuracy']):+.1f} points from it, "
-                + ("at least one point better." if best_small["valid"]["accuracy"] >= chosen["valid"]["accuracy"] + 0.01
-                   else "less than the one point that would make a small head the default.") if best_small else "."),
-             "", "Test, read once, for the chosen setting and the app's earlier default:", "",
+             f"Best linear head whose cache at full CelebA size is at most {PRACTICAL_BYTES / 1e9:.0f} GB: "
+             f"`feature-layer={linear['layer']} feature-pool={linear['pool']}`, valid accuracy "
+             f"{linear['valid']['accuracy']:.4f}."
+             + (f" Best small head the app has: {small['head']} on features[{small['layer']}] pooled "
+                f"{small['pool']}x{small['pool']}, {small['valid']['accuracy']:.4f} ({gain:+.1f} points)." if small else "")
+             + (f" **Default: `head='{APP_HEADS[chosen['head']]}' feature-layer={chosen['layer']} "
+                f"feature-pool={chosen['pool']}`**: " + ("a small head at least one point better on `valid`."
+                                                        if chosen is small else "the small heads are less than one "
+                                                        "point better on `valid`, so the head stays linear.")),
+             "", "Test, read once, for the default, the best linear setting and the earlier default "
+             "(`feature-layer=18 feature-pool=1`), each head trained again as above:", "",
              *final_table(final_rows)]
     if args.federated_lrs:
         fed = federated_lrs(args, chosen)
@@ -358,8 +374,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     (args.out / "sweep.md").write_text(text)
     (args.out / "sweep.json").write_text(json.dumps(
-        {"rows": [{k: v for k, v in r.items() if k != "state"} for r in rows], "chosen": chosen["key"],
-         "final": final_rows}, indent=1))
+        {"rows": rows, "chosen": chosen["key"], "final": final_rows,
+         "federated": fed if args.federated_lrs else None}, indent=1))
     print(text)
     if args.write_doc:
         from make_results import fill_blocks

@@ -33,8 +33,8 @@ from celeba_app.demo_data import make_celeba
 from celeba_app.model import Backbone, load_mobilenet
 
 
-#: The tests' images are 32 px, at which features[13]'s map is 2x2: the head reads it pooled
-#: 2x2 (384 numbers), whatever the default feature-layer and feature-pool are.
+#: The tests' images are 32 px, at which features[13]'s map is 2x2: the head (the default,
+#: conv1x1) reads it pooled 2x2 (384 numbers), whatever the default feature-pool is.
 TINY = {"image-size": 32, "feature-layer": 13, "feature-pool": 2}
 TINY_RC = "image-size=32 feature-layer=13 feature-pool=2"
 

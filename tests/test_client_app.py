@@ -7,11 +7,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from celeba_app import client_app
 from celeba_app.config import RunConfig
 from celeba_app.metrics import unflatten
-from celeba_app.model import make_head
+from celeba_app.model import head_for
 
 
 def call(handler, run_config, pid=0, num=3, message_type="train", **config):
-    head = make_head(RunConfig.from_run_config(run_config).feature_dim, seed=0)
+    head = head_for(RunConfig.from_run_config(run_config), seed=0)
     content = RecordDict({"arrays": ArrayRecord(head.state_dict()),
                           "config": ConfigRecord({"server-round": 1, "lr": 0.01, **config})})
     msg = Message(content=content, dst_node_id=1, message_type=message_type)
@@ -25,9 +25,10 @@ def test_train_sends_back_only_the_head_and_summable_metrics(run_config, monkeyp
     monkeypatch.setattr(client_app, "Message", lambda content, reply_to: replies.append(content) or content)
     content, sent = call(client_app.train, run_config)
     arrays = content["arrays"].to_torch_state_dict()
-    assert set(arrays) == {"1.weight", "1.bias"}  # head only: no backbone tensor travels
-    assert arrays["1.weight"].shape == (1, 96 * 2 * 2)  # conftest.TINY: features[13] pooled 2x2
-    assert not torch.equal(arrays["1.weight"], sent.state_dict()["1.weight"])  # it trained
+    # head only (the default conv1x1 on conftest.TINY's features[13] pooled 2x2): no backbone tensor travels
+    assert {k: tuple(v.shape) for k, v in arrays.items()} == {
+        "conv.weight": (8, 96, 1, 1), "conv.bias": (8,), "out.weight": (1, 8 * 2 * 2), "out.bias": (1,)}
+    assert not torch.equal(arrays["out.weight"], sent.state_dict()["out.weight"])  # it trained
     metrics = content["metrics"]
     assert metrics["num-examples"] > 0 and metrics["train_loss"] > 0
     stats = unflatten(metrics)

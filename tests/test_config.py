@@ -166,7 +166,7 @@ def test_seed_and_image_size_ranges_are_refused_in_one_line(override, message):
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize("override", [{"seed": 0}, {"image-size": 32}, {"image-size": 1024}])
+@pytest.mark.parametrize("override", [{"seed": 0}, {"image-size": 32, "feature-pool": 2}, {"image-size": 1024}])
 def test_seed_and_image_size_bounds_are_accepted(override):
     RunConfig.from_run_config(override)
 

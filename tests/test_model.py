@@ -233,3 +233,19 @@ def test_a_head_of_any_width_is_fresh_and_loads_only_its_own_shape():
     assert tuple(head_state(head)["1.weight"].shape) == (1, 4704)
     with pytest.raises(RuntimeError, match="size mismatch"):
         make_head(1280, state=head_state(head))
+
+
+def test_the_conv1x1_head_reads_the_channel_major_map():
+    """head='conv1x1': the cached (N, C*p*p) rows are the (C, p, p) map; a 1x1 convolution to 8
+    channels, ReLU and a linear layer, computed here by hand."""
+    head = make_head(96 * 49, kind="conv1x1", channels=96, seed=0)
+    x = torch.randn(5, 96 * 49, generator=torch.Generator().manual_seed(1))
+    conv, out = head.conv, head.out
+    z = torch.relu(torch.einsum("kc,ncp->nkp", conv.weight[:, :, 0, 0], x.view(5, 96, 49)) + conv.bias[None, :, None])
+    with torch.no_grad():
+        assert torch.allclose(head(x), z.reshape(5, -1) @ out.weight.t() + out.bias, atol=1e-5)
+    assert set(head_state(head)) == {"conv.weight", "conv.bias", "out.weight", "out.bias"}
+    with pytest.raises(ValueError, match="is not channels=96 x pool x pool"):
+        make_head(100, kind="conv1x1", channels=96)
+    with pytest.raises(ValueError, match="kind='mlp' is not known"):
+        make_head(10, kind="mlp")

@@ -46,11 +46,12 @@ def test_flwr_run_writes_the_results_contract(run_config, tmp_path, split):
     for key in ("train", "federated_evaluate", "server_valid"):
         assert 0 <= last[key]["overall"]["accuracy"] <= 1, key
     assert last["train"]["num_clients"] == 3
-    assert last["head_bytes"] == (96 * 2 * 2 + 1) * 4  # features[13] pooled 2x2, and the bias (conftest.TINY)
+    # the default conv1x1 head on features[13] pooled 2x2 (conftest.TINY): 96x8 + 8 + 8x2x2 + 1 float32
+    assert last["head_bytes"] == (96 * 8 + 8 + 8 * 4 + 1) * 4
     assert last["bytes_sent"] == 3 * last["head_bytes"]  # the head only, to 3 clients
     report = (run / "report.md").read_text()
-    assert "reads `features[13]` of the frozen MobileNetV2, average-pooled to 2x2 (384 numbers per image), " \
-           "1,540 bytes per head sent" in report
+    assert "The conv1x1 head reads `features[13]` of the frozen MobileNetV2, average-pooled to 2x2 (384 numbers per " \
+           "image), 3,236 bytes per head sent" in report
     assert last["federated_evaluate"]["clients"]["accuracy"]["count"] >= 1
 
     test = json.loads((run / "test.json").read_text())
@@ -67,7 +68,7 @@ def test_flwr_run_writes_the_results_contract(run_config, tmp_path, split):
 def test_flwr_run_with_every_remedy_switch(run_config):
     run_config.update({"split": "noniid", "run-name": "remedies", "num-server-rounds": 3,
                        "strategy": "qfedavg", "balance-groups": "Male,Young", "augment-hflip": True,
-                       "head-dropout": 0.2, "weight-decay": 0.01, "lr-decay": 0.8,
+                       "head-dropout": 0.2, "weight-decay": 0.01, "lr-decay": 0.8, "head": "linear",
                        "selection-metric": "worst_group_accuracy"})
     proc = flwr_run(run_config, supernodes=3)
     out = proc.stdout + proc.stderr
@@ -80,6 +81,10 @@ def test_flwr_run_with_every_remedy_switch(run_config):
     assert best["selection_metric"] == "worst_group_accuracy" and 1 <= best["round"] <= 3
     assert best["overall"]["n"] == json.loads((run / "test.json").read_text())["overall"]["n"]
     assert (run / "head_best.pt").exists()
+    import torch
+
+    head = torch.load(run / "head.pt", weights_only=True)  # the linear head travelled (the others: conv1x1)
+    assert {k: tuple(v.shape) for k, v in head.items()} == {"1.weight": (1, 96 * 2 * 2), "1.bias": (1,)}
     assert history[-1]["round"] == 3  # early stopping: tests/test_strategy.py and test_server_app.py
 
 

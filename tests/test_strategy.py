@@ -345,3 +345,24 @@ def test_server_optimisers_take_the_steps_of_their_papers(name):
         got = arrays.to_torch_state_dict()["1.weight"].double().numpy()
         assert np.allclose(got, x, atol=1e-6), (rnd, got, x)
         assert not np.allclose(got, mean)  # not FedAvg's mean
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedadam", "qfedavg", "fairfed"])
+def test_every_strategy_aggregates_the_conv1x1_heads_four_arrays(name):
+    """head='conv1x1' sends four arrays; every strategy aggregates each, keeping its shape."""
+    shapes = {"conv.weight": (8, 96, 1, 1), "conv.bias": (8,), "out.weight": (1, 392), "out.bias": (1,)}
+    extra = {"proximal-mu": 0.1} if name == "fedprox" else {}
+    strategy = make_strategy(RunConfig.from_run_config({"strategy": name, "head": "conv1x1", **extra}), 3)
+    start = ArrayRecord({k: torch.zeros(s) for k, s in shapes.items()})
+    list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid()))
+    assert strategy.history[1]["head_bytes"] == sum(int(np.prod(s)) for s in shapes.values()) * 4
+    replies = []
+    for weight, n, seed in ((1.0, 30, 0), (3.0, 10, 1)):
+        r = reply(weight, n, seed)
+        r.content["arrays"] = ArrayRecord({k: torch.full(s, weight) for k, s in shapes.items()})
+        replies.append(r)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    out = arrays.to_torch_state_dict()
+    assert {k: tuple(v.shape) for k, v in out.items()} == shapes
+    if name == "fedavg":
+        assert all(torch.allclose(v, torch.full(v.shape, 1.5)) for v in out.values())

@@ -143,3 +143,20 @@ def test_the_head_trains_and_predicts_on_one_thread_and_the_thread_count_comes_b
     monkeypatch.setattr(task.torch, "sigmoid", lambda t: seen.append(torch.get_num_threads()) or t.sigmoid())
     task.predict(head, x)
     assert seen == [1, 1] and torch.get_num_threads() == 2
+
+
+def test_the_conv1x1_head_trains_by_autograd_with_every_option():
+    """head='conv1x1' is no logistic regression: train_head takes autograd steps, with FedProx's
+    term, weight decay, row weights and two views, and the head learns."""
+    from celeba_app import task
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 16 * 9, generator=g)
+    y = (x[:, 0] > 0).long()
+    head = make_head(16 * 9, 0.1, seed=0, kind="conv1x1", channels=16)
+    assert not task._is_logistic_head(head)
+    start = [p.detach().clone() for p in head.parameters()]
+    res = train_head(head, torch.stack([x, x]), y, epochs=20, lr=0.01, batch_size=32, seed=1, proximal_mu=0.1,
+                     weight_decay=0.01, sample_weight=torch.linspace(0.5, 1.5, 120))
+    assert res["steps"] == 80 and all(not torch.equal(a, b) for a, b in zip(start, head.parameters()))
+    assert ((torch.from_numpy(predict(head, x)) > 0.5).long() == y).float().mean() > 0.8
