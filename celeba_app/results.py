@@ -90,6 +90,22 @@ NOT_RESULT_KEYS = ("resume", "run-name", "results-dir", "cache-dir", "feature-ca
                    "device", "min-nodes", "node-wait-timeout", "round-timeout", "num-server-rounds")
 
 
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def resume_command(cfg: RunConfig, run_name: str) -> str:
+    """The command that resumes run ``run_name`` of ``cfg`` (as the user wrote it, not resolved):
+    ``flwr run . --run-config "<every key that differs from the defaults> resume='<run_name>'"``."""
+    defaults = RunConfig().as_dict()
+    keep = {k: v for k, v in cfg.as_dict().items()
+            if k not in ("resume", "run-name") and k in defaults and v != defaults[k]}
+    overrides = " ".join(f"{k}={_toml(v)}" for k, v in keep.items())
+    return f'flwr run . --run-config "{overrides + " " if overrides else ""}resume=\'{run_name}\'"'
+
+
 def check_resume(run_dir: Path, cfg: RunConfig, partitions: list[dict]) -> None:
     """Refuse, in one line naming the keys, a resume whose run config or partitions differ
     from the saved ones in anything that changes results."""

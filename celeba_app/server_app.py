@@ -32,7 +32,7 @@ from .mobilenet_layers import describe
 from .model import head_for, weights_digest
 from .postprocessing import equalized_odds_report
 from .report import write_report
-from .results import (check_resume, create_run_dir, load_checkpoint, run_dir_for, save_torch, write_best,
+from .results import (check_resume, create_run_dir, load_checkpoint, resume_command, run_dir_for, save_torch, write_best,
                       write_json, write_round, write_run_end, write_run_start, write_skipped_rows,
                       write_status)
 from .selection import BestRound
@@ -71,7 +71,8 @@ def main(grid: Grid, context: Context) -> None:
     (with the reason) at the end."""
     t_start = time.time()
     try:
-        cfg = RunConfig.from_run_config(context.run_config).resolved()
+        user_cfg = RunConfig.from_run_config(context.run_config)  # as written: what a resume command repeats
+        cfg = user_cfg.resolved()
         log(INFO, "celeba-fl: dataset %s, weights %s, results-dir %s, cache-dir %s (paths as this "
             "ServerApp resolves them; working directory %s)", cfg.dataset, cfg.weights,
             cfg.results_dir, cfg.cache_dir, Path.cwd())
@@ -111,7 +112,7 @@ def main(grid: Grid, context: Context) -> None:
         nonlocal interrupted
         if not finished and interrupted is None:
             interrupted = (f"interrupted by a signal (Ctrl-C, SIGTERM or flwr stop) after round {last_round}; "
-                           f"resume with resume='{run_dir.name}'")
+                           f"resume with: {resume_command(user_cfg, run_dir.name)}")
             write_status(run_dir, "failed", last_round, interrupted)
 
     add_exit_handler(on_signal)
@@ -161,8 +162,8 @@ def main(grid: Grid, context: Context) -> None:
             "stopped by the user (flwr stop)" if type(exc).__name__ == "RunNotRunningException"
             else f"{type(exc).__name__}: {exc}")
         write_status(run_dir, "failed", last_round, reason)
-        log(ERROR, "celeba-fl: run failed after round %s: %s; what was written is kept in %s",
-            last_round, reason, run_dir)
+        log(ERROR, "celeba-fl: run failed after round %s: %s; what was written is kept in %s%s", last_round, reason,
+            run_dir, "" if "resume with:" in reason else f"; resume with: {resume_command(user_cfg, run_dir.name)}")
         raise
     o = test_rep["overall"]
     log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %s, AUROC %s, loss %.4f "

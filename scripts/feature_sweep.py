@@ -298,7 +298,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--throughput-images", type=int, default=640)
     ap.add_argument("--final", nargs="*", default=None, help="settings L/P whose test figures are reported")
-    ap.add_argument("--federated-lrs", type=float, nargs="*", default=[0.005, 0.002, 0.001, 0.0005],
+    ap.add_argument("--federated-lrs", type=float, nargs="*", default=[0.01, 0.005, 0.002, 0.001, 0.0005],
                     help="learning rates of the federated check on the chosen setting (none: skip it)")
     ap.add_argument("--rows-from", type=Path, default=None,
                     help="an earlier sweep.json: reuse its fits and throughput (the final heads are trained again)")

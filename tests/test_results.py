@@ -160,3 +160,13 @@ def test_a_running_status_whose_process_has_ended_is_told_apart(tmp_path):
     assert process_ended({**status, "pid": int(gone)})
     assert not process_ended({**status, "pid": int(gone), "host": platform.node() + "-elsewhere"})
     assert not process_ended({**status, "pid": int(gone), "state": "failed"})
+
+
+def test_the_resume_command_repeats_what_differs_from_the_defaults():
+    from celeba_app.results import resume_command
+
+    cfg = RunConfig.from_run_config({"split": "noniid", "learning-rate": 0.01, "augment-hflip": True,
+                                     "run-name": "r7", "resume": "old"})
+    assert resume_command(cfg, "r7") == ("flwr run . --run-config \"split='noniid' learning-rate=0.01 "
+                                         "augment-hflip=true resume='r7'\"")
+    assert resume_command(RunConfig(), "x") == "flwr run . --run-config \"resume='x'\""

@@ -107,7 +107,11 @@ def test_a_signal_during_a_round_leaves_failed_and_why_in_status_json(run_config
     status = json.loads(path.read_text())
     assert status["state"] == "failed" and status["last_completed_round"] == 0
     assert status["reason"].startswith("interrupted by a signal (Ctrl-C, SIGTERM or flwr stop) after round 0; "
-                                       "resume with resume='signalled'"), status
+                                       "resume with: flwr run . --run-config \""), status
+    command = status["reason"].split("resume with: ", 1)[1]
+    assert command.endswith(" resume='signalled'\"") and "run-name=" not in command
+    for key in ("dataset", "weights", "image-size", "results-dir", "min-nodes"):  # what differs from pyproject
+        assert f" {key}=" in command or f'"{key}=' in command, (key, command)
 
 
 def test_an_exit_handler_of_a_finished_run_writes_nothing(run_config, monkeypatch):
