@@ -35,20 +35,14 @@ from .report import write_report
 from .results import (check_resume, create_run_dir, load_checkpoint, resume_command, run_dir_for, save_torch, write_best,
                       write_json, write_round, write_run_end, write_run_start, write_skipped_rows,
                       write_status)
+from . import refusal
+from .refusal import RunRefused, refuse  # noqa: F401 - RunRefused: what main raises
 from .selection import BestRound
 from .strategy import RoundPolicy, make_strategy
 from .task import evaluate_stats, pick_device
 
 app = ServerApp()
-
-
-class RunRefused(Exception):
-    """The run cannot start (bad config, data or federation): its one-line reason was logged.
-
-    An exception, not SystemExit: Flower's ServerApp runners (simulation and the Deployment
-    Engine's flwr-serverapp) catch exceptions, mark the run failed and end the process;
-    SystemExit left the Deployment Engine's ServerApp process and run alive.
-    """
+refusal.install()  # a refused simulation ends on its one line (refusal.py)
 
 
 def prepare(cfg: RunConfig, grid: Grid):
@@ -91,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
             create_run_dir(run_dir)  # refused if a run of the same run-name created it meanwhile
     except ConfigError as exc:
         log(ERROR, "celeba-fl: %s", exc)
-        raise RunRefused(str(exc)) from None
+        raise refuse(str(exc)) from None
 
     if resume is None:
         write_run_start(run_dir, cfg, kind="federated", num_clients=num_nodes, device=str(device),

@@ -170,3 +170,14 @@ def test_celebrity_split_samples_a_few_of_one_supernode_per_identity(run_config)
     wrong = flwr_run({**run_config, "run-name": "leaf-wrong"}, supernodes=3)
     assert "split='celebrity' makes one partition per identity" in wrong.stdout + wrong.stderr
     assert "accepted: num-partitions=60" in wrong.stdout + wrong.stderr
+
+
+def test_a_refused_simulation_ends_on_its_one_line_without_tracebacks(run_config):
+    """refusal.py: Flower's and Python's tracebacks of a refusal are dropped, and the line is
+    the last thing printed (flwr run adds nothing after it)."""
+    run_config.update({"split": "non-iid", "run-name": "refused"})
+    proc = flwr_run(run_config, supernodes=3, timeout=180)
+    line = "celeba-fl: split='non-iid' is not known; accepted: iid, noniid, celebrity"
+    assert [x for x in proc.stderr.splitlines() if x.strip()][-1] == line, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr and "returned non-zero exit status" not in proc.stderr
+    assert not (Path(run_config["results-dir"]) / "refused").exists()
