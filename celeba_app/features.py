@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from logging import INFO
+from logging import DEBUG, INFO
 from pathlib import Path
 from typing import Callable
 
@@ -138,7 +138,8 @@ class FeatureStore:
             dt = time.perf_counter() - t0
             self.stats["rows_computed"] += len(missing)
             self.stats["extract_seconds"] += dt
-            progress_log.log(INFO, "celeba-fl: embedded %d images of %s (%s) in %.1fs, %.0f img/s, %s, "
+            # DEBUG: fifty clients' lines said nothing the server's plan line and the round lines do not
+            progress_log.log(DEBUG, "celeba-fl: embedded %d images of %s (%s) in %.1fs, %.0f img/s, %s, "
                              "%d threads%s", len(missing), part.name, view, dt, len(missing) / max(dt, 1e-9),
                              self.runtime_id, torch.get_num_threads(),
                              f"; {n - len(missing)} more read from the cache" if len(missing) < n else "")
