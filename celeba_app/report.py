@@ -82,12 +82,18 @@ def plot_learning_curves(history: list[dict], path: Path) -> Path:
     return save(fig, path)
 
 
+def group_label(attr: str, value: str) -> str:
+    """A group in words: ``Male``/``1`` is "Male", ``Male``/``0`` "not Male", and
+    ``Male&Young``/``0&1`` "not Male & Young"."""
+    return " & ".join(a if v == "1" else f"not {a}" for a, v in zip(attr.split("&"), value.split("&")))
+
+
 def _group_rows(test: dict) -> list[tuple[str, dict]]:
     rows = []
     for attr, groups in test["groups"].items():
         for value, row in groups.items():
             if row is not None:
-                rows.append((f"{attr}={value}", row))
+                rows.append((group_label(attr, value), row))
     return rows
 
 
@@ -96,7 +102,7 @@ def plot_groups(test: dict, path: Path) -> Path:
     intervals, against the overall value, to ``path`` (PNG); returns ``path``."""
     rows = _group_rows(test)
     fig, axes = plt.subplots(1, 3, figsize=(14, 0.32 * len(rows) + 1.6), sharey=True)
-    labels = [f"{name} (n={row['n']})" for name, row in rows]
+    labels = [f"{name} (n={row['n']}){' *' if row.get('small') else ''}" for name, row in rows]
     ys = list(range(len(rows)))
     for ax, key in zip(axes, ("accuracy", "tpr", "fpr")):
         vals = [row[key] if row[key] is not None else float("nan") for _, row in rows]
@@ -110,22 +116,34 @@ def plot_groups(test: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_yticks(ys, labels, fontsize=7)
     axes[0].invert_yaxis()
+    fig.suptitle("Test split, per group; dashed line: the overall value; * fewer than min-group-size "
+                 f"({next((g.get('min_group_size') for g in test['gaps'].values()), '?')}) images", fontsize=9)
     return save(fig, path)
 
 
 def plot_gaps(history: list[dict], path: Path, source: str = "server_valid") -> Path:
-    """Each gap of ``GAP_KEYS`` per round, one line per sensitive attribute (intersections
-    left out), from ``history[i][source]``, to ``path`` (PNG); returns ``path``."""
+    """Each gap of ``GAP_KEYS`` per trained round (round 0, the untrained head, is left out:
+    its near-zero gaps mean nothing), one line per sensitive attribute (intersections left
+    out) with its 95% Newcombe band, from ``history[i][source]``, to ``path`` (PNG); the split
+    is named in the title, since the run's tables report ``test``. Returns ``path``."""
     attrs = [a for a in (history[-1].get(source) or {}).get("gaps", {}) if "&" not in a]
-    fig, axes = plt.subplots(1, len(GAP_KEYS), figsize=(13, 3.4))
+    rounds = [h for h in history if h.get(source) and h["round"] >= 1]
+    fig, axes = plt.subplots(1, len(GAP_KEYS), figsize=(13, 3.6), sharey=True)
     for ax, (key, title) in zip(axes, GAP_KEYS):
         for attr in attrs:
-            xs = [h["round"] for h in history if h.get(source)]
-            ys = [h[source]["gaps"][attr][key] for h in history if h.get(source)]
-            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", ms=3, label=attr)
+            xs = [h["round"] for h in rounds]
+            gaps = [h[source]["gaps"][attr] for h in rounds]
+            ys = [float("nan") if g[key] is None else g[key] for g in gaps]
+            line, = ax.plot(xs, ys, marker="o", ms=3, label=attr)
+            cis = [g.get(f"{key}_ci") for g in gaps]
+            if all(cis):
+                ax.fill_between(xs, [c[0] for c in cis], [c[1] for c in cis], color=line.get_color(), alpha=0.12)
+        ax.axhline(0, color="grey", lw=0.8)
         per_round(ax, title)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Fairness gaps per round ({source})", fontsize=10)
+    where = {"server_valid": "the server's VALID split", "federated_evaluate": "the clients' held-out parts"}
+    fig.suptitle(f"Fairness gaps per round on {where.get(source, source)} (bands: 95% Newcombe intervals); "
+                 "the tables report TEST", fontsize=11)
     return save(fig, path)
 
 
@@ -153,7 +171,7 @@ def plot_client_accuracy(history: list[dict], path: Path, source: str = "federat
     return save(fig, path)
 
 
-def plot_partitions(partitions: dict, path: Path) -> Path | None:
+def plot_partitions(partitions: dict, path: Path, target: str = "target") -> Path | None:
     """Per client: images (train and held-out), target rate and each sensitive attribute's
     share, from partitions.json, to ``path`` (PNG); None, and nothing written, without it."""
     parts = partitions and partitions.get("partitions")
@@ -164,9 +182,9 @@ def plot_partitions(partitions: dict, path: Path) -> Path | None:
     axes[0].bar(pid, [p["num_train"] for p in parts], label="train")
     axes[0].bar(pid, [p["num_val"] for p in parts], bottom=[p["num_train"] for p in parts], label="local val")
     axes[0].set_ylabel("images")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[1].bar(pid, [p["target_rate"] or 0 for p in parts])
-    axes[1].set_ylabel("target rate")
+    axes[1].set_ylabel(f"{target} rate")
     attrs = list(parts[0]["group_rates"])
     width = 0.8 / max(1, len(attrs))
     for i, a in enumerate(attrs):
@@ -174,7 +192,7 @@ def plot_partitions(partitions: dict, path: Path) -> Path | None:
                     width=width, label=a)
     axes[2].set_ylabel("share")
     axes[2].set_xlabel("client (partition id)")
-    axes[2].legend(fontsize=8, ncol=len(attrs))
+    axes[2].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"Partition composition ({partitions['split']}, {len(parts)} clients)", fontsize=10)
     return save(fig, path)
 
@@ -295,7 +313,7 @@ def write_report(run_dir: Path) -> Path:
         "groups_test.png": plot_groups(test, run_dir / "groups_test.png") if test else None,
         "fairness_gaps.png": plot_gaps(history, run_dir / "fairness_gaps.png") if history else None,
         "client_accuracy.png": plot_client_accuracy(history, run_dir / "client_accuracy.png"),
-        "partitions.png": plot_partitions(run["partitions"], run_dir / "partitions.png"),
+        "partitions.png": plot_partitions(run["partitions"], run_dir / "partitions.png", cfg.get("target", "target")),
     }
     lines = [f"# Run `{run['name']}`", ""]
     status = read_status(run_dir)

@@ -21,7 +21,7 @@ def test_report_plots_are_pngs_and_tables_hold_the_json_numbers(two_runs):
     test = json.loads((run / "test.json").read_text())
     assert f"{test['overall']['accuracy']:.4f}" in text
     male = test["groups"]["Male"]["1"]
-    assert male["small"] and f"| Male=1 | {male['n']}* |" in text  # under min-group-size: marked
+    assert male["small"] and f"| Male | {male['n']}* |" in text  # under min-group-size: marked; groups in words
     assert f"{male['accuracy']:.3f} [{male['accuracy_ci'][0]:.3f}, {male['accuracy_ci'][1]:.3f}]" in text
     young = test["gaps"]["Young"]
     eo, (lo, hi) = young["equalized_odds_difference"], young["equalized_odds_difference_ci"]
@@ -72,3 +72,8 @@ def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
                                "e.g. outputs/<run-name>")
     with pytest.raises(SystemExit, match="not a run folder"):
         main([str(tmp_path)])
+
+
+def test_groups_are_named_in_words():
+    assert report.group_label("Male", "1") == "Male" and report.group_label("Male", "0") == "not Male"
+    assert report.group_label("Male&Young", "0&1") == "not Male & Young"
