@@ -10,7 +10,7 @@ Runs (from the project root, results under outputs/results-<tag>/, embeddings ca
      ``remedy-<name>-seed<seed>``) with --seeds seeds (a seed changes the partitioning, the
      local hold-outs, the head's initialisation and batch order): mean and standard deviation.
 
-Then rewrites, in docs/RESULTS.md, only the blocks between ``<!-- generated: NAME -->`` and
+Then rewrites, in docs/RESULTS.md (and README.md's ``readme-results``), only the blocks between ``<!-- generated: NAME -->`` and
 ``<!-- /generated -->`` (``BLOCKS``: the tables and figures, from the run folders alone); the
 text around them, the reading of the figures included, is the document's own and is kept.
 A block missing from the document is one error line, and nothing is written. ``--only
@@ -75,12 +75,21 @@ def remedy_dir(name: str, seed: int) -> str:
     return f"remedy-{slug(name)}-seed{seed}"
 
 
+#: The centralized head on the same features, over the remedies' seeds: the yardstick of the
+#: remedies table (its split only decides which images the clients hold out).
+CENTRAL = "centralized (same features)"
+
+
 def run_remedies(args, out: Path) -> None:
     for seed in args.seeds:
         for remedy, (split, extra) in REMEDIES.items():
             if seed != args.seeds[0] and remedy in args.first_seed_only:
                 continue
             ensure_run(out / remedy_dir(remedy, seed), base_rc(args, out) + f" split='{split}' seed={seed} {extra}")
+        run = out / remedy_dir(CENTRAL, seed)
+        set_aside_incomplete(run)
+        if not (run / "test.json").exists():
+            central_run(base_rc(args, out) + f" split='iid' seed={seed} run-name='{run.name}'", out / f"{run.name}.log")
 
 
 # --------------------------------------------------------------------------- the document
@@ -116,7 +125,7 @@ def remedy_row(runs: list[dict]) -> dict[str, list]:
 
 def remedies_section(out: Path, seeds: list[int]) -> list[str]:
     rows = []
-    for name, (split, extra) in REMEDIES.items():
+    for name, (split, extra) in {**REMEDIES, CENTRAL: ("central", "")}.items():
         runs = [load_run(out / remedy_dir(name, s)) for s in seeds if (out / remedy_dir(name, s)).exists()]
         runs = [r for r in runs if r["test"]]
         if runs:
@@ -142,7 +151,9 @@ def remedies_section(out: Path, seeds: list[int]) -> list[str]:
         "accuracy is the lowest accuracy over every group and pairwise intersection of Male, Young, "
         "Pale_Skin (the smallest cells have under 20 test images, so it is noisy). The train-valid gap is "
         "the last round's accuracy of the clients' locally trained heads on their own training data minus "
-        "the global head's accuracy on `valid`: the overfitting gap.",
+        "the global head's accuracy on `valid`: the overfitting gap. The last row is the yardstick: the same "
+        "head trained centrally (celeba-centralized) on the union of the clients' training parts, on the same "
+        "features and seeds.",
         "",
         "**Noise.** With this few seeds a row's own ± is a poor noise estimate, so the run-to-run standard "
         "deviation of each metric is pooled over all non-IID rows: "
@@ -232,6 +243,18 @@ def baseline_section(out: Path, img: Path) -> list[str]:
     return lines
 
 
+def defaults_in_words() -> str:
+    """The head's defaults from pyproject.toml, e.g. "the head reads features[13] pooled 7x7 (4704
+    numbers); AdamW lr 0.001, 5 local epochs, batch 32"."""
+    import tomllib
+
+    from celeba_app.mobilenet_layers import describe
+
+    c = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return (f"the head reads {describe(c['feature-layer'], c['feature-pool'])}; AdamW lr {c['learning-rate']}, "
+            f"weight decay {c['weight-decay']}, {c['local-epochs']} local epochs, batch {c['batch-size']}")
+
+
 def header_section(args) -> list[str]:
     return [
         "```bash",
@@ -242,11 +265,48 @@ def header_section(args) -> list[str]:
         "train 7,094 / valid 965 / test 1,941). Weights: "
         f"`{args.weights}` (ImageNet MobileNetV2 from Coral's de-quantised TFLite model, top-1 0.80 in "
         "torchvision, slightly weaker than torchvision's own IMAGENET1K_V1). Images resized to 224 px. "
-        "Defaults of pyproject.toml unless stated (Adam lr 0.005, 5 local epochs, batch 32, chosen on "
-        "`valid`). Generated on a 2-core CPU machine on "
+        f"Defaults of pyproject.toml unless stated ({defaults_in_words()}, chosen on `valid`: "
+        "\"Which layer the head reads\"). Generated on a 2-core CPU machine on "
         f"{time.strftime('%Y-%m-%d')}. Numbers are from one run per row unless a ± says otherwise; with "
         "test sets of this size, read them with their intervals.",
     ]
+
+
+def readme_section(out: Path, seeds: list[int]) -> list[str]:
+    """README's results: FedAvg IID and non-IID and the centralized head over the remedies' seeds,
+    with the intervals a reader needs, and the validation curves of the baseline."""
+    from celeba_app.metrics import wilson
+    from celeba_app.mobilenet_layers import describe
+
+    rows = [("federated, IID", "FedAvg (IID reference)"), ("federated, non-IID (alpha 0.5)", "FedAvg"),
+            ("centralized, same features", CENTRAL)]
+    lines = ["| run | test accuracy | 95% CI (one run) | AUROC | EOdds diff. Male | mean 95% CI | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    config = None
+    for label, name in rows:
+        runs = [load_run(out / remedy_dir(name, s)) for s in seeds]
+        runs = [r for r in runs if r["test"]]
+        if not runs:
+            continue
+        config = config or runs[0]["config"]["run_config"]
+        acc = [r["test"]["overall"]["accuracy"] for r in runs]
+        auroc = [r["test"]["overall"]["auroc"] for r in runs]
+        male = [r["test"]["gaps"]["Male"] for r in runs]
+        o = runs[0]["test"]["overall"]
+        ci = wilson(o["accuracy"] * o["n"], o["n"])
+        lo = np.mean([m["equalized_odds_difference_ci"][0] for m in male])
+        hi = np.mean([m["equalized_odds_difference_ci"][1] for m in male])
+        lines.append(f"| {label} | {_ms(acc)} | [{ci[0]:.3f}, {ci[1]:.3f}] | {_ms(auroc)} | "
+                     f"{_ms([m['equalized_odds_difference'] for m in male])} | [{lo:.3f}, {hi:.3f}] | {len(runs)} |")
+    if config is None:
+        return []
+    return [f"celeba-10k (real CelebA: 7,094 train / 965 valid / 1,941 test images), the shared ImageNet "
+            f"MobileNetV2 weights, 50 clients, 10 rounds; the head reads "
+            f"{describe(config['feature-layer'], config['feature-pool'])}. Test split, mean ± standard "
+            "deviation over seeds; the accuracy interval is one run's 95% Wilson interval, the equalized-odds "
+            "interval the mean of the seeds' 95% Newcombe intervals. Made by `python scripts/make_results.py` "
+            "([docs/RESULTS.md](docs/RESULTS.md), where every figure has its command).", "",
+            *lines, "", "![validation accuracy and loss per round](docs/img/compare_valid.png)"]
 
 
 #: The generated blocks of docs/RESULTS.md, by name: what fills ``<!-- generated: NAME -->``.
@@ -276,7 +336,10 @@ def fill_blocks(text: str, blocks: dict[str, list[str]]) -> str:
 def write_doc(args, out: Path, doc: Path = ROOT / "docs" / "RESULTS.md", img: Path = ROOT / "docs" / "img") -> Path:
     """Fill the generated blocks of ``doc`` from the run folders in ``out`` (plots copied to ``img``)."""
     text = fill_blocks(doc.read_text(), {name: make(args, out, img) for name, make in BLOCKS.items()})
+    readme = ROOT / "README.md"
+    readme_text = fill_blocks(readme.read_text(), {"readme-results": readme_section(out, args.seeds)})
     doc.write_text(text)
+    readme.write_text(readme_text)
     return doc
 
 
