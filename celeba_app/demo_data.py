@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"celeba-demo-data: --identities={args.identities} is too few for 50 clients; accepted: >= 50")
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"celeba-demo-data: {str(args.out)!r} is not empty; accepted: a new or empty folder")
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # one bar per split says nothing here
     print(make_celeba(args.out, args.identities, max(12, args.identities // 5), args.seed, (1, 6), (109, 89)))
 
 

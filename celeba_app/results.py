@@ -1,7 +1,7 @@
 """The run folder: ``<results-dir>/<run-name>/`` and the files of the results contract.
 
 config.json, partitions.json, history.json, status.json, checkpoint.pt, test.json and head.pt
-(see README, "Results"); skipped_rows.json with ``bad-images="skip"``. A run never writes into an existing folder: a clashing run-name is
+(docs/RUNS.md, "The run folder"); skipped_rows.json with ``bad-images="skip"``. A run never writes into an existing folder: a clashing run-name is
 refused before training, so nothing an earlier run wrote is ever overwritten; only
 ``resume='<run-name>'`` continues a stopped run in its own folder.
 

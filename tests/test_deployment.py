@@ -72,7 +72,8 @@ def test_three_supernodes_train_the_simulations_head(celeba_dir, weights_file, t
     deployed, simulated = torch.load(run / "head.pt"), torch.load(sim_run / "head.pt")
     diff = max((deployed[k] - simulated[k]).abs().max().item() for k in simulated)
     assert diff < 1e-5, diff
-    assert not torch.equal(simulated["1.bias"], torch.zeros_like(simulated["1.bias"]))
+    assert set(simulated) == {"conv.weight", "conv.bias", "out.weight", "out.bias"}  # the default head, conv1x1
+    assert not torch.equal(simulated["out.bias"], torch.zeros_like(simulated["out.bias"]))
 
 
 def test_refused_runs_end_with_one_line(celeba_dir, weights_file, tmp_path):
