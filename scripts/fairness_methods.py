@@ -111,17 +111,18 @@ def main() -> None:
 
 def remedy_rows(results: Path, seeds: list[int]) -> dict[tuple[str, str], list[dict]]:
     """{(remedy, split): figures per seed} of make_results.py's remedies (not its FedAvg
-    rows: this script's own FedAvg runs are those). Exits naming the first missing run folder."""
+    rows: this script's own FedAvg runs are those), from the seeds each has (make_results'
+    ``--first-seed-only`` runs some with fewer). Exits naming a remedy that has none."""
     rows: dict[tuple[str, str], list[dict]] = {}
     for name, (split, _) in REMEDIES.items():
         if name in ("FedAvg", "FedAvg (IID reference)"):
             continue
-        for seed in seeds:
-            run = results / remedy_dir(name, seed)
-            if not (run / "test.json").exists():
-                sys.exit(f"--remedies-from {results}: {run.name} has no test.json; run "
-                         f"scripts/make_results.py --only remedies --seeds {' '.join(map(str, seeds))} first")
-            rows.setdefault((name, split), []).append(measures(run)["run"])
+        runs = [results / remedy_dir(name, seed) for seed in seeds]
+        runs = [run for run in runs if (run / "test.json").exists()]
+        if not runs:
+            sys.exit(f"--remedies-from {results}: {name!r} has no finished run for seeds {seeds}; run "
+                     f"scripts/make_results.py --only remedies --seeds {' '.join(map(str, seeds))} first")
+        rows[(name, split)] = [measures(run)["run"] for run in runs]
     return rows
 
 
@@ -130,16 +131,17 @@ def table(rows: dict[tuple[str, str], list[dict]], seeds: list[int]) -> None:
         v = np.asarray(values, dtype=float)
         return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
-    print(f"\nseeds {', '.join(map(str, seeds))}; test split; mean ± standard deviation over seeds\n")
-    print("| method | split | test acc. | vs FedAvg | EOdds diff. Male | mean 95% CI | CI includes 0 |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nseeds {', '.join(map(str, seeds))} (fewer where the seeds column says so); test split; mean ± "
+          "standard deviation over seeds\n")
+    print("| method | split | test acc. | vs FedAvg | EOdds diff. Male | mean 95% CI | CI includes 0 | seeds |")
+    print("|---|---|---|---|---|---|---|---|")
     for (label, split), runs in rows.items():
         ref = np.mean([r["accuracy"] for r in rows[("FedAvg", split)]])
         acc = [r["accuracy"] for r in runs]
         lo, hi = np.mean([r["ci"][0] for r in runs]), np.mean([r["ci"][1] for r in runs])
         zero = sum(r["ci"][0] <= 0 <= r["ci"][1] for r in runs)
         print(f"| {label} | {split} | {ms(acc)} | {np.mean(acc) - ref:+.3f} | {ms([r['eo'] for r in runs])} | "
-              f"[{lo:.3f}, {hi:.3f}] | {zero} of {len(runs)} |")
+              f"[{lo:.3f}, {hi:.3f}] | {zero} of {len(runs)} | {len(runs)} |")
 
 
 def plot(rows: dict[tuple[str, str], list[dict]], path: Path) -> None:
