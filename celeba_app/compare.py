@@ -20,9 +20,11 @@ from .report import fmt, load_run, overall_table, per_round, save, series  # noq
 
 
 def _label(run: dict) -> str:
+    """A run in a legend: its run-name, unless that is the default timestamp, then its kind and split."""
     cfg = run["config"] or {}
     rc = cfg.get("run_config", {})
-    return f"{run['name']} ({cfg.get('kind', 'federated')}, {rc.get('split', '?')})"
+    what = f"{cfg.get('kind', 'federated')}, {rc.get('split', '?')}"
+    return what if rc.get("run-name", run["name"]) == "" and run["name"][:8].isdigit() else f"{run['name']} ({what})"
 
 
 def overlay(runs: list[dict], path: Path) -> Path:
@@ -41,7 +43,7 @@ def overlay(runs: list[dict], path: Path) -> Path:
 def overlay_gaps(runs: list[dict], path: Path, attrs=("Male", "Young", "Pale_Skin")) -> Path:
     """The equalized-odds difference on ``valid`` per round, one panel per attribute of
     ``attrs`` and one line per run, to ``path`` (PNG); returns ``path``."""
-    fig, axes = plt.subplots(1, len(attrs), figsize=(13, 3.4))
+    fig, axes = plt.subplots(1, len(attrs), figsize=(13, 3.4), sharey=True)
     for ax, attr in zip(axes, attrs):
         for run in runs:
             hist = [h for h in (run["history"] or []) if h.get("server_valid")]
@@ -76,6 +78,36 @@ def fairness_table(runs: list[dict], attrs=("Male", "Young", "Pale_Skin", "Male&
     return "\n".join(lines)
 
 
+def accuracy_table(runs: list[dict]) -> str:
+    """A Markdown table, one row per run: test accuracy of the last round's head and of the
+    best round's (selected on ``valid``), each with its 95% Wilson interval, and whether the
+    run's interval overlaps the first run's (an overlap is no evidence of a difference)."""
+    from .metrics import wilson
+
+    def cell(rep: dict | None) -> tuple[str, list | None]:
+        if not rep:
+            return "–", None
+        o = rep["overall"]
+        ci = wilson(o["accuracy"] * o["n"], o["n"])
+        return f"{o['accuracy']:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]", ci
+
+    lines = ["| run | last round: test acc. [95% CI] | best round (by valid): test acc. [95% CI] | vs the first run |",
+             "|---|---|---|---|"]
+    first = None
+    for run in runs:
+        last, last_ci = cell(run["test"])
+        best, best_ci = cell(run["best"])
+        ci = best_ci or last_ci
+        if first is None:
+            first, versus = ci, "reference"
+        else:
+            versus = "intervals overlap: no evidence of a difference" if ci[0] <= first[1] and first[0] <= ci[1] \
+                else "intervals apart"
+        rounds = f" (round {run['best']['round']})" if run["best"] else ""
+        lines.append(f"| {_label(run)} | {last} | {best}{rounds} | {versus} (best round) |")
+    return "\n".join(lines)
+
+
 def compare(run_dirs: list[Path], out: Path) -> Path:
     """Write ``out``/comparison.md and its two plots for finished run folders; returns the
     Markdown file's path. SystemExit (one line naming them) if any folder has no test.json."""
@@ -86,7 +118,9 @@ def compare(run_dirs: list[Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     overlay(runs, out / "compare_valid.png")
     overlay_gaps(runs, out / "compare_gaps.png")
-    text = ["# Comparison", "", "Test split, final round.", "",
+    text = ["# Comparison", "", "Test split. The last round's head, and the head of the round selected on "
+            "`valid` (a centralized head that overfits is judged by the latter).", "",
+            accuracy_table(runs), "", "Every metric of the last round's head:", "",
             overall_table({_label(r): r["test"] for r in runs}), "",
             "## Fairness (test) and overfitting", "", fairness_table(runs), "",
             "![validation curves](compare_valid.png)", "", "![gaps](compare_gaps.png)", ""]
