@@ -41,12 +41,12 @@ def overlay(runs: list[dict], path: Path) -> Path:
 
 
 def overlay_gaps(runs: list[dict], path: Path, attrs=("Male", "Young", "Pale_Skin")) -> Path:
-    """The equalized-odds difference on ``valid`` per round, one panel per attribute of
+    """The equalized-odds difference on ``valid`` per trained round, one panel per attribute of
     ``attrs`` and one line per run, to ``path`` (PNG); returns ``path``."""
     fig, axes = plt.subplots(1, len(attrs), figsize=(13, 3.4), sharey=True)
     for ax, attr in zip(axes, attrs):
         for run in runs:
-            hist = [h for h in (run["history"] or []) if h.get("server_valid")]
+            hist = [h for h in (run["history"] or []) if h.get("server_valid") and h["round"] >= 1]  # not the untrained head
             xs = [h["round"] for h in hist]
             ys = [(h["server_valid"]["gaps"].get(attr) or {}).get("equalized_odds_difference") for h in hist]
             ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", ms=3, label=_label(run))
