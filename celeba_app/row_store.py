@@ -68,7 +68,7 @@ class RowStore:
     """float32 (n, width) values by row index, filled as they are computed (module docstring).
 
     ``meta``: the key's fields (JSON-serialisable); ``n``: rows in the split; ``width``:
-    values per row (1280 for an embedding). Raises OSError only from ``write``.
+    values per row (an embedding's width, e.g. 4,704 for features[13] pooled 7x7). Raises OSError only from ``write``.
     """
 
     def __init__(self, root: Path, meta: dict, n: int, width: int) -> None:

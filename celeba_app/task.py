@@ -31,7 +31,7 @@ def pick_device(cfg: RunConfig) -> torch.device:
 def one_thread() -> Iterator[None]:
     """Run the head's own computations (training, prediction) on one torch thread.
 
-    Why: the head is one 1280-by-1 layer; more threads do not make its small matmuls faster,
+    Why: the head is a few thousand numbers; more threads do not make its small matmuls faster,
     but where several processes share the cores (SuperNodes or simulation actors on one
     host, each with torch's default of one thread per core), OpenMP threads that spin while
     waiting for each other make a local training many times slower
@@ -173,7 +173,7 @@ def _logistic_step(head: nn.Sequential, feats: torch.Tensor, y: torch.Tensor, we
     """Set the gradients of one batch's loss on ``head`` (make_head's Dropout + Linear) without
     autograd; returns the per-row BCE (B,).
 
-    Why: the head is 1,281 numbers, so a step's cost is Python and autograd bookkeeping, not
+    Why: the head is a few thousand numbers, so a step's cost is Python and autograd bookkeeping, not
     arithmetic, and at full size a round is tens of thousands of steps; the closed form below
     skips building and walking an autograd graph (docs/SPEED.md, "CelebA at scale").
 
