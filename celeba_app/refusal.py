@@ -13,6 +13,12 @@ imported) keeps all of that for anything else, and for a refusal (``RunRefused``
 * ends ``flower-simulation`` with exit code 2, or 0 when its parent is ``flwr run``, which exits
   0 whatever the run's outcome and would otherwise print its own line after ours.
 
+On the Deployment Engine the ServerApp is ``flwr-serverapp``, whose log records ``flwr run
+--stream`` shows: it logs the exception with its traceback and then ``flwr_exit``'s block
+(``Exit Code: 200``, "An unhandled exception occurred in the ServerApp.", a help URL), both
+dropped for a refusal, so the stream ends on the app's line; the process still exits 1 and the
+run is marked failed with the line as its reason.
+
 Nothing of it applies to an exception that is not a refusal: those keep every traceback.
 """
 
@@ -53,7 +59,11 @@ class _DropRepeats(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if _refused is None:
             return True
+        if record.exc_info and isinstance(record.exc_info[1], RunRefused):
+            return False  # flwr-serverapp's "ServerApp raised an exception" with the traceback
         text = record.getMessage()
+        if text.startswith("Exit Code: "):
+            return False  # flwr_exit's block ("An unhandled exception occurred in the ServerApp.")
         return text.startswith("celeba-fl:") or not (_refused in text or "RunRefused" in text
                                                      or "Exception in ServerApp thread" in text)
 

@@ -100,6 +100,9 @@ def test_refused_runs_end_with_one_line(celeba_dir, weights_file, tmp_path):
         assert "celeba-fl: split='IID' is not known; accepted: iid, noniid, celebrity" in bad.stdout, procs.logs()
     for proc in (lonely, refused, bad):
         assert proc.returncode is not None  # it returned: the run ended
+        last = [line for line in proc.stdout.splitlines() if line.strip()][-1]
+        assert "celeba-fl: " in last and "Traceback" not in proc.stdout and "Exit Code" not in proc.stdout, \
+            proc.stdout[-2000:]  # the app's line is the last thing the user sees
     assert not (tmp_path / "outputs").exists()
 
 
