@@ -9,7 +9,8 @@ size; one "round" here is ``local-epochs`` passes over the union, at the learnin
 federation's clients get that round (``lr-decay``), with the same ``weight-decay`` and
 ``balance-groups`` loss weights (server-side strategies and FedProx's term have no centralized
 counterpart and are not applied). It writes the same run folder
-(config.json, partitions.json, history.json, test.json, best.json, head.pt, report.md, plots),
+(config.json, partitions.json, history.json, test.json, best.json, postprocessing.json, head.pt,
+report.md, plots),
 with the same best-round selection on ``valid`` and early stopping, and
 ``kind: "centralized"``: ``train`` is the head on the union of training parts,
 ``local_validation`` on the union of the clients' held-out parts, ``server_valid`` on ``valid``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,11 +33,14 @@ from .data import (NodeData, LabeledRows, check_identity_disjoint, client_parts,
                    partition_summary, server_part)
 from .features import feature_store
 from .metrics import metrics_report
+from .postprocessing import equalized_odds_report
 from .report import write_report
 from .model import head_for, weights_digest
-from .results import create_run_dir, run_dir_for, write_best, write_run_end, write_run_start, write_skipped_rows
+from .results import (create_run_dir, run_dir_for, write_best, write_postprocessing, write_run_end, write_run_start,
+                      write_skipped_rows)
 from .selection import BestRound
 from .task import evaluate_stats, group_balance_weights, pick_device, train_head
+from .tracking import check_available, open_tracker
 
 
 def _union(parts: list[LabeledRows], feats: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray, dict]:
@@ -51,6 +56,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
     t_start = time.time()
     if not cfg.run_name:
         cfg = dataclasses.replace(cfg, run_name=f"{time.strftime('%Y%m%d-%H%M%S')}-central-{cfg.split}")
+    cfg = cfg.resolved()  # config.json and report.md name absolute paths, as a federated run's do
     run_dir = run_dir_for(cfg)
     load_federated(cfg, num_partitions)
     identities = check_identity_disjoint(cfg, num_partitions)
@@ -64,6 +70,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
     store = feature_store(cfg, device)
     store.extractor  # noqa: B018 - loads the weights: may fail before anything is written
     valid, test = server_part(cfg, "valid"), server_part(cfg, "test")  # images checked (bad-images)
+    check_available(cfg.tracking)
     create_run_dir(run_dir)
     write_run_start(run_dir, cfg, kind="centralized", num_clients=num_partitions, device=str(device),
                     identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
@@ -81,6 +88,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
     weights = group_balance_weights(a_train, cfg.balance_groups) if cfg.balance_groups else None
     best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
     history = []
+    tracker = open_tracker(cfg.tracking, run_dir, cfg.as_dict())
     for rnd in range(cfg.num_server_rounds + 1):
         t0 = time.time()
         entry: dict = {"round": rnd}
@@ -91,7 +99,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
                              sample_weight=weights)
             entry["train"] = metrics_report(evaluate_stats(head, plain_train, y_train, a_train, device), "train",
                                     cfg.min_group_size)
-            entry["train"]["client_means"] = {"train_loss": res["loss"]}
+            entry["train"]["client_means"] = {"local_steps_loss": res["loss"]}
             if len(y_val):
                 entry["local_validation"] = metrics_report(evaluate_stats(head, x_val, y_val, a_val, device),
                                                    "local val", cfg.min_group_size)
@@ -99,6 +107,8 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
                                        "valid", cfg.min_group_size)
         entry["seconds"] = time.time() - t0
         history.append(entry)
+        if tracker:
+            tracker.log_history(history)
         v = entry["server_valid"]["overall"]
         print(f"celeba-fl centralized: round {rnd}/{cfg.num_server_rounds} | valid loss {v['loss']:.4f} "
               f"acc {v['accuracy']:.4f} AUROC {v['auroc']:.4f}", flush=True)
@@ -113,10 +123,21 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
 
     test_rep = test_report(head.state_dict())
     write_best(run_dir, best, test_report)
+    error = write_postprocessing(run_dir, lambda: equalized_odds_report(
+        {"valid": evaluate_stats(head, f_valid, valid.labels, valid.attributes, device),
+         "clients' held-out": evaluate_stats(head, x_val, y_val, a_val, device) if len(y_val) else None},
+        evaluate_stats(head, f_test, test.labels, test.attributes, device),
+        list(cfg.sensitive_attributes), cfg.min_group_size))
+    if error:
+        print(f"celeba-fl centralized: equalized-odds post-processing failed: {error}", file=sys.stderr)
     write_run_end(run_dir, head.state_dict(), history, test_rep,
                   {"round": history[-1]["round"], "wall_seconds": time.time() - t_start,
                    "feature_cache": store.stats})
     write_report(run_dir)
+    if tracker:
+        tracker.log_final(test_rep, json.loads((run_dir / "best.json").read_text())
+                          if (run_dir / "best.json").exists() else None, history[-1]["round"])
+        tracker.close()
     o = test_rep["overall"]
     print(f"celeba-fl centralized: test accuracy {o['accuracy']:.4f}, balanced accuracy "
           f"{o['balanced_accuracy']:.4f}, AUROC {o['auroc']:.4f}; results in {run_dir}", flush=True)

@@ -123,7 +123,7 @@ def train(msg: Message, context: Context) -> Message:
         if cfg.balance_groups else None,
     )
     stats = evaluate_stats(head, plain, train_part.labels, train_part.attributes, device)
-    metrics = {"num-examples": len(train_part), "train_loss": result["loss"],
+    metrics = {"num-examples": len(train_part), "local_steps_loss": result["loss"],
                "global_loss": before.loss_sum / max(1, before.n),
                "partition_id": pid, **flatten(stats)}
     content = RecordDict({"arrays": ArrayRecord(head_state(head)), "metrics": MetricRecord(metrics)})

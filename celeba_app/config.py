@@ -42,6 +42,7 @@ SELECTION_METRICS = {  # name -> True when larger is better
 }
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 HEADS = ("linear", "conv1x1")
+TRACKERS = ("", "tensorboard", "mlflow")
 DEVICES = ("auto", "cpu", "cuda")
 BAD_IMAGES = ("fail", "skip")
 # image-size: the side of the square the aligned faces (178x218) are resized to. Below 32,
@@ -171,6 +172,7 @@ class RunConfig:
     seed: int = 42
     results_dir: str = "outputs"
     run_name: str = ""
+    tracking: str = ""
     feature_cache: bool = True
     cache_dir: str = ".cache/celeba-fl"
     feature_runtime: str = "auto"
@@ -310,6 +312,9 @@ class RunConfig:
             raise ConfigError(f"feature-pool={self.feature_pool!r} is not valid for features[{self.feature_layer}], "
                               f"whose map is {side}x{side} at image-size={self.image_size}; accepted: an integer "
                               f"1 <= x <= {side}")
+        if self.tracking not in TRACKERS:
+            raise ConfigError(f"tracking={self.tracking!r} is not known; accepted: \"\" (none), "
+                              + ", ".join(TRACKERS[1:]))
         if self.head not in HEADS:
             raise ConfigError(f"head={self.head!r} is not known; accepted: {', '.join(HEADS)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:

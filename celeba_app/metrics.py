@@ -141,7 +141,7 @@ def flatten(stats: Mapping[str, Stats]) -> dict[str, float | list[float]]:
 
     Keys are ``"<slice>|<statistic>"``; slices are ``all``, ``A=v`` and ``A=v&B=w``
     (``slice_masks``), statistics are ``SCALARS`` (floats) and ``HISTS`` (lists of
-    ``NUM_BINS`` floats). Keys without ``|`` (``num-examples``, ``train_loss``, ...) are the
+    ``NUM_BINS`` floats). Keys without ``|`` (``num-examples``, ``local_steps_loss``, ...) are the
     reply's own and ignored by ``unflatten``. Example::
 
         {"all|n": 120.0, "all|tp": 41.0, ..., "Male=1&Young=0|hist_pos": [0.0, 2.0, ...],

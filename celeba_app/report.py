@@ -16,10 +16,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import numpy as np  # noqa: E402
+
+from .metrics import wilson  # noqa: E402
 from .mobilenet_layers import feature_dim  # noqa: E402
 from .results import process_ended, read_status  # noqa: E402
 
-SOURCES = (("train", "train"), ("federated_evaluate", "federated eval (clients' held-out)"),
+SOURCES = (("train", "train (after local steps)"), ("federated_evaluate", "federated eval (clients' held-out)"),
            ("local_validation", "clients' held-out (central)"), ("server_valid", "server valid"))
 CURVES = (("loss", "loss"), ("accuracy", "accuracy"), ("auroc", "AUROC"))
 GAP_KEYS = (("equalized_odds_difference", "equalized odds diff."),
@@ -147,28 +150,83 @@ def plot_gaps(history: list[dict], path: Path, source: str = "server_valid") -> 
     return save(fig, path)
 
 
-def plot_client_accuracy(history: list[dict], path: Path, source: str = "federated_evaluate") -> Path | None:
-    """The spread of the clients' accuracies on their held-out parts per round (min-max band,
-    10th percentile, mean) and their histogram in the last round, to ``path`` (PNG); None,
-    and nothing written, when no round has per-client figures."""
+def last_client_round(history: list[dict], source: str = "federated_evaluate") -> dict | None:
+    """The last round with per-client figures on the clients' held-out parts, as {"round",
+    "clients": [{"partition_id", "n", "accuracy", "accuracy_ci"}]} (95% Wilson intervals;
+    ``n`` is None for a run recorded before per-client sizes were); None when no round has them."""
     rounds = [h for h in history if h.get(source) and h[source].get("clients")]
     if not rounds:
         return None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
+    clients = rounds[-1][source]["clients"]
+    sizes = clients.get("num_examples_by_partition", {})
+    rows = []
+    for pid, acc in clients.get("accuracy_by_partition", {}).items():
+        n = sizes.get(pid)
+        rows.append({"partition_id": int(pid), "n": n, "accuracy": acc,
+                     "accuracy_ci": wilson(round(acc * n), n) if n else None})
+    return {"round": rounds[-1]["round"], "clients": rows}
+
+
+def plot_client_accuracy(history: list[dict], path: Path, partitions: dict | None = None,
+                         source: str = "federated_evaluate") -> Path | None:
+    """The spread of the clients' accuracies on their held-out parts per round (min-max band,
+    10th percentile, mean), and in the last round each client's accuracy with its 95% Wilson
+    interval against its share of the first sensitive attribute in partitions.json (against
+    its held-out size without it), to ``path`` (PNG); None, and nothing written, when no round
+    has per-client figures."""
+    rounds = [h for h in history if h.get(source) and h[source].get("clients")]
+    last = last_client_round(history, source)
+    if not rounds or not last:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.8))
     xs = [h["round"] for h in rounds]
     dist = [h[source]["clients"]["accuracy"] for h in rounds]
     ax1.fill_between(xs, [d["min"] for d in dist], [d["max"] for d in dist], alpha=0.15, label="min-max")
     ax1.plot(xs, [d["p10"] for d in dist], label="10th percentile")
     ax1.plot(xs, [d["mean"] for d in dist], label="mean")
-    ax1.set_title("per-client accuracy (local validation)")
+    ax1.set_title("per-client accuracy on its held-out part")
     ax1.set_xlabel("round")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
-    last = list(rounds[-1][source]["clients"].get("accuracy_by_partition", {}).values())
-    ax2.hist(last, bins=20)
-    ax2.set_title(f"per-client accuracy, round {rounds[-1]['round']}")
-    ax2.set_xlabel("accuracy")
+    parts = {p["partition_id"]: p for p in (partitions or {}).get("partitions") or []}
+    attr = next(iter(next(iter(parts.values()))["group_rates"]), None) if parts else None
+    rows = [c for c in last["clients"] if c["partition_id"] in parts] if attr else last["clients"]
+    x = [parts[c["partition_id"]]["group_rates"][attr] if attr else (c["n"] or 0) for c in rows]
+    y = [c["accuracy"] for c in rows]
+    err = [[c["accuracy"] - c["accuracy_ci"][0] if c["accuracy_ci"] else 0 for c in rows],
+           [c["accuracy_ci"][1] - c["accuracy"] if c["accuracy_ci"] else 0 for c in rows]]
+    ax2.errorbar(x, y, yerr=err, fmt="o", ms=3, capsize=2, elinewidth=0.6, alpha=0.8)
+    ns = [c["n"] for c in rows if c["n"]]
+    size = f"held-out n = {min(ns)}-{max(ns)} per client (median {int(np.median(ns))})" if ns else "n not recorded"
+    ax2.set_title(f"round {last['round']}: each client, 95% Wilson CI; {size}", fontsize=9)
+    ax2.set_xlabel(f"client's {attr} share" if attr else "client's held-out images")
+    ax2.set_ylabel("accuracy")
+    ax2.grid(alpha=0.3)
     return save(fig, path)
+
+
+def clients_section(history: list[dict], partitions: dict | None, worst: int = 5) -> list[str]:
+    """report.md's per-client paragraph: held-out sizes, what one image moves, and the
+    ``worst`` lowest-accuracy clients with n, interval and composition (markdown lines)."""
+    last = last_client_round(history)
+    if not last or not last["clients"]:
+        return []
+    ns = [c["n"] for c in last["clients"] if c["n"]]
+    parts = {p["partition_id"]: p for p in (partitions or {}).get("partitions") or []}
+    attrs = list(next(iter(parts.values()))["group_rates"]) if parts else []
+    out = ["## Per-client accuracy", ""]
+    if ns:
+        out += [f"Round {last['round']}, the global head on each client's held-out part: {len(ns)} clients of "
+                f"{min(ns)}-{max(ns)} images (median {int(np.median(ns))}), so one image moves a client's "
+                f"accuracy by about {1 / np.median(ns):.3f}, and its 95% interval is wide. The lowest "
+                f"{min(worst, len(ns))}, with their composition (partitions.json):", ""]
+    head = "| client | n | accuracy [95% CI] | " + " | ".join(f"{a} share" for a in attrs) + " |"
+    out += [head, "|---" * (3 + len(attrs)) + "|"]
+    for c in sorted(last["clients"], key=lambda c: c["accuracy"])[:worst]:
+        rates = parts.get(c["partition_id"], {}).get("group_rates", {})
+        out.append(f"| {c['partition_id']} | {c['n'] if c['n'] else '–'} | {fmt(c['accuracy'], 3)} "
+                   f"{_ci(c['accuracy_ci'])} | " + " | ".join(fmt(rates.get(a), 2) for a in attrs) + " |")
+    return out + [""]
 
 
 def plot_partitions(partitions: dict, path: Path, target: str = "target") -> Path | None:
@@ -229,41 +287,78 @@ def group_table(test: dict) -> str:
     return "\n".join(lines)
 
 
+def smallest_group(test: dict, attr: str) -> dict | None:
+    """The smallest group of ``attr`` in a metrics_report, as {"name", "n", "small"}."""
+    rows = [(group_label(attr, v), r) for v, r in (test["groups"].get(attr) or {}).items() if r is not None]
+    if not rows:
+        return None
+    name, r = min(rows, key=lambda nr: nr[1]["n"])
+    return {"name": name, "n": r["n"], "small": bool(r.get("small"))}
+
+
 def gap_table(test: dict) -> str:
-    """Per attribute: each gap with its 95% Newcombe interval, and worst-group accuracy."""
+    """Per attribute: each gap with its 95% Newcombe interval, and worst-group accuracy. An
+    attribute whose gaps include a group under min-group-size is marked * with that group
+    named, as the group table marks the group (worst-group accuracy leaves such groups out)."""
     keys = ("demographic_parity_difference", "equal_opportunity_difference",
             "equalized_odds_difference", "accuracy_gap")
     lines = ["| attribute | DP diff. [95% CI] | EO diff. (TPR gap) [95% CI] | equalized odds diff. [95% CI] | "
-             "accuracy gap [95% CI] | worst-group acc. (groups of n >= min-group-size) |",
-             "|---|---|---|---|---|---|"]
+             "accuracy gap [95% CI] | worst-group acc. (groups of n >= min-group-size) | smallest group |",
+             "|---|---|---|---|---|---|---|"]
     for attr, g in test["gaps"].items():
         cells = [f"{fmt(g[k], 3)} {_ci(g.get(f'{k}_ci'))}" for k in keys]
-        lines.append(f"| {attr} | " + " | ".join(cells) + f" | {fmt(g['worst_group_accuracy'], 3)} |")
+        small = smallest_group(test, attr)
+        mark = "*" if small and small["small"] else ""
+        where = f"{small['name']} (n={small['n']}{mark})" if small else "–"
+        lines.append(f"| {attr}{mark} | " + " | ".join(cells) + f" | {fmt(g['worst_group_accuracy'], 3)} | {where} |")
     return "\n".join(lines)
 
 
-def postprocessing_table(post: dict) -> str:
-    """Before and after equalized-odds post-processing, per attribute and per fit."""
-    lines = ["| attribute | fitted on | test accuracy | equalized odds diff. [95% CI] | TPR per group | FPR per group |",
-             "|---|---|---|---|---|---|"]
+def _eodds(summary: dict) -> float | None:
+    return (summary["gaps"] or {}).get("equalized_odds_difference")
 
-    def cells(summary: dict) -> str:
+
+def postprocessing_table(post: dict) -> str:
+    """Before and after equalized-odds post-processing, per attribute and per fit, with each
+    fit's change of the equalized-odds difference and of accuracy against the trained head."""
+    lines = ["| attribute | fitted on | test accuracy | equalized odds diff. [95% CI] | change: gap / accuracy "
+             "| TPR per group | FPR per group |", "|---|---|---|---|---|---|---|"]
+
+    def cells(summary: dict, change: str) -> str:
         g = summary["gaps"] or {}
         rows = [r for r in summary["groups"].values() if r]
         return (f"{fmt(summary['accuracy'], 3)} | {fmt(g.get('equalized_odds_difference'), 3)} "
-                f"{_ci(g.get('equalized_odds_difference_ci'))} | "
+                f"{_ci(g.get('equalized_odds_difference_ci'))} | {change} | "
                 + " / ".join(fmt(r["tpr"], 3) for r in rows) + " | " + " / ".join(fmt(r["fpr"], 3) for r in rows))
 
     for attr, entry in post["attributes"].items():
-        lines.append(f"| {attr} | (none: the trained head) | {cells(entry['test_before'])} |")
+        before = entry["test_before"]
+        lines.append(f"| {attr} | (none: the trained head) | {cells(before, '–')} |")
         for name, fit in entry.items():
             if name == "test_before":
                 continue
             if "error" in fit:
-                lines.append(f"| {attr} | {name} | not fitted: {fit['error']} | | | |")
-            else:
-                lines.append(f"| {attr} | {name} | {cells(fit['test_after'])} |")
+                lines.append(f"| {attr} | {name} | not fitted: {fit['error']} | | | | |")
+                continue
+            after = fit["test_after"]
+            d_gap = None if _eodds(after) is None or _eodds(before) is None else _eodds(after) - _eodds(before)
+            d_acc = after["accuracy"] - before["accuracy"]
+            gap = "–" if d_gap is None else f"{d_gap:+.3f}" + (" **wider**" if d_gap > 0 else "")
+            lines.append(f"| {attr} | {name} | {cells(after, f'{gap} / {d_acc:+.3f}')} |")
     return "\n".join(lines)
+
+
+def widened_gaps(post: dict) -> list[str]:
+    """The fits whose equalized-odds difference on test is larger than the trained head's, as
+    "attribute (fitted on X: before -> after)" phrases."""
+    out = []
+    for attr, entry in post["attributes"].items():
+        before = _eodds(entry["test_before"])
+        for name, fit in entry.items():
+            after = None if name == "test_before" or "error" in fit else _eodds(fit["test_after"])
+            if before is not None and after is not None and after > before:
+                out.append(f"{attr} (fitted on {name}: {before:.3f} -> {after:.3f})")
+    return out
 
 
 def failure_lines(history: list[dict], num_clients: int | None) -> list[str]:
@@ -312,7 +407,7 @@ def write_report(run_dir: Path) -> Path:
         "learning_curves.png": plot_learning_curves(history, run_dir / "learning_curves.png") if history else None,
         "groups_test.png": plot_groups(test, run_dir / "groups_test.png") if test else None,
         "fairness_gaps.png": plot_gaps(history, run_dir / "fairness_gaps.png") if history else None,
-        "client_accuracy.png": plot_client_accuracy(history, run_dir / "client_accuracy.png"),
+        "client_accuracy.png": plot_client_accuracy(history, run_dir / "client_accuracy.png", run["partitions"]),
         "partitions.png": plot_partitions(run["partitions"], run_dir / "partitions.png", cfg.get("target", "target")),
     }
     lines = [f"# Run `{run['name']}`", ""]
@@ -346,17 +441,33 @@ def write_report(run_dir: Path) -> Path:
         lines += ["## Test metrics per group", "",
                   "Intervals are 95% Wilson intervals: a group of 70 images has an accuracy "
                   "interval about ±0.1 wide, so small gaps between small groups are not evidence.",
-                  "", group_table(test), "", "## Fairness gaps (test)", "", gap_table(test), ""]
+                  "", group_table(test), "", "## Fairness gaps (test)", "",
+                  "Each gap is the largest difference between the attribute's groups (an intersection's four "
+                  "cells); the smallest group is named. * marks a gap that includes a group under "
+                  f"min-group-size ({cfg.get('min-group-size', '?')} images): its interval is wide and its value "
+                  "is not evidence, and worst-group accuracy leaves that group out.",
+                  "", gap_table(test), ""]
         if run.get("postprocessing") and run["postprocessing"].get("attributes"):
             lines += ["## Equalized-odds post-processing (test)", "",
                       "Per-group, possibly randomized thresholds (Hardt, Price & Srebro 2016) fitted on "
                       "score histograms, then applied to test; it needs the sensitive attribute at "
                       "prediction time. Expected counts of the randomized rule; intervals 95% Newcombe.", "",
                       postprocessing_table(run["postprocessing"]), ""]
+            widened = widened_gaps(run["postprocessing"])
+            if widened:
+                lines += ["Post-processing made the gap on test wider in " + "; ".join(widened) + ". The rule "
+                          "equalizes TPR and FPR on the data it was fitted on; on test, with its own sampling "
+                          "noise, it need not, and where the trained head's gap was already inside the noise "
+                          "(compare the intervals) a fitted rule can widen it: for that attribute such a rule is worse than none.", ""]
     for name, title in (("learning_curves.png", "Learning curves"), ("groups_test.png", "Per-group test metrics"),
                         ("fairness_gaps.png", "Fairness gaps per round"),
                         ("client_accuracy.png", "Per-client accuracy"), ("partitions.png", "Partitions")):
-        if plots[name]:
+        if name == "client_accuracy.png":
+            section = clients_section(history, run["partitions"])
+            lines += section
+            if plots[name]:
+                lines += ([] if section else [f"## {title}", ""]) + [f"![{title}]({name})", ""]
+        elif plots[name]:
             lines += [f"## {title}", "", f"![{title}]({name})", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))

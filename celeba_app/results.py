@@ -281,6 +281,19 @@ def write_run_end(run_dir: Path, head_state: dict, history: list[dict], test: di
     write_status(run_dir, "completed", (extra or {}).get("round", history[-1]["round"] if history else None))
 
 
+def write_postprocessing(run_dir: Path, make_report) -> str | None:
+    """postprocessing.json from ``make_report()`` (postprocessing.equalized_odds_report's
+    dict). Optional: if it raises, the file records ``{"error": "Type: message"}`` and that
+    line is returned for the caller to log; None when it was written."""
+    try:
+        out, error = make_report(), None
+    except Exception as exc:  # noqa: BLE001 - an extra analysis: recorded, not fatal
+        error = f"{type(exc).__name__}: {exc}"
+        out = {"error": error}
+    write_json(run_dir / "postprocessing.json", out)
+    return error
+
+
 def write_best(run_dir: Path, best, test_report) -> None:
     """best.json and head_best.pt for a selection.BestRound (nothing if no round qualified);
     ``test_report(state)`` evaluates a head state on the test split."""

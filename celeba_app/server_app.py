@@ -33,13 +33,14 @@ from .model import head_for, weights_digest
 from .postprocessing import equalized_odds_report
 from .report import write_report
 from .results import (check_resume, create_run_dir, load_checkpoint, resume_command, run_dir_for, save_torch, write_best,
-                      write_json, write_round, write_run_end, write_run_start, write_skipped_rows,
+                      write_postprocessing, write_round, write_run_end, write_run_start, write_skipped_rows,
                       write_status)
 from . import refusal
 from .refusal import RunRefused, refuse  # noqa: F401 - RunRefused: what main raises
 from .selection import BestRound
 from .strategy import RoundPolicy, make_strategy
 from .task import evaluate_stats, pick_device
+from .tracking import check_available, open_tracker
 
 app = ServerApp()
 refusal.install()  # a refused simulation ends on its one line (refusal.py)
@@ -67,6 +68,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         user_cfg = RunConfig.from_run_config(context.run_config)  # as written: what a resume command repeats
         cfg = user_cfg.resolved()
+        check_available(cfg.tracking)
         log(INFO, "celeba-fl: dataset %s, weights %s, results-dir %s, cache-dir %s (paths as this "
             "ServerApp resolves them; working directory %s)", cfg.dataset, cfg.weights,
             cfg.results_dir, cfg.cache_dir, Path.cwd())
@@ -92,6 +94,8 @@ def main(grid: Grid, context: Context) -> None:
                         identities=identities, partitions=partitions, weights_id=weights_digest(cfg.weights))
         write_skipped_rows(run_dir, cfg, [valid, test], partitions)
     write_status(run_dir, "running", resume["round"] if resume else None)
+    # a resume logs its first round again: what arrived a round late (evaluate-with-train) is in it now
+    tracker = open_tracker(cfg.tracking, run_dir, cfg.as_dict(), resume["round"] - 1 if resume else -1)
     log(INFO, "celeba-fl: run folder %s; %d clients, split=%s, target=%s, device=%s; the head reads %s%s", run_dir,
         num_nodes, cfg.split, cfg.target, device, describe(cfg.feature_layer, cfg.feature_pool),
         f"; resuming after round {resume['round']}" if resume else "")
@@ -118,6 +122,8 @@ def main(grid: Grid, context: Context) -> None:
 
         def on_round(history: list[dict], checkpoint: dict) -> None:
             nonlocal last_round
+            if tracker:  # before the round is recorded: a kill in between redoes the round, never skips it
+                tracker.log_history(history)
             write_round(run_dir, history, checkpoint)
             last_round = checkpoint["round"]
             if interrupted:  # the round ended while the process was stopping: still failed
@@ -145,13 +151,19 @@ def main(grid: Grid, context: Context) -> None:
         test_rep = test_report(last_state)
         history = json.loads((run_dir / "history.json").read_text())
         write_best(run_dir, best, test_report)
-        write_postprocessing(run_dir, cfg, strategy, last_state, store, valid, test, device)
+        postprocess(run_dir, cfg, strategy, last_state, store, valid, test, device)
         finished = True
         write_run_end(run_dir, last_state, history, test_rep,
                       {"round": last_round, "wall_seconds": time.time() - t_start, "feature_cache": store.stats})
         write_report(run_dir)
+        if tracker:
+            best_json = run_dir / "best.json"
+            tracker.log_final(test_rep, json.loads(best_json.read_text()) if best_json.exists() else None, last_round)
+            tracker.close()
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised for flwr to end the run
         finished = True
+        if tracker:
+            tracker.close("KILLED" if interrupted else "FAILED")
         reason = interrupted or (
             "stopped by the user (flwr stop)" if type(exc).__name__ == "RunNotRunningException"
             else f"{type(exc).__name__}: {exc}")
@@ -165,21 +177,22 @@ def main(grid: Grid, context: Context) -> None:
         _fmt(o["auroc"]), o["loss"], o["n"], time.time() - t_start, run_dir)
 
 
-def write_postprocessing(run_dir: Path, cfg: RunConfig, strategy, state: dict, store, valid, test, device) -> None:
+def postprocess(run_dir: Path, cfg: RunConfig, strategy, state: dict, store, valid, test, device) -> None:
     """postprocessing.json: equalized-odds post-processing of the final head, fitted on the
     server's ``valid`` (central) and on the clients' summed held-out histograms of the last
     round (federated), applied to ``test`` (postprocessing.py). Optional: a failure here is
     logged and recorded in the file, and the run goes on."""
     head = head_for(cfg, state=state)
-    try:
+
+    def make_report() -> dict:
         fit_on = {"valid": evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
                   "clients' held-out": strategy.last_evaluate_stats}
         test_stats = evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device)
-        out = equalized_odds_report(fit_on, test_stats, list(cfg.sensitive_attributes), cfg.min_group_size)
-    except Exception as exc:  # noqa: BLE001 - an extra analysis: recorded, not fatal
-        log(WARNING, "celeba-fl: equalized-odds post-processing failed: %s: %s", type(exc).__name__, exc)
-        out = {"error": f"{type(exc).__name__}: {exc}"}
-    write_json(run_dir / "postprocessing.json", out)
+        return equalized_odds_report(fit_on, test_stats, list(cfg.sensitive_attributes), cfg.min_group_size)
+
+    error = write_postprocessing(run_dir, make_report)
+    if error:
+        log(WARNING, "celeba-fl: equalized-odds post-processing failed: %s", error)
 
 
 def log_plan(store, server_parts: list, to_embed: dict[int, int | None]) -> None:

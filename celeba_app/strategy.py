@@ -62,10 +62,12 @@ def aggregate_reports(contents: list[RecordDict], where: str, min_group_size: in
     rep["client_means"] = {k: v / total for k, v in extra.items()} if total else {}
     pids = [int(next(iter(c.metric_records.values())).get("partition_id", -1)) for c in contents]
     acc = {pid: (s[ALL].tp + s[ALL].tn) / s[ALL].n for pid, s in zip(pids, per_client) if s[ALL].n}
+    sizes = {pid: s[ALL].n for pid, s in zip(pids, per_client) if s[ALL].n}
     rep["clients"] = {
         "accuracy": client_distribution(list(acc.values())),
         "num_examples": client_distribution([s[ALL].n for s in per_client]),
         "accuracy_by_partition": {str(pid): acc[pid] for pid in sorted(acc)},
+        "num_examples_by_partition": {str(pid): int(sizes[pid]) for pid in sorted(acc)},
     }
     return rep
 
@@ -560,7 +562,7 @@ def _log_round(rnd: int, total: int, entry: dict) -> None:
     replied = f" | {nodes['succeeded']}/{len(nodes['sampled'])} clients" if nodes else ""
     log(INFO, "celeba-fl: round %d/%d | train loss %s acc %s | fed-eval loss %s acc %s | "
         "valid loss %s acc %s AUROC %s%s%s | %.1fs", rnd, total,
-        _fmt((tr.get("client_means") or {}).get("train_loss")), _fmt((tr.get("overall") or {}).get("accuracy")),
+        _fmt((tr.get("overall") or {}).get("loss")), _fmt((tr.get("overall") or {}).get("accuracy")),
         _fmt((fe.get("overall") or {}).get("loss")), _fmt((fe.get("overall") or {}).get("accuracy")),
         _fmt(va["loss"]), _fmt(va["accuracy"]), _fmt(va["auroc"]), replied,
         " | SKIPPED" if entry.get("skipped") else "", entry.get("seconds") or 0.0)

@@ -30,7 +30,7 @@ def test_train_sends_back_only_the_head_and_summable_metrics(run_config, monkeyp
         "conv.weight": (8, 96, 1, 1), "conv.bias": (8,), "out.weight": (1, 8 * 2 * 2), "out.bias": (1,)}
     assert not torch.equal(arrays["out.weight"], sent.state_dict()["out.weight"])  # it trained
     metrics = content["metrics"]
-    assert metrics["num-examples"] > 0 and metrics["train_loss"] > 0
+    assert metrics["num-examples"] > 0 and metrics["local_steps_loss"] > 0
     stats = unflatten(metrics)
     assert stats["all"].n == metrics["num-examples"]
     assert {"Male=0", "Male=1", "Male=0&Young=1", "Young=1&Pale_Skin=0"} <= set(stats)

@@ -11,13 +11,15 @@ import pytest
 
 from flower_procs import Procs, flwr_run_command
 from flower_procs import flwr_run_simulation as flwr_run
+from tracked import assert_tracked
 
 pytestmark = pytest.mark.e2e  # real Flower processes: `pytest -m "not e2e"` skips them
 
 
 @pytest.mark.parametrize("split", ["noniid"])
 def test_flwr_run_writes_the_results_contract(run_config, tmp_path, split):
-    run_config.update({"split": split, "run-name": "e2e"})
+    tracker = {"iid": "tensorboard", "noniid": "mlflow"}[split]  # each split tries one tracker
+    run_config.update({"split": split, "run-name": "e2e", "tracking": tracker})
     proc = flwr_run(run_config, supernodes=3)
     out = proc.stdout + proc.stderr
     run = Path(run_config["results-dir"]) / "e2e"
@@ -63,6 +65,7 @@ def test_flwr_run_writes_the_results_contract(run_config, tmp_path, split):
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "completed" and status["last_completed_round"] == 2
     assert last["nodes"]["train"]["succeeded"] == 3 and last["nodes"]["train"]["failures"] == []
+    assert_tracked(tracker, run)  # the ServerApp logged every figure of history.json and test.json
 
 
 def test_flwr_run_with_every_remedy_switch(run_config):
@@ -91,7 +94,7 @@ def test_flwr_run_with_every_remedy_switch(run_config):
 def test_a_killed_run_resumes_where_it_stopped(run_config, tmp_path):
     """Killed after round 2 of 4, resumed: the same final head as an uninterrupted run, and a
     continuous history."""
-    run_config.update({"split": "noniid", "num-server-rounds": 4, "strategy": "fedavgm"})
+    run_config.update({"split": "noniid", "num-server-rounds": 4, "strategy": "fedavgm", "tracking": "tensorboard"})
     whole = flwr_run({**run_config, "run-name": "whole"}, supernodes=3)
     assert (Path(run_config["results-dir"]) / "whole" / "head.pt").exists(), (whole.stdout + whole.stderr)[-3000:]
 
@@ -117,6 +120,7 @@ def test_a_killed_run_resumes_where_it_stopped(run_config, tmp_path):
 
     a, b = torch.load(run / "head.pt"), torch.load(Path(run_config["results-dir"]) / "whole" / "head.pt")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert_tracked("tensorboard", run)  # the tracker continued: every round once, the resumed ones too
 
     changed = flwr_run({**run_config, "resume": "killed", "learning-rate": 0.01}, supernodes=3)
     assert "that run completed" in changed.stdout + changed.stderr

@@ -29,7 +29,7 @@ def reply(weight: float, n: int, seed: int, male_shift: float = 0.0, width: int 
     rng = np.random.default_rng(seed)
     p, y = rng.random(n), rng.integers(0, 2, n)
     attrs = {"Male": rng.integers(0, 2, n)}
-    metrics = {"num-examples": n, "train_loss": 0.5, "global_loss": 0.6 + seed / 10,
+    metrics = {"num-examples": n, "local_steps_loss": 0.5, "global_loss": 0.6 + seed / 10,
                "partition_id": seed, **flatten(slice_stats(p, y, bce_per_row(p, y), attrs))}
     arrays = ArrayRecord({"1.weight": torch.full((1, width), weight), "1.bias": torch.zeros(1)})
     g = np.clip(p + male_shift * attrs["Male"], 0, 1)
@@ -67,6 +67,8 @@ def test_every_strategy_aggregates_and_records_fair_metrics(name, cls, width):
     rep = strategy.history[2]["train"]
     assert rep["overall"]["n"] == 40 and rep["num_clients"] == 2
     assert set(rep["clients"]["accuracy_by_partition"]) == {"0", "1"}
+    assert set(rep["clients"]["num_examples_by_partition"]) == {"0", "1"}
+    assert all(isinstance(n, int) and n > 0 for n in rep["clients"]["num_examples_by_partition"].values())
     assert "accuracy" in headline
 
 
