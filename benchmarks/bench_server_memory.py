@@ -88,7 +88,7 @@ def main() -> None:
         phase("load and check", t0)
         store = feature_store(cfg, torch.device("cpu"))
         t0 = time.time()
-        store.extractor  # noqa: B018 - built now, as the ServerApp does before round 1
+        store.load_extractor()  # now, as the ServerApp does before round 1
         phase("extractor", t0)
         for name, part in (("valid", valid), ("test", test)):
             t0 = time.time()

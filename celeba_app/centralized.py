@@ -68,7 +68,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
         raise ConfigError(f"{exc} ({num_partitions} partitions)") from exc
     device = pick_device(cfg)
     store = feature_store(cfg, device)
-    store.extractor  # noqa: B018 - loads the weights: may fail before anything is written
+    store.load_extractor()  # a bad weights file is refused before anything is written
     valid, test = server_part(cfg, "valid"), server_part(cfg, "test")  # images checked (bad-images)
     check_available(cfg.tracking)
     create_run_dir(run_dir)

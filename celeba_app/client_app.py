@@ -11,7 +11,7 @@ folder holding only this node's rows. Paths in the node config are resolved on t
 * ``@app.train``: local training of the received head. With ``evaluate-received`` in its
   config (run config ``evaluate-with-train``), it first evaluates the received head on the
   held-out part, as ``@app.evaluate`` would, and sends those statistics as a ConfigRecord
-  ``evaluate_received`` beside the metrics.
+  ``evaluate_received`` beside the metrics (the messages: protocol.py).
 * ``@app.evaluate``: the received head on the node's held-out local part.
 
 The Deployment Engine starts a new ClientApp process for every message, so nothing held in
@@ -22,17 +22,18 @@ cache dir, and the dataset and backbone are loaded only when something is not ca
 from __future__ import annotations
 
 import functools
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 
 from .config import ConfigError, RunConfig
-from .data import NodeData, client_parts, describe_node
-from .features import feature_store
+from .internals import ErrorCode
+from . import protocol as P
+from .data import LabeledRows, NodeData, client_parts, describe_node
+from .features import FeatureStore, feature_store
 from .metrics import flatten
 from .model import head_for, head_state
 from .task import evaluate_stats, group_balance_weights, pick_device, train_head
@@ -58,16 +59,6 @@ def _node(context: Context) -> tuple[RunConfig, NodeData]:
     return cfg, NodeData.from_node_config(context.node_config, cfg)
 
 
-def describe_record(entry: dict) -> ConfigRecord:
-    """A partitions.json entry as a ConfigRecord (None values left out; group rates flat;
-    skipped rows as one JSON string)."""
-    record = {k: v for k, v in entry.items() if v is not None and k not in ("group_rates", "skipped_rows")}
-    record.update({f"group_rate|{a}": r for a, r in entry["group_rates"].items() if r is not None})
-    if "skipped_rows" in entry:
-        record["skipped_rows"] = json.dumps(entry["skipped_rows"])
-    return ConfigRecord(record)
-
-
 @app.query()
 @refusals_as_errors
 def query(msg: Message, context: Context) -> Message:
@@ -81,34 +72,51 @@ def query(msg: Message, context: Context) -> Message:
     entry = describe_node(cfg, node)
     store = feature_store(cfg, pick_device(cfg), node.cache_dir)
     train, val = client_parts(cfg, node)
-    # not a partitions.json field: the server's plan for round 1 (server_app.log_plan)
-    entry["to_embed"] = store.missing(train, cfg.augment_hflip) + store.missing(val)
-    return Message(content=RecordDict({"partition": describe_record(entry)}), reply_to=msg)
+    to_embed = store.missing(train, cfg.augment_hflip) + store.missing(val)  # the server's plan for round 1
+    return Message(content=RecordDict({P.DESCRIPTION: P.describe_record(entry), P.TO_EMBED: P.to_embed_record(to_embed)}),
+                   reply_to=msg)
 
 
-def _setup(msg: Message, context: Context):
+@dataclass
+class Setup:
+    """What a train or evaluate message works with: the config, the node's partition id, the
+    device, the received head, the node's (train, validation) parts and its embedding store."""
+
+    cfg: RunConfig
+    partition_id: int
+    device: torch.device
+    head: torch.nn.Module
+    train_part: LabeledRows
+    val_part: LabeledRows
+    store: FeatureStore
+
+
+def _setup(msg: Message, context: Context) -> Setup:
     cfg, node = _node(context)
     device = pick_device(cfg)
-    head = head_for(cfg, state=msg.content["arrays"].to_torch_state_dict())
+    head = head_for(cfg, state=msg.content[P.ARRAYS].to_torch_state_dict())
     train_part, val_part = client_parts(cfg, node)
-    return cfg, node.partition_id, device, head, train_part, val_part, feature_store(cfg, device, node.cache_dir)
+    return Setup(cfg, node.partition_id, device, head, train_part, val_part,
+                 feature_store(cfg, device, node.cache_dir))
 
 
 @app.train()
 @refusals_as_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the received head on this client's local training part."""
-    cfg, pid, device, head, train_part, val_part, store = _setup(msg, context)
-    config = msg.content["config"]
-    server_round = int(config.get("server-round", 0))
+    job = _setup(msg, context)
+    cfg, pid, device, head, train_part, val_part, store = (job.cfg, job.partition_id, job.device, job.head,
+                                                           job.train_part, job.val_part, job.store)
+    config = msg.content[P.CONFIG]
+    server_round = int(config.get(P.SERVER_ROUND, 0))
     feats = store.for_part(train_part, hflip=cfg.augment_hflip)
     plain = feats[0] if cfg.augment_hflip else feats
     # The received (global) head on this client's data: q-FedAvg's loss F_k(w_t); with
-    # "global-stats" (FairFed) its slice statistics, sent beside the metrics.
-    global_stats = config.get("global-stats", False)
+    # GLOBAL_STATS (FairFed) its slice statistics, sent beside the metrics.
+    global_stats = config.get(P.GLOBAL_STATS, False)
     held_out = None
-    if config.get("evaluate-received", False):  # evaluate-with-train: the received head on the held-out part
-        held_out = {"num-examples": len(val_part), "partition_id": pid,
+    if config.get(P.EVALUATE_RECEIVED, False):  # evaluate-with-train: the received head on the held-out part
+        held_out = {P.NUM_EXAMPLES: len(val_part), P.PARTITION_ID: pid,
                     **flatten(evaluate_stats(head, store.for_part(val_part), val_part.labels,
                                              val_part.attributes, device))}
     before_slices = evaluate_stats(head, plain, train_part.labels, train_part.attributes if global_stats else {},
@@ -116,21 +124,20 @@ def train(msg: Message, context: Context) -> Message:
     before = before_slices["all"]
     result = train_head(
         head, feats, torch.as_tensor(train_part.labels), epochs=cfg.local_epochs,
-        lr=float(config.get("lr", cfg.learning_rate)), batch_size=cfg.batch_size,
+        lr=float(config.get(P.LR, cfg.learning_rate)), batch_size=cfg.batch_size,
         seed=cfg.seed + 100_003 * server_round + pid, device=device,
-        weight_decay=cfg.weight_decay, proximal_mu=float(config.get("proximal-mu", 0.0)),
+        weight_decay=cfg.weight_decay, proximal_mu=float(config.get(P.PROXIMAL_MU, 0.0)),
         sample_weight=group_balance_weights(train_part.attributes, cfg.balance_groups)
         if cfg.balance_groups else None,
     )
     stats = evaluate_stats(head, plain, train_part.labels, train_part.attributes, device)
-    metrics = {"num-examples": len(train_part), "local_steps_loss": result["loss"],
-               "global_loss": before.loss_sum / max(1, before.n),
-               "partition_id": pid, **flatten(stats)}
-    content = RecordDict({"arrays": ArrayRecord(head_state(head)), "metrics": MetricRecord(metrics)})
+    metrics = {P.NUM_EXAMPLES: len(train_part), P.LOCAL_STEPS_LOSS: result["loss"],
+               P.GLOBAL_LOSS: before.loss_sum / max(1, before.n), P.PARTITION_ID: pid, **flatten(stats)}
+    content = RecordDict({P.ARRAYS: ArrayRecord(head_state(head)), P.METRICS: MetricRecord(metrics)})
     if global_stats:
-        content["global_model"] = ConfigRecord(flatten(before_slices))
+        content[P.GLOBAL_MODEL] = ConfigRecord(flatten(before_slices))
     if held_out is not None:
-        content["evaluate_received"] = ConfigRecord(held_out)
+        content[P.HELD_OUT] = ConfigRecord(held_out)
     return Message(content=content, reply_to=msg)
 
 
@@ -138,8 +145,8 @@ def train(msg: Message, context: Context) -> Message:
 @refusals_as_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received (global) head on this client's held-out local part."""
-    cfg, pid, device, head, _, val_part, store = _setup(msg, context)
-    feats = store.for_part(val_part)
-    stats = evaluate_stats(head, feats, val_part.labels, val_part.attributes, device)
-    metrics = {"num-examples": len(val_part), "partition_id": pid, **flatten(stats)}
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    job = _setup(msg, context)
+    part = job.val_part
+    stats = evaluate_stats(job.head, job.store.for_part(part), part.labels, part.attributes, job.device)
+    metrics = {P.NUM_EXAMPLES: len(part), P.PARTITION_ID: job.partition_id, **flatten(stats)}
+    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

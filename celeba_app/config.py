@@ -388,11 +388,10 @@ class RunConfig:
 def load_run_config(project_dir: Path, overrides: list[str]) -> dict:
     """pyproject's ``[tool.flwr.app.config]``, fused with ``--run-config`` strings as ``flwr
     run`` does (for the project's command-line tools)."""
-    from flwr.common.config import flatten_dict, get_project_config, parse_config_args
+    from .internals import parse_run_config_args, project_run_config
 
-    conf = get_project_config(project_dir)
-    run_config = flatten_dict(conf["tool"]["flwr"]["app"]["config"])
-    given = parse_config_args(overrides)
+    run_config = project_run_config(project_dir)
+    given = parse_run_config_args(overrides)
     unknown = sorted(set(given) - set(run_config))
     if unknown:  # a typo would otherwise be ignored and the default used
         import difflib

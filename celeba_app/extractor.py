@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -20,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .images import IMAGENET_MEAN, IMAGENET_STD, decode_resize
 from .model import Backbone
 from .quantization import INT8_RECIPE, quantize
@@ -85,9 +85,7 @@ class Extractor:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"mobilenet_v2_features-{key}.onnx"
         if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            export_onnx(self.model.cpu(), self.image_size, tmp)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: export_onnx(self.model.cpu(), self.image_size, tmp))
         if int8:
             path = quantize(path, self.image_size)
         opts = ort.SessionOptions()

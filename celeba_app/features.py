@@ -96,9 +96,15 @@ class FeatureStore:
 
     @property
     def extractor(self) -> Extractor:
-        """The extractor (extractor.Extractor), built on first use: loading the weights, and
-        on CPU exporting the ONNX model, costs seconds, and a run whose embeddings are all
-        cached never pays it. Raises what loading the weights raises (model.load_mobilenet)."""
+        """The extractor (extractor.Extractor), built on first use (``load_extractor``)."""
+        return self.load_extractor()
+
+    def load_extractor(self) -> Extractor:
+        """Build the extractor now if it is not built yet, and return it: loading the weights,
+        and on CPU exporting the ONNX model, costs seconds, and a run whose embeddings are all
+        cached never pays it unless it asks. Called before a run writes anything, so a bad
+        weights file is refused first. Raises what loading the weights raises
+        (model.load_mobilenet)."""
         if self._extractor is None:
             self._extractor = self._build()
             if self._extractor.runtime_id != self.runtime_id or self._extractor.dim != self.dim:

@@ -17,9 +17,8 @@ Every refusal is a ``ConfigError`` with one line.
 
 from __future__ import annotations
 
-import json
-import threading
 import time
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any, Iterable
 
@@ -27,18 +26,15 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from . import protocol as P
 from .config import ConfigError, RunConfig
-
-
-def is_simulation(grid: Grid) -> bool:
-    """True under the Simulation Engine (every node is registered when the run starts)."""
-    return type(grid).__name__ == "InMemoryGrid"
+from .internals import is_simulation_grid, set_src_node_id, simulation_engine_running, undelivered_messages
 
 
 def wait_for_nodes(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> list[int]:
     """The connected node ids to federate, after the wait ``min-nodes`` and
     ``node-wait-timeout`` describe; ConfigError when fewer than required connected."""
-    simulation = is_simulation(grid)
+    simulation = is_simulation_grid(grid)
     deadline = time.monotonic() + cfg.node_wait_timeout
     nodes = sorted(grid.get_node_ids())
     last_log = 0.0
@@ -68,43 +64,40 @@ def wait_for_nodes(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> list[int]
     return nodes
 
 
-def parse_description(record: ConfigRecord) -> dict:
-    """A ``query`` reply's ConfigRecord -> a partitions.json entry (client_app.describe_record)."""
-    entry: dict[str, Any] = {"group_rates": {}}
-    for key, value in record.items():
-        if key.startswith("group_rate|"):
-            entry["group_rates"][key.split("|", 1)[1]] = value
-        elif key == "skipped_rows":  # client_app.describe_record: one JSON string
-            entry[key] = json.loads(value)
-        else:
-            entry[key] = list(value) if isinstance(value, list) else value
-    entry.setdefault("target_rate", None)
-    entry.setdefault("num_partitions", None)
-    return entry
+@dataclass
+class NodeDescriptions:
+    """The nodes' replies to ``query``: ``partitions`` (partitions.json's entries, by partition
+    id, each with its ``node_id``) and ``to_embed`` (partition id -> images that node has yet to
+    embed; None where it did not say)."""
+
+    partitions: list[dict]
+    to_embed: dict[int, int | None]
 
 
-def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig) -> list[dict]:
-    """Ask every node to describe its data; the partitions.json entries, by partition id.
+def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig) -> NodeDescriptions:
+    """Ask every node to describe its data (protocol.py's ``query``).
 
     Refuses (ConfigError, one line naming the nodes) when a node replies with an error or not
     at all within ``round-timeout``, when two nodes claim one partition id, or when nodes
     of one dataset disagree on ``num-partitions``.
     """
-    messages = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=nid,
-                        message_type="query") for nid in node_ids]
+    messages = [Message(content=RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=nid,
+                        message_type=P.QUERY) for nid in node_ids]
     # Describing loads each node's data (a first download of the hub dataset included): as
     # long as a round may take.
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     by_node: dict[int, dict] = {}
+    to_embed: dict[int, int | None] = {}
     failed: dict[str, list[int]] = {}  # reason -> nodes
     for reply in replies:
         nid = reply.metadata.src_node_id
         if reply.has_error():
             failed.setdefault(error_reason(reply), []).append(nid)
         else:
-            entry = parse_description(reply.content["partition"])
+            entry = P.parse_description(reply.content[P.DESCRIPTION])
             entry["node_id"] = nid
             by_node[nid] = entry
+            to_embed[int(entry["partition_id"])] = P.parse_to_embed(reply.content)
     answered = set(by_node) | {n for nodes in failed.values() for n in nodes}
     silent = [nid for nid in node_ids if nid not in answered]
     if silent:
@@ -132,7 +125,7 @@ def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig) -> list[dict
         missing = sorted(set(range(expected)) - {e["partition_id"] for e in entries})
         log(WARNING, "celeba-fl: %d of %d partitions have a SuperNode; partitions %s take no part",
             len(entries), expected, missing[:20])
-    return entries
+    return NodeDescriptions(entries, {e["partition_id"]: to_embed[e["partition_id"]] for e in entries})
 
 
 def error_reason(reply: Message) -> str:
@@ -159,33 +152,6 @@ class EngineStopped(Exception):
     Not a RuntimeError: flwr reports those as "Failed to start run"."""
 
 
-def undelivered(grid: Grid, message_ids: Iterable[str]) -> set[str] | None:
-    """Of ``message_ids``, those the Simulation Engine has not taken yet; None where the grid
-    cannot tell (the Deployment Engine, or a Flower whose in-memory state differs from 1.25's).
-
-    Flower 1.25's engine waits for the ServerApp thread when its backend fails (e.g. an
-    ActorPool with no actors, for ``num-gpus`` > 0 on a machine without a GPU), and the
-    ServerApp would wait for replies until ``round-timeout``. The engine takes each message
-    from the in-memory LinkState (setting its ``delivered_at``) as soon as it runs.
-    """
-    store = getattr(getattr(grid, "state", None), "message_ins_store", None)
-    if not isinstance(store, dict):
-        return None
-    return {mid for mid in message_ids
-            if mid in store and not getattr(store[mid].metadata, "delivered_at", "x")}
-
-
-def engine_running() -> bool:
-    """True while Flower 1.25's Simulation Engine takes messages in this process: its thread
-    running ``add_messages_to_queue`` (Python names a thread after its target) is alive.
-
-    The ServerApp runs in a thread of ``flower-simulation``; on Ctrl-C (SIGINT) the engine
-    stops (that thread ends, Ray is shut down) but the process waits for the ServerApp thread,
-    which would wait for replies until ``round-timeout``.
-    """
-    return any(t.name.endswith("(add_messages_to_queue)") and t.is_alive() for t in threading.enumerate())
-
-
 class FederationGrid:
     """A Grid whose ``get_node_ids`` lists only the described nodes still connected, and whose
     ``send_and_receive`` polls for replies every ``poll_s`` seconds; every other call goes to
@@ -195,7 +161,7 @@ class FederationGrid:
     nothing. Flower 1.25's GrpcGrid (the Deployment Engine) sleeps 3 s between polls, which
     puts a floor of 3 s under each of a round's two phases (train, evaluate) whatever the
     clients cost. Under the Simulation Engine, ``send_and_receive`` raises EngineStopped when
-    the engine, once seen running, has stopped (``engine_running``), or when it has taken none
+    the engine, once seen running, has stopped (``internals.simulation_engine_running``), or when it has taken none
     of the messages within ``engine_pickup_s`` seconds (it never started).
     """
 
@@ -222,18 +188,18 @@ class FederationGrid:
         pending = set(ids)
         start = time.monotonic()
         end = None if timeout is None else start + timeout
-        simulation = is_simulation(self._grid)
+        simulation = is_simulation_grid(self._grid)
         check_pickup = simulation
         replies: list[Message] = []
         while pending and (end is None or time.monotonic() < end):
-            if simulation and engine_running():
+            if simulation and simulation_engine_running():
                 self._engine_seen = True
             elif simulation and self._engine_seen:
                 raise EngineStopped(f"the Simulation Engine stopped while {len(pending)} repl(ies) were "
                                     "awaited: it was interrupted (Ctrl-C) or crashed (see its log above)")
             if check_pickup and time.monotonic() - start > self.engine_pickup_s:
                 check_pickup = False  # once: a running engine took them all at once
-                waiting = undelivered(self._grid, ids)
+                waiting = undelivered_messages(self._grid, ids)
                 if not replies and waiting == set(ids):
                     raise EngineStopped(
                         f"the Simulation Engine took none of the {len(ids)} message(s) sent to it "
@@ -245,7 +211,7 @@ class FederationGrid:
                 # reply whose source is not that node): name the node it was sent to.
                 node = sent_to.get(reply.metadata.reply_to_message_id)
                 if node is not None and reply.metadata.src_node_id != node:
-                    reply.metadata.__dict__["_src_node_id"] = node
+                    set_src_node_id(reply, node)
             replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
             if pending:

@@ -32,20 +32,12 @@ from logging import ERROR, INFO
 
 import grpc
 from flwr.app.error import Error
-from flwr.cli.install import install_from_fab
-from flwr.clientapp.client_app import LoadClientAppError
-from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common import Message
-from flwr.common.config import get_flwr_dir
-from flwr.common.constant import ErrorCode
-from flwr.common.typing import RunNotRunningException
-from flwr.common.grpc import create_channel
 from flwr.common.logger import log
-from flwr.common.retry_invoker import _make_simple_grpc_retry_invoker, _wrap_stub
-from flwr.proto.appio_pb2 import ListAppsToLaunchRequest, RequestTokenRequest  # pylint: disable=E0611
-from flwr.proto.clientappio_pb2_grpc import ClientAppIoStub
-from flwr.supercore.heartbeat import HeartbeatSender, make_app_heartbeat_fn_grpc
-from flwr.supernode.runtime.run_clientapp import pull_clientappinputs, push_clientappoutputs
+
+from .internals import (ErrorCode, HeartbeatSender, ListAppsToLaunchRequest, LoadClientAppError, RequestTokenRequest,
+                        RunNotRunningException, clientappio_stub, fab_install_dir, get_load_client_app_fn, install_from_fab,
+                        make_app_heartbeat_fn_grpc, pull_clientappinputs, push_clientappoutputs)
 
 
 class LongRunningClientApp:
@@ -59,12 +51,9 @@ class LongRunningClientApp:
 
     def __init__(self, clientappio_api_address: str, flwr_dir: str | None = None,
                  poll_interval: float = 0.05, unreachable_timeout: float = 60.0) -> None:
-        self.channel = create_channel(server_address=clientappio_api_address, insecure=True)
-        self.stub = ClientAppIoStub(self.channel)
-        retry = _make_simple_grpc_retry_invoker()  # Flower's: retries while the API is unavailable ...
-        retry.max_time = unreachable_timeout  # ... but not forever: a SuperNode that is gone ends this process
-        _wrap_stub(self.stub, retry)
-        self.flwr_dir = get_flwr_dir(flwr_dir)
+        # Flower's retries while the API is unavailable, but not forever: a SuperNode that is gone ends this process
+        self.channel, self.stub = clientappio_stub(clientappio_api_address, unreachable_timeout)
+        self.flwr_dir = fab_install_dir(flwr_dir)
         self.poll_interval = poll_interval
         self.load_client_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True,
                                                       flwr_dir=str(self.flwr_dir))

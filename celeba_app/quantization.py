@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_write
+
 #: Version of the int8 recipe in ``quantize``: part of the int8 model's file name and runtime
 #: id, so a change rebuilds the model and misses every int8 embedding.
 INT8_RECIPE = "1"  # static QOperator, per-channel int8 weights (reduce_range), MinMax on 32 noise images
@@ -46,18 +48,17 @@ def quantize(fp32: Path, image_size: int) -> Path:
         def get_next(self):
             return {"x": b} if (b := next(self.batches, None)) is not None else None
 
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    pre = path.with_suffix(f".{os.getpid()}.pre.tmp")
+    pre = path.with_name(f".{path.name}.{os.getpid()}.pre.tmp")
     ort.set_default_logger_severity(3)  # pre-processing logs every initializer it drops
     try:
         # Constant folding and shape inference first, as ONNX Runtime recommends; it also
         # removes the Identity nodes the exporter puts in front of shared weights, which the
         # quantizer cannot see through.
         quant_pre_process(str(fp32), str(pre))
-        quantize_static(str(pre), str(tmp), Noise(), quant_format=QuantFormat.QOperator, per_channel=True,
-                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        atomic_write(path, lambda tmp: quantize_static(
+            str(pre), str(tmp), Noise(), quant_format=QuantFormat.QOperator, per_channel=True, reduce_range=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8))
     finally:
         ort.set_default_logger_severity(2)
         pre.unlink(missing_ok=True)
-    os.replace(tmp, path)
     return path

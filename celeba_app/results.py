@@ -18,12 +18,12 @@ import math
 import os
 import platform
 import tempfile
-import threading
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write
 from .config import ConfigError, RunConfig
 
 PACKAGES = ("flwr", "flwr-datasets", "datasets", "torch", "torchvision", "torchmetrics",
@@ -157,12 +157,12 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON-safe: NaN/inf -> null, numpy scalars -> Python, tuples -> lists."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -170,18 +170,11 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _tmp_name(path: Path) -> Path:
-    """A temporary name beside ``path``, unique to this process and thread: two writers of one
-    file (the round loop and a signal's exit handler) never share a half-written file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON (NaN/inf as null) to a temporary name, then rename: a
     reader, or a crash mid-write, never sees half a file."""
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
-    tmp.replace(path)
+    text = json.dumps(json_safe(obj), indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_status(run_dir: Path, state: str, last_round: int | None, reason: str | None = None) -> None:
@@ -218,9 +211,7 @@ def save_torch(path: Path, obj: Any) -> None:
     """``torch.save`` to a temporary name, then rename: a kill mid-write keeps the previous file."""
     import torch
 
-    tmp = _tmp_name(path)
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_round(run_dir: Path, history: list[dict], checkpoint: dict) -> None:
@@ -244,12 +235,12 @@ def write_run_start(run_dir: Path, cfg: RunConfig, *, kind: str, num_clients: in
     """config.json and partitions.json: what this run is, written before it trains.
     ``dataset.fingerprint`` is the dataset's content identity (data.dataset_fingerprint: a
     local folder's files, a hub dataset's name), so two runs on folders of one name differ."""
-    from .data import _cache_dir, dataset_fingerprint
+    from .data import cache_dir_for, dataset_fingerprint
 
     write_json(run_dir / "config.json", {
         "kind": kind, "run_config": cfg.as_dict(), "seed": cfg.seed, "num_clients": num_clients,
         "device": device, "packages": package_versions(),
-        "dataset": {"spec": cfg.dataset, "fingerprint": dataset_fingerprint(cfg.dataset, _cache_dir(cfg, None)),
+        "dataset": {"spec": cfg.dataset, "fingerprint": dataset_fingerprint(cfg.dataset, cache_dir_for(cfg, None)),
                     "identities_per_split": identities},
         "weights": {"spec": cfg.weights, "digest": weights_id},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -297,10 +288,8 @@ def write_postprocessing(run_dir: Path, make_report) -> str | None:
 def write_best(run_dir: Path, best, test_report) -> None:
     """best.json and head_best.pt for a selection.BestRound (nothing if no round qualified);
     ``test_report(state)`` evaluates a head state on the test split."""
-    import torch
-
     if best.state is None:
         return
     write_json(run_dir / "best.json", {"round": best.round, "selection_metric": best.metric,
                                        "validation_value": best.value, **test_report(best.state)})
-    torch.save(best.state, run_dir / "head_best.pt")
+    save_torch(run_dir / "head_best.pt", best.state)

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
-from flwr.common.exit import add_exit_handler
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from .config import ConfigError, RunConfig
 from .data import check_clients_disjoint, server_identities, server_part
+from .internals import add_exit_handler
 from .federation import FederationGrid, describe_nodes, wait_for_nodes
 from .features import feature_store
 from .metrics import metrics_report
@@ -46,16 +47,28 @@ app = ServerApp()
 refusal.install()  # a refused simulation ends on its one line (refusal.py)
 
 
-def prepare(cfg: RunConfig, grid: Grid):
-    """Every check that can fail before training; returns (run_dir, the federation's grid,
-    identities, partitions). The server reads only its own ``valid``/``test``; it learns the clients'
-    data from their replies (federation.describe_nodes)."""
-    run_dir = run_dir_for(cfg)
+@dataclass
+class Prepared:
+    """What the checks before training found: the run folder's path, the grid of the described
+    nodes, the identities per split, the partitions (partitions.json's entries) and the images
+    each partition has yet to embed."""
+
+    run_dir: Path
+    grid: FederationGrid
+    identities: dict[str, int]
+    partitions: list[dict]
+    to_embed: dict[int, int | None]
+
+
+def prepare(cfg: RunConfig, grid: Grid) -> Prepared:
+    """Every check that can fail before training. The server reads only its own
+    ``valid``/``test``; it learns the clients' data from their replies
+    (federation.describe_nodes)."""
     server_ids = server_identities(cfg)  # valid/test load and schema, disjoint from each other
     federation = FederationGrid(grid, wait_for_nodes(grid, cfg))
-    partitions = describe_nodes(federation, sorted(federation.node_ids), cfg)
-    identities = check_clients_disjoint(cfg, server_ids, partitions)
-    return run_dir, federation, identities, partitions
+    described = describe_nodes(federation, sorted(federation.node_ids), cfg)
+    identities = check_clients_disjoint(cfg, server_ids, described.partitions)
+    return Prepared(run_dir_for(cfg), federation, identities, described.partitions, described.to_embed)
 
 
 @app.main()
@@ -72,15 +85,16 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "celeba-fl: dataset %s, weights %s, results-dir %s, cache-dir %s (paths as this "
             "ServerApp resolves them; working directory %s)", cfg.dataset, cfg.weights,
             cfg.results_dir, cfg.cache_dir, Path.cwd())
-        run_dir, grid, identities, partitions = prepare(cfg, grid)
-        to_embed = {p["partition_id"]: p.pop("to_embed", None) for p in partitions}  # not partitions.json's
+        ready = prepare(cfg, grid)
+        run_dir, grid, identities, partitions, to_embed = (ready.run_dir, ready.grid, ready.identities,
+                                                           ready.partitions, ready.to_embed)
         resume = load_checkpoint(run_dir) if cfg.resume else None
         if cfg.resume:
             check_resume(run_dir, cfg, partitions)
         num_nodes = len(grid.node_ids)
         device = pick_device(cfg)
         store = feature_store(cfg, device)
-        store.extractor  # noqa: B018 - loads the weights now: a bad file is refused before training
+        store.load_extractor()  # a bad weights file is refused before anything is written
         # valid/test: their images are checked here (bad-images), before the run folder exists
         valid, test = server_part(cfg, "valid"), server_part(cfg, "test")
         if resume is None:

@@ -28,10 +28,12 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, QFedAvg, Result
 
 from .federation import error_reason
+from . import protocol as P
+from .internals import wire_bytes
+from .results import json_safe
 from .metrics import ALL, MIN_GROUP_SIZE, client_distribution, metrics_report, sum_stats, unflatten
 from .selection import BestRound
 
-NOT_SUMMED = ("num-examples", "partition_id")  # identifiers, not quantities
 HEADLINE = ("loss", "accuracy", "balanced_accuracy", "f1", "auroc")
 
 
@@ -49,18 +51,18 @@ def aggregate_reports(contents: list[RecordDict], where: str, min_group_size: in
     per_client = []
     extra: dict[str, float] = {}
     for content in contents:
-        metrics = next(iter(content.metric_records.values()))
+        metrics = P.reply_metrics(content)
         stats = unflatten(metrics)
         per_client.append(stats)
         for key, value in metrics.items():
-            if "|" not in key and not isinstance(value, list) and key not in NOT_SUMMED:
-                extra[key] = extra.get(key, 0.0) + float(value) * float(metrics["num-examples"])
-    total = sum(float(next(iter(c.metric_records.values()))["num-examples"]) for c in contents)
+            if "|" not in key and not isinstance(value, list) and key not in P.NOT_SUMMED:
+                extra[key] = extra.get(key, 0.0) + float(value) * float(metrics[P.NUM_EXAMPLES])
+    total = sum(float(P.reply_metrics(c)[P.NUM_EXAMPLES]) for c in contents)
     rep = metrics_report(sum_stats(per_client), where=where, min_group_size=min_group_size)
     rep["num_clients"] = len(contents)
     # Example-weighted means of the clients' scalar extras (e.g. the running training loss).
     rep["client_means"] = {k: v / total for k, v in extra.items()} if total else {}
-    pids = [int(next(iter(c.metric_records.values())).get("partition_id", -1)) for c in contents]
+    pids = [int(P.reply_metrics(c).get(P.PARTITION_ID, -1)) for c in contents]
     acc = {pid: (s[ALL].tp + s[ALL].tn) / s[ALL].n for pid, s in zip(pids, per_client) if s[ALL].n}
     sizes = {pid: s[ALL].n for pid, s in zip(pids, per_client) if s[ALL].n}
     rep["clients"] = {
@@ -163,7 +165,7 @@ class GroupMetrics:
             entry: dict = {"round": rnd}
             previous = history[-1] if (policy.evaluate_with_train and history[-1]["round"] >= 1
                                        and not history[-1].get("skipped")) else None
-            train_config["evaluate-received"] = previous is not None
+            train_config[P.EVALUATE_RECEIVED] = previous is not None
             train_msgs = list(self.configure_train(rnd, arrays, train_config, grid))
             replies = list(grid.send_and_receive(train_msgs, timeout=policy.round_timeout))
             entry["nodes"] = {"train": _outcome(train_msgs, replies, partitions, policy.round_timeout)}
@@ -237,8 +239,8 @@ class GroupMetrics:
         """``evaluate-with-train``: the previous round's federated evaluation, from the
         ``evaluate_received`` records of this round's successful train replies (the received
         head is the previous round's), written into that round's history entry."""
-        contents = [RecordDict({"metrics": MetricRecord(dict(m.content.config_records["evaluate_received"]))})
-                    for m in ok if "evaluate_received" in m.content.config_records]
+        contents = [RecordDict({P.METRICS: MetricRecord(dict(m.content.config_records[P.HELD_OUT]))})
+                    for m in ok if P.HELD_OUT in m.content.config_records]
         previous["nodes"]["evaluate"] = {**train_outcome, "succeeded": len(contents), "with_train": True}
         rep = self._aggregate_evaluate_contents(previous["round"], contents)
         if rep is not None:
@@ -258,7 +260,7 @@ class GroupMetrics:
                 "best": {"round": best.round, "value": best.value, "state": best.state,
                          "since_best": best.since_best},
                 "skipped_in_row": skipped_in_row, "random_state": _random_state(),
-                "history_json": json.dumps(_json_safe(history))}
+                "history_json": json.dumps(json_safe(history))}
 
     def _restore(self, ckpt: dict, best: BestRound) -> tuple[ArrayRecord, list[dict], int, int]:
         for key, value in ckpt["server_state"].items():
@@ -272,11 +274,11 @@ class GroupMetrics:
     def configure_train(self, server_round, arrays: ArrayRecord, config, grid) -> Iterable[Message]:
         """The base strategy's train messages, with this round's learning rate
         (learning-rate x lr-decay^(round-1)) in their config; records the bytes sent."""
-        config["lr"] = self.learning_rate * self.lr_decay ** (server_round - 1)
+        config[P.LR] = self.learning_rate * self.lr_decay ** (server_round - 1)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         head_bytes = sum(a.numpy().nbytes for a in arrays.values())
         self.bytes_sent[server_round] = head_bytes * len(messages)
-        self.history.setdefault(server_round, {}).update(lr=config["lr"], head_bytes=head_bytes)
+        self.history.setdefault(server_round, {}).update(lr=config[P.LR], head_bytes=head_bytes)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -303,12 +305,12 @@ class GroupMetrics:
         return self._aggregate_evaluate_contents(server_round, [m.content for m in valid])
 
     def _aggregate_evaluate_contents(self, server_round: int, contents: list[RecordDict]):
-        contents = [c for c in contents if next(iter(c.metric_records.values()))["num-examples"] > 0]
+        contents = [c for c in contents if P.reply_metrics(c)[P.NUM_EXAMPLES] > 0]
         if not contents:
             return None
         rep = aggregate_reports(contents, "clients' validation data", self.min_group_size)
         # the summed held-out statistics of this round's head: what federated post-processing fits on
-        self.last_evaluate_stats = sum_stats([unflatten(next(iter(c.metric_records.values()))) for c in contents])
+        self.last_evaluate_stats = sum_stats([unflatten(P.reply_metrics(c)) for c in contents])
         self.history.setdefault(server_round, {})["federated_evaluate"] = rep
         return headline(rep)
 
@@ -333,8 +335,7 @@ class QFedAvgNoGC(QFedAvg):
     """flwr 1.25's QFedAvg with the same aggregation, minus a full garbage collection per reply.
 
     flwr reads every reply's arrays with ``to_numpy_ndarrays(keep_input=False)``, which runs
-    ``gc.collect()`` each time: 0.1-0.25 s per client in a ServerApp's heap, 12 s of a 15 s
-    round with 50 clients (a FedAvg round: 2.3 s). Here the arrays are read with
+    ``gc.collect()`` for each reply (its cost: docs/RESULTS.md, "q-FedAvg that trains"). Here the arrays are read with
     ``keep_input=True`` and copied, and flwr's own ``compute_delta_and_h`` does the math
     (tested equal to flwr's QFedAvg).
     """
@@ -354,7 +355,7 @@ class QFedAvgNoGC(QFedAvg):
         global_weights = self.current_arrays.to_numpy_ndarrays(keep_input=True)
         sum_delta, sum_h = None, 0.0
         for msg in valid:
-            arrays = msg.content.array_records[next(iter(msg.content.array_records))]
+            arrays = P.reply_arrays(msg.content)
             local = [np.array(a, copy=True) for a in arrays.to_numpy_ndarrays(keep_input=True)]
             delta, h = compute_delta_and_h(global_weights, local, self.q, lipschitz,
                                            get_train_loss(msg, self.train_loss_key))
@@ -373,8 +374,8 @@ class QFedAvgWithGroupMetrics(GroupMetrics, QFedAvgNoGC):
     client's change of the head and L the loss's Lipschitz constant, which flwr takes as
     1 / client_learning_rate, i.e. one local SGD step. This app's clients run several epochs
     of Adam, so d_k is many steps long: with L = 1/lr the ||L d_k||^2 term dominates and the
-    head hardly moves (test accuracy 0.51 after 10 rounds on celeba-10k). ``qfedavg-lipschitz``
-    sets L (default 0.01): small enough that the step is FedAvg's size, reweighted by F_k^q.
+    head hardly moves (docs/RESULTS.md, q-FedAvg). ``qfedavg-lipschitz`` sets L (default
+    0.01): small enough that the step is FedAvg's size, reweighted by F_k^q.
     """
 
 
@@ -401,7 +402,7 @@ class FairFed(GroupMetrics, FedAvg):
     def configure_train(self, server_round, arrays: ArrayRecord, config, grid) -> Iterable[Message]:
         """Train messages that also ask each client for the received head's statistics on its
         training part (``global-stats``): FairFed's local fairness gap of the global model."""
-        config["global-stats"] = True  # clients add the received head's statistics (client_app.train)
+        config[P.GLOBAL_STATS] = True  # clients add the received head's statistics (client_app.train)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -414,7 +415,7 @@ class FairFed(GroupMetrics, FedAvg):
             return fedavg_arrays, metrics
         weights, record = self.weights_for(valid)
         self.history.setdefault(server_round, {})["fairfed"] = record
-        states = [m.content.array_records[next(iter(m.content.array_records))].to_torch_state_dict() for m in valid]
+        states = [P.reply_arrays(m.content).to_torch_state_dict() for m in valid]
         merged = {k: sum(w * st[k].double() for w, st in zip(weights, states)).to(states[0][k].dtype)
                   for k in states[0]}
         return ArrayRecord(merged), metrics
@@ -422,8 +423,8 @@ class FairFed(GroupMetrics, FedAvg):
     def weights_for(self, valid: list[Message]) -> tuple[list[float], dict]:
         """This round's aggregation weights (in ``valid``'s order) and what they came from."""
         pids = [str(_partition_order(m)[1]) for m in valid]
-        stats = [unflatten(dict(m.content["global_model"])) for m in valid]
-        sizes = [float(next(iter(m.content.metric_records.values()))["num-examples"]) for m in valid]
+        stats = [unflatten(dict(m.content[P.GLOBAL_MODEL])) for m in valid]
+        sizes = [float(P.reply_metrics(m.content)[P.NUM_EXAMPLES]) for m in valid]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a client without some group: its gap is None
             glob = metrics_report(sum_stats(stats), min_group_size=1)
@@ -471,7 +472,7 @@ def make_strategy(cfg, num_nodes: int) -> GroupMetrics:
     elif cfg.strategy == "qfedavg":
         # flwr takes L as 1 / client_learning_rate (see QFedAvgWithGroupMetrics)
         strategy = QFedAvgWithGroupMetrics(client_learning_rate=1.0 / cfg.qfedavg_lipschitz, q=cfg.qfedavg_q,
-                               train_loss_key="global_loss", **common)
+                               train_loss_key=P.GLOBAL_LOSS, **common)
     else:
         strategy = FedAvgWithGroupMetrics(**common)
     strategy.min_group_size = cfg.min_group_size
@@ -483,8 +484,8 @@ def _partition_order(reply: Message) -> tuple:
     """Sort key of a reply: successful ones by the partition id in their metrics."""
     if reply.has_error():
         return (1, reply.metadata.src_node_id)
-    metrics = next(iter(reply.content.metric_records.values()), {})
-    return (0, int(metrics.get("partition_id", -1)), reply.metadata.src_node_id)
+    metrics = next(iter(reply.content.metric_records.values()), {})  # protocol.reply_metrics, or none
+    return (0, int(metrics.get(P.PARTITION_ID, -1)), reply.metadata.src_node_id)
 
 
 def _wait_for_nodes(grid, policy: RoundPolicy) -> None:
@@ -507,10 +508,8 @@ def _wait_for_nodes(grid, policy: RoundPolicy) -> None:
 def message_bytes(sent: list[Message], replies: list[Message]) -> dict:
     """Mean serialized size in bytes of one message each way: {"to_client", "to_server"}
     (the content as Flower's protobuf encodes it; None when there was none)."""
-    from flwr.common.serde import recorddict_to_proto
-
     def mean(messages):
-        sizes = [recorddict_to_proto(m.content).ByteSize() for m in messages if not m.has_error()]
+        sizes = [wire_bytes(m.content) for m in messages if not m.has_error()]
         return round(sum(sizes) / len(sizes)) if sizes else None
 
     return {"to_client": mean(sent), "to_server": mean(replies)}
@@ -593,9 +592,3 @@ def _random_state():
 
 def _random_state_from(saved) -> tuple:
     return (saved[0], tuple(saved[1]), saved[2])
-
-
-def _json_safe(obj):
-    from .results import _clean
-
-    return _clean(obj)

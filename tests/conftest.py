@@ -24,13 +24,9 @@ atexit.register(shutil.rmtree, _HF_HOME, True)
 from pathlib import Path
 
 import pytest
-import torch
 
-from celeba_app import centralized
-from celeba_app.config import RunConfig
-from celeba_app.data import server_part
-from celeba_app.demo_data import make_celeba
-from celeba_app.model import Backbone, load_mobilenet
+# torch, datasets and the app's modules are imported inside the fixtures that need them, so a
+# test that needs none (config, metrics, report) does not pay seconds for them at collection.
 
 
 #: The tests' images are 32 px, at which features[13]'s map is 2x2: the head (the default,
@@ -75,12 +71,15 @@ def truncate_image(root: Path, split: str, row: int, keep: float = 0.6) -> bytes
 
 @pytest.fixture(scope="session")
 def celeba_dir(tmp_path_factory) -> Path:
+    from celeba_app.demo_data import make_celeba
+
     return make_celeba(tmp_path_factory.mktemp("data") / "celeba-tiny")
 
 
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory) -> Path:
     """A randomly initialised (seeded) mobilenet_v2 state_dict: the real architecture."""
+    import torch
     import torchvision
 
     torch.manual_seed(0)
@@ -104,6 +103,9 @@ def run_config(celeba_dir, weights_file, tmp_path) -> dict:
 def two_runs(tmp_path_factory, celeba_dir, weights_file):
     """Two finished centralized runs (iid, noniid) on the tiny dataset: run folders for the
     report, compare and centralized tests."""
+    from celeba_app import centralized
+    from celeba_app.config import RunConfig
+
     out = tmp_path_factory.mktemp("runs")
     base = {"dataset": str(celeba_dir), "weights": str(weights_file), **TINY,
             "num-server-rounds": 2, "local-epochs": 1, "batch-size": 16,
@@ -117,6 +119,8 @@ def two_runs(tmp_path_factory, celeba_dir, weights_file):
 
 @pytest.fixture
 def backbone(weights_file):
+    from celeba_app.model import Backbone, load_mobilenet
+
     return Backbone(load_mobilenet(str(weights_file)))
 
 
@@ -125,6 +129,8 @@ def healthy_backbone(backbone):
     """The randomly initialised backbone with batch-norm statistics measured on noise: its
     activations then keep their scale through depth (the untouched random model's vanish to
     ~1e-10, which says nothing about quantization)."""
+    import torch
+
     for m in backbone.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()
@@ -138,4 +144,7 @@ def healthy_backbone(backbone):
 
 @pytest.fixture
 def part(celeba_dir):
+    from celeba_app.config import RunConfig
+    from celeba_app.data import server_part
+
     return server_part(RunConfig(dataset=str(celeba_dir)), "valid")

@@ -4,7 +4,8 @@ import pytest
 from celeba_app import data
 from celeba_app.config import ConfigError, RunConfig
 from celeba_app.data import NodeData, check_identity_disjoint, client_parts, load_federated, server_part
-from conftest import make_celeba, recode_column, truncate_image
+from celeba_app.demo_data import make_celeba
+from conftest import recode_column, truncate_image
 
 
 def cfg_for(path, **kw):
@@ -207,8 +208,7 @@ def test_images_are_checked_once_per_set_of_rows(tmp_path, monkeypatch):
 
 
 def test_client_parts_leave_out_or_refuse_an_undecodable_training_image(tmp_path):
-    from celeba_app import client_app
-    from celeba_app.federation import parse_description
+    from celeba_app.protocol import describe_record, parse_description
 
     root = make_celeba(tmp_path / "cut", n_train_ids=8, n_eval_ids=3)
     truncate_image(root, "train", 5)
@@ -219,7 +219,7 @@ def test_client_parts_leave_out_or_refuse_an_undecodable_training_image(tmp_path
     assert [r["split_row"] for r in skipped] == [5] and skipped[0]["part"].startswith("client-")
     assert sum(e["num_train"] + e["num_val"] for e in entries) == n - 1
     holder = next(e for e in entries if e["skipped_rows"])
-    assert parse_description(client_app.describe_record(holder))["skipped_rows"] == holder["skipped_rows"]
+    assert parse_description(describe_record(holder))["skipped_rows"] == holder["skipped_rows"]
     # From the parts cache in a new process: the same rows, and the images of exactly those rows.
     data.clear_caches()
     pid = holder["partition_id"]
@@ -267,3 +267,26 @@ def test_a_data_path_nodes_rows_keep_their_index_in_its_split(celeba_dir, tmp_pa
     images = [img["bytes"] for f in files for img in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
     blobs = [b for batch in train.encoded_images(16) for b in batch]
     assert blobs == [images[r] for r in train.split_rows]
+
+
+def test_the_parts_cache_is_given_its_loader_and_calls_nothing_else(tmp_path):
+    """parts_cache stores a node's parts without their rows; the rows come from the loader the
+    caller passes (which part: 0 train, 1 val), only when asked for."""
+    import numpy as np
+
+    from celeba_app.data import LabeledRows, parts_cache
+
+    def part(name, n):
+        return LabeledRows(name=name, rows=None, labels=np.arange(n) % 2, attributes={"Male": np.ones(n, np.int64)},
+                           celeb_ids=np.arange(n), data_id="d", split="train", split_size=10,
+                           split_rows=np.arange(n))
+
+    path = tmp_path / "parts" / "k.npz"
+    parts_cache.save_parts(path, (part("client-0/train", 3), part("client-0/val", 1)))
+    asked = []
+    train, val = parts_cache.load_parts(path, ("Male",), load_rows=lambda which: asked.append(which) or f"rows{which}")
+    assert asked == [] and train.rows is None and val.name == "client-0/val"
+    assert np.array_equal(train.labels, [0, 1, 0]) and np.array_equal(val.attributes["Male"], [1])
+    assert train.load_rows() == "rows0" and val.load_rows() == "rows1" and asked == [0, 1]
+    path.write_bytes(b"not an npz")
+    assert parts_cache.load_parts(path, ("Male",), load_rows=lambda which: None) is None  # rebuilt, never trusted

@@ -114,7 +114,8 @@ def test_cache_stores_swapped_on_disk_are_rebuilt_not_trusted(backbone, part, tm
 
 
 def test_a_part_with_rows_left_out_embeds_what_it_holds(backbone, celeba_dir, tmp_path):
-    from conftest import make_celeba, truncate_image
+    from celeba_app.demo_data import make_celeba
+    from conftest import truncate_image
 
     root = make_celeba(tmp_path / "cut", n_train_ids=4, n_eval_ids=3)
     truncate_image(root, "valid", 1)

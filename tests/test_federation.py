@@ -7,7 +7,9 @@ from flwr.app import Context, Message, RecordDict
 
 from celeba_app import client_app
 from celeba_app.config import ConfigError, RunConfig
-from celeba_app.federation import FederationGrid, describe_nodes, parse_description, wait_for_nodes
+from celeba_app.federation import FederationGrid, describe_nodes, wait_for_nodes
+from celeba_app.protocol import describe_record, parse_description
+from celeba_app.internals import set_src_node_id
 
 
 class FakeGrid:
@@ -30,7 +32,7 @@ class FakeGrid:
             ctx = Context(run_id=1, node_id=nid, node_config=self.node_configs[nid], state=RecordDict(),
                           run_config=self.run_config)
             reply = client_app.query(msg, ctx)
-            reply.metadata.__dict__["_src_node_id"] = nid
+            set_src_node_id(reply, nid)
             replies.append(reply)
         return replies
 
@@ -78,7 +80,9 @@ def test_describe_builds_partitions_from_the_replies(run_config):
     run_config["split"] = "noniid"
     grid = FakeGrid({7: 0, 8: 0}, {7: {"partition-id": 1, "num-partitions": 2},
                                    8: {"partition-id": 0, "num-partitions": 2}}, run_config)
-    entries = describe_nodes(grid, [7, 8], RunConfig.from_run_config(run_config))
+    described = describe_nodes(grid, [7, 8], RunConfig.from_run_config(run_config))
+    entries = described.partitions
+    assert set(described.to_embed) == {0, 1} and all(n > 0 for n in described.to_embed.values())  # cold cache
     assert [(e["partition_id"], e["node_id"]) for e in entries] == [(0, 8), (1, 7)]
     for e in entries:
         assert e["num_train"] > 0 and 0 <= e["target_rate"] <= 1 and e["celeb_ids"]
@@ -108,7 +112,7 @@ def test_a_node_that_cannot_say_what_its_data_is_is_refused_by_name(run_config, 
 def test_description_survives_the_config_record():
     entry = {"partition_id": 2, "num_partitions": 3, "source": "data-path /x", "num_train": 5, "num_val": 1,
              "target_rate": 0.5, "group_rates": {"Male": 0.2, "Young": None}, "celeb_ids": [3, 9]}
-    back = parse_description(client_app.describe_record(entry))
+    back = parse_description(describe_record(entry))
     assert back == {**entry, "group_rates": {"Male": 0.2}}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_celeba
+from celeba_app.demo_data import make_celeba
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("make_rehearsal_dataset", ROOT / "scripts" / "make_rehearsal_dataset.py")

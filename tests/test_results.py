@@ -110,7 +110,7 @@ def test_config_json_records_the_datasets_content_and_same_named_folders_are_not
     import pyarrow.parquet as pq
 
     from celeba_app import data
-    from conftest import make_celeba
+    from celeba_app.demo_data import make_celeba
 
     folders = [make_celeba(tmp_path / "a" / "celeba-mini", n_train_ids=4, n_eval_ids=3, seed=1),
                make_celeba(tmp_path / "b" / "celeba-mini", n_train_ids=4, n_eval_ids=5, seed=2)]
@@ -127,7 +127,7 @@ def test_config_json_records_the_datasets_content_and_same_named_folders_are_not
         sizes.append(len(data.server_part(cfg, "valid")))
         assert sizes[-1] == pq.read_metadata(folder / "valid-00000-of-00001.parquet").num_rows
     assert recorded[0] != recorded[1] and sizes[0] != sizes[1]
-    assert data._load_kwargs(str(folders[0]), recorded[0]) != data._load_kwargs(str(folders[1]), recorded[1])
+    assert data.datasets_cache_kwargs(str(folders[0]), recorded[0]) != data.datasets_cache_kwargs(str(folders[1]), recorded[1])
 
 
 def test_skipped_rows_json_lists_the_servers_and_the_clients_rows_left_out(tmp_path):

@@ -10,6 +10,7 @@ from flwr.app import Context, Error, RecordDict
 from celeba_app import server_app
 from celeba_app.server_app import RunRefused
 from celeba_app.strategy import NoClientTrained
+from celeba_app.internals import set_src_node_id
 from test_federation import FakeGrid, replies_from_messages  # noqa: F401 - the fixture is used
 
 
@@ -54,7 +55,7 @@ def _error_reply(msg, reason):
     reply = Message(content=RecordDict(), dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
     reply.content = None
     reply.error = Error(code=2, reason=reason)
-    reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+    set_src_node_id(reply, msg.metadata.dst_node_id)
     return reply
 
 

@@ -15,6 +15,7 @@ from celeba_app.selection import BestRound
 from celeba_app.strategy import (FairFed, FedAdamWithGroupMetrics, FedAvgWithGroupMetrics, FedAvgMWithGroupMetrics, FedProxWithGroupMetrics, QFedAvgWithGroupMetrics,
                                  NoClientTrained, RoundPolicy, RunFailed, make_strategy)
 from celeba_app.task import bce_per_row
+from celeba_app.internals import set_src_node_id
 
 
 class FakeGrid:
@@ -95,7 +96,7 @@ class LoopGrid:
             else:
                 metrics = {"num-examples": 0, "partition_id": nid}
                 reply = Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=m)
-            reply.metadata.__dict__["_src_node_id"] = nid
+            set_src_node_id(reply, nid)
             out.append(reply)
         return out
 
@@ -291,7 +292,7 @@ class HeldOutGrid(LoopGrid):
         out = super().send_and_receive([m for m in messages if m not in evaluate])
         for m in evaluate:
             r = Message(RecordDict({"metrics": MetricRecord(self.held_out(m.metadata.dst_node_id, m))}), reply_to=m)
-            r.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+            set_src_node_id(r, m.metadata.dst_node_id)
             out.append(r)
         return out
 
