@@ -335,10 +335,11 @@ def fill_blocks(text: str, blocks: dict[str, list[str]]) -> str:
     return text
 
 
-def write_doc(args, out: Path, doc: Path = ROOT / "docs" / "RESULTS.md", img: Path = ROOT / "docs" / "img") -> Path:
-    """Fill the generated blocks of ``doc`` from the run folders in ``out`` (plots copied to ``img``)."""
+def write_doc(args, out: Path, doc: Path = ROOT / "docs" / "RESULTS.md", img: Path = ROOT / "docs" / "img",
+              readme: Path = ROOT / "README.md") -> Path:
+    """Fill the generated blocks of ``doc`` and ``readme``'s ``readme-results`` from the run
+    folders in ``out`` (plots copied to ``img``); a test passes its own three paths."""
     text = fill_blocks(doc.read_text(), {name: make(args, out, img) for name, make in BLOCKS.items()})
-    readme = ROOT / "README.md"
     readme_text = fill_blocks(readme.read_text(), {"readme-results": readme_section(out, args.seeds)})
     doc.write_text(text)
     readme.write_text(readme_text)

@@ -33,8 +33,13 @@ def test_the_document_is_rebuilt_from_run_folders_keyed_by_experiment_name(two_r
     doc = tmp_path / "RESULTS.md"
     doc.write_text("# R\n\nhand-written reading\n\n" + "".join(
         f"<!-- generated: {name} -->\n<!-- /generated -->\n\n" for name in make_results.BLOCKS))
+    readme = tmp_path / "README.md"
+    readme.write_text("# app\n\n<!-- generated: readme-results -->\n<!-- /generated -->\n")
+    before = {p: p.read_bytes() for p in (ROOT / "README.md", ROOT / "docs" / "RESULTS.md")}
     args = Namespace(data="d", weights="w", seeds=[1, 2])
-    make_results.write_doc(args, out, doc, tmp_path / "img")
+    make_results.write_doc(args, out, doc, tmp_path / "img", readme)
+    assert {p: p.read_bytes() for p in before} == before  # the repository's documents are never touched
+    assert "| federated, non-IID" in readme.read_text()
     text = doc.read_text()
     assert "hand-written reading" in text
     assert "| federated IID |" in text and "| centralized |" in text
