@@ -32,14 +32,13 @@ from .config import ConfigError, RunConfig, load_run_config
 from .data import (NodeData, LabeledRows, check_identity_disjoint, client_parts, load_federated,
                    partition_summary, server_part)
 from .features import feature_store
-from .metrics import metrics_report
 from .postprocessing import equalized_odds_report
 from .report import write_report
 from .model import head_for, weights_digest
 from .results import (create_run_dir, run_dir_for, write_best, write_postprocessing, write_run_end, write_run_start,
                       write_skipped_rows)
 from .selection import BestRound
-from .task import evaluate_stats, group_balance_weights, pick_device, train_head
+from .task import evaluate_report, evaluate_stats, group_balance_weights, pick_device, train_head
 from .tracking import check_available, open_tracker
 
 
@@ -97,14 +96,13 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
                              lr=cfg.learning_rate * cfg.lr_decay ** (rnd - 1), batch_size=cfg.batch_size,
                              seed=cfg.seed + rnd, device=device, weight_decay=cfg.weight_decay,
                              sample_weight=weights)
-            entry["train"] = metrics_report(evaluate_stats(head, plain_train, y_train, a_train, device), "train",
-                                    cfg.min_group_size)
+            entry["train"] = evaluate_report(head, plain_train, y_train, a_train, "train", cfg.min_group_size, device)
             entry["train"]["client_means"] = {"local_steps_loss": res["loss"]}
             if len(y_val):
-                entry["local_validation"] = metrics_report(evaluate_stats(head, x_val, y_val, a_val, device),
-                                                   "local val", cfg.min_group_size)
-        entry["server_valid"] = metrics_report(evaluate_stats(head, f_valid, valid.labels, valid.attributes, device),
-                                       "valid", cfg.min_group_size)
+                entry["local_validation"] = evaluate_report(head, x_val, y_val, a_val, "local val", cfg.min_group_size,
+                                                            device)
+        entry["server_valid"] = evaluate_report(head, f_valid, valid.labels, valid.attributes, "valid",
+                                                cfg.min_group_size, device)
         entry["seconds"] = time.time() - t0
         history.append(entry)
         if tracker:
@@ -119,7 +117,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
 
     def test_report(state: dict) -> dict:
         model = head_for(cfg, state=state)
-        return metrics_report(evaluate_stats(model, f_test, test.labels, test.attributes, device), "test", cfg.min_group_size)
+        return evaluate_report(model, f_test, test.labels, test.attributes, "test", cfg.min_group_size, device)
 
     test_rep = test_report(head.state_dict())
     write_best(run_dir, best, test_report)

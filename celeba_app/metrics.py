@@ -357,3 +357,9 @@ def client_distribution(values: list[float]) -> dict[str, float | None]:
     v = np.asarray(values, dtype=np.float64)
     return {"count": len(v), "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
             "p10": float(np.percentile(v, 10)), "median": float(np.median(v)), "max": float(v.max())}
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    """A metric for a log line or a table: ``digits`` decimals, or "–" for None (undefined,
+    e.g. a TPR without positives)."""
+    return "–" if value is None else f"{value:.{digits}f}"

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from .metrics import wilson  # noqa: E402
+from .metrics import fmt, wilson  # noqa: E402
 from .mobilenet_layers import feature_dim  # noqa: E402
 from .results import process_ended, read_status  # noqa: E402
 
@@ -253,11 +253,6 @@ def plot_partitions(partitions: dict, path: Path, target: str = "target") -> Pat
     axes[2].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"Partition composition ({partitions['split']}, {len(parts)} clients)", fontsize=10)
     return save(fig, path)
-
-
-def fmt(v, digits: int = 4) -> str:
-    """A metric for a table: ``digits`` decimals, or "–" for None (undefined, e.g. no positives)."""
-    return "–" if v is None else f"{v:.{digits}f}"
 
 
 def _ci(ci) -> str:

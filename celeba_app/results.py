@@ -26,7 +26,7 @@ from typing import Any
 from .atomic import atomic_write
 from .config import ConfigError, RunConfig
 
-PACKAGES = ("flwr", "flwr-datasets", "datasets", "torch", "torchvision", "torchmetrics",
+PACKAGES = ("flwr", "flwr-datasets", "datasets", "torch", "torchvision",
             "onnxruntime", "numpy")
 
 

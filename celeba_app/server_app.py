@@ -28,7 +28,7 @@ from .data import check_clients_disjoint, server_identities, server_part
 from .internals import add_exit_handler
 from .federation import FederationGrid, describe_nodes, wait_for_nodes
 from .features import feature_store
-from .metrics import metrics_report
+from .metrics import fmt
 from .mobilenet_layers import describe
 from .model import head_for, weights_digest
 from .postprocessing import equalized_odds_report
@@ -40,7 +40,7 @@ from . import refusal
 from .refusal import RunRefused, refuse  # noqa: F401 - RunRefused: what main raises
 from .selection import BestRound
 from .strategy import RoundPolicy, make_strategy
-from .task import evaluate_stats, pick_device
+from .task import evaluate_report, evaluate_stats, pick_device
 from .tracking import check_available, open_tracker
 
 app = ServerApp()
@@ -131,8 +131,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         def evaluate_valid(server_round: int, arrays: ArrayRecord) -> dict:
             head = head_for(cfg, state=arrays.to_torch_state_dict())
-            return metrics_report(evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
-                          where="valid", min_group_size=cfg.min_group_size)
+            return evaluate_report(head, store.for_part(valid), valid.labels, valid.attributes, "valid",
+                                   cfg.min_group_size, device)
 
         def on_round(history: list[dict], checkpoint: dict) -> None:
             nonlocal last_round
@@ -159,15 +159,14 @@ def main(grid: Grid, context: Context) -> None:
 
         def test_report(state: dict) -> dict:
             head = head_for(cfg, state=state)
-            return metrics_report(evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device), "test",
-                          min_group_size=cfg.min_group_size)
+            return evaluate_report(head, store.for_part(test), test.labels, test.attributes, "test",
+                                   cfg.min_group_size, device)
 
         test_rep = test_report(last_state)
-        history = json.loads((run_dir / "history.json").read_text())
         write_best(run_dir, best, test_report)
-        postprocess(run_dir, cfg, strategy, last_state, store, valid, test, device)
+        postprocess(run_dir, cfg, result.last_evaluate_stats, last_state, store, valid, test, device)
         finished = True
-        write_run_end(run_dir, last_state, history, test_rep,
+        write_run_end(run_dir, last_state, result.history, test_rep,
                       {"round": last_round, "wall_seconds": time.time() - t_start, "feature_cache": store.stats})
         write_report(run_dir)
         if tracker:
@@ -187,11 +186,12 @@ def main(grid: Grid, context: Context) -> None:
         raise
     o = test_rep["overall"]
     log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %s, AUROC %s, loss %.4f "
-        "(n=%d); wall time %.0fs; results in %s", o["accuracy"], _fmt(o["balanced_accuracy"]),
-        _fmt(o["auroc"]), o["loss"], o["n"], time.time() - t_start, run_dir)
+        "(n=%d); wall time %.0fs; results in %s", o["accuracy"], fmt(o["balanced_accuracy"]),
+        fmt(o["auroc"]), o["loss"], o["n"], time.time() - t_start, run_dir)
 
 
-def postprocess(run_dir: Path, cfg: RunConfig, strategy, state: dict, store, valid, test, device) -> None:
+def postprocess(run_dir: Path, cfg: RunConfig, clients_held_out: dict | None, state: dict, store, valid, test,
+                device) -> None:
     """postprocessing.json: equalized-odds post-processing of the final head, fitted on the
     server's ``valid`` (central) and on the clients' summed held-out histograms of the last
     round (federated), applied to ``test`` (postprocessing.py). Optional: a failure here is
@@ -200,7 +200,7 @@ def postprocess(run_dir: Path, cfg: RunConfig, strategy, state: dict, store, val
 
     def make_report() -> dict:
         fit_on = {"valid": evaluate_stats(head, store.for_part(valid), valid.labels, valid.attributes, device),
-                  "clients' held-out": strategy.last_evaluate_stats}
+                  "clients' held-out": clients_held_out}
         test_stats = evaluate_stats(head, store.for_part(test), test.labels, test.attributes, device)
         return equalized_odds_report(fit_on, test_stats, list(cfg.sensitive_attributes), cfg.min_group_size)
 
@@ -227,7 +227,3 @@ def log_plan(store, server_parts: list, to_embed: dict[int, int | None]) -> None
         line += (f": at this server's {rate:.0f} img/s that is about {clients / rate:.0f}s of one process's "
                  "time, shared by the processes that run clients at once")
     log(INFO, line)
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

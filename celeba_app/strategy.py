@@ -17,7 +17,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from typing import Callable, Iterable, Mapping
 
@@ -31,7 +31,7 @@ from .federation import error_reason
 from . import protocol as P
 from .internals import wire_bytes
 from .results import json_safe
-from .metrics import ALL, MIN_GROUP_SIZE, client_distribution, metrics_report, sum_stats, unflatten
+from .metrics import ALL, MIN_GROUP_SIZE, client_distribution, fmt, metrics_report, sum_stats, unflatten
 from .selection import BestRound
 
 HEADLINE = ("loss", "accuracy", "balanced_accuracy", "f1", "auroc")
@@ -88,6 +88,17 @@ class RoundPolicy:
     evaluate_with_train: bool = False
 
 
+@dataclass
+class RoundsResult(Result):
+    """flwr's ``Result`` of ``GroupMetrics.start``, with what the caller writes after the
+    rounds: ``history`` (one entry per round, history.json's list) and
+    ``last_evaluate_stats`` ({slice: metrics.Stats} summed over the clients' held-out parts
+    in the last federated evaluation; None if none ran)."""
+
+    history: list[dict] = field(default_factory=list)
+    last_evaluate_stats: dict | None = None
+
+
 class RunFailed(Exception):
     """The run cannot go on (too many skipped rounds, too few nodes); the reason is the message.
     Not a RuntimeError: flwr-serverapp reports those as "Failed to start run" (exit code 203)."""
@@ -126,10 +137,10 @@ class GroupMetrics:
     # ------------------------------------------------------------------ the round loop
     def start(self, grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn=None, *, server_evaluate: Callable[[int, ArrayRecord], dict],
+              *, server_evaluate: Callable[[int, ArrayRecord], dict],
               best: BestRound, on_round: Callable[[list[dict], dict], None] = lambda history, checkpoint: None,
               policy: RoundPolicy | None = None, resume: dict | None = None,
-              node_partitions: Mapping[int, int] | None = None) -> Result:
+              node_partitions: Mapping[int, int] | None = None) -> RoundsResult:
         """Rounds ``1..num_rounds`` (or from a checkpoint's next round): train, federated
         evaluation, ``server_evaluate`` (the global head on ``valid``: a metrics report), the
         best round and early stopping (no round runs after it), then ``on_round(history,
@@ -141,7 +152,9 @@ class GroupMetrics:
         ``min_reply_fraction`` of those sampled keeps the global head and is marked skipped;
         ``max_skipped_rounds`` in a row raise RunFailed, as do fewer connected nodes than
         ``min_reply_fraction`` of the federation after ``round_timeout``. If no client trains in round 1, NoClientTrained.
-        Returns a flwr ``Result`` whose ``arrays`` is the last global head.
+        Returns a ``RoundsResult``: flwr's ``Result`` whose ``arrays`` is the last global head,
+        with the run's ``history`` (history.json's list) and the clients' summed held-out
+        statistics of the last federated evaluation (``last_evaluate_stats``).
         """
         policy = policy or RoundPolicy(round_timeout=timeout)
         train_config = train_config or ConfigRecord()
@@ -222,9 +235,9 @@ class GroupMetrics:
             last.update(self.history.get(last["round"], {}))
             fe = (last.get("federated_evaluate") or {}).get("overall") or {}
             log(INFO, "celeba-fl: round %d's head on the clients' held-out parts (evaluate messages) | fed-eval "
-                "loss %s acc %s", last["round"], _fmt(fe.get("loss")), _fmt(fe.get("accuracy")))
+                "loss %s acc %s", last["round"], fmt(fe.get("loss")), fmt(fe.get("accuracy")))
             on_round(history, self._checkpoint(last["round"], arrays, history, best, skipped_in_row))
-        return Result(arrays=arrays)
+        return RoundsResult(arrays=arrays, history=history, last_evaluate_stats=self.last_evaluate_stats)
 
     def _evaluate(self, rnd: int, arrays: ArrayRecord, evaluate_config: ConfigRecord, grid, entry: dict,
                   partitions: Mapping[int, int], policy: RoundPolicy) -> None:
@@ -240,14 +253,14 @@ class GroupMetrics:
         ``evaluate_received`` records of this round's successful train replies (the received
         head is the previous round's), written into that round's history entry."""
         contents = [RecordDict({P.METRICS: MetricRecord(dict(m.content.config_records[P.HELD_OUT]))})
-                    for m in ok if P.HELD_OUT in m.content.config_records]
+                    for m in sorted(ok, key=_partition_order) if P.HELD_OUT in m.content.config_records]
         previous["nodes"]["evaluate"] = {**train_outcome, "succeeded": len(contents), "with_train": True}
         rep = self._aggregate_evaluate_contents(previous["round"], contents)
         if rep is not None:
             previous["federated_evaluate"] = fe = self.history[previous["round"]]["federated_evaluate"]
             log(INFO, "celeba-fl: round %d's head on the clients' held-out parts (evaluated with the next train "
-                "messages) | fed-eval loss %s acc %s", previous["round"], _fmt(fe["overall"].get("loss")),
-                _fmt(fe["overall"].get("accuracy")))
+                "messages) | fed-eval loss %s acc %s", previous["round"], fmt(fe["overall"].get("loss")),
+                fmt(fe["overall"].get("accuracy")))
 
     # Server-side state of flwr's strategies that a resumed run needs (FedAvgM's momentum,
     # FedAdam's moments, the arrays they step from).
@@ -300,8 +313,9 @@ class GroupMetrics:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         """The federated evaluation: the clients' held-out statistics summed into one report
-        (history ``federated_evaluate``); None when no reply has a held-out row."""
-        valid, _ = self._check_and_log_replies(list(replies), is_train=False)
+        (history ``federated_evaluate``); None when no reply has a held-out row. Summed in
+        partition order, as training is, so a run's figures do not depend on arrival order."""
+        valid, _ = self._check_and_log_replies(sorted(replies, key=_partition_order), is_train=False)
         return self._aggregate_evaluate_contents(server_round, [m.content for m in valid])
 
     def _aggregate_evaluate_contents(self, server_round: int, contents: list[RecordDict]):
@@ -549,9 +563,6 @@ def _gaps(entry: dict) -> dict | None:
     return out
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
 
 def _log_round(rnd: int, total: int, entry: dict) -> None:
     tr = entry.get("train") or {}
@@ -561,9 +572,9 @@ def _log_round(rnd: int, total: int, entry: dict) -> None:
     replied = f" | {nodes['succeeded']}/{len(nodes['sampled'])} clients" if nodes else ""
     log(INFO, "celeba-fl: round %d/%d | train loss %s acc %s | fed-eval loss %s acc %s | "
         "valid loss %s acc %s AUROC %s%s%s | %.1fs", rnd, total,
-        _fmt((tr.get("overall") or {}).get("loss")), _fmt((tr.get("overall") or {}).get("accuracy")),
-        _fmt((fe.get("overall") or {}).get("loss")), _fmt((fe.get("overall") or {}).get("accuracy")),
-        _fmt(va["loss"]), _fmt(va["accuracy"]), _fmt(va["auroc"]), replied,
+        fmt((tr.get("overall") or {}).get("loss")), fmt((tr.get("overall") or {}).get("accuracy")),
+        fmt((fe.get("overall") or {}).get("loss")), fmt((fe.get("overall") or {}).get("accuracy")),
+        fmt(va["loss"]), fmt(va["accuracy"]), fmt(va["auroc"]), replied,
         " | SKIPPED" if entry.get("skipped") else "", entry.get("seconds") or 0.0)
 
 

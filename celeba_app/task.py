@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import RunConfig
-from .metrics import Stats, slice_stats
+from .metrics import Stats, metrics_report, slice_stats
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
@@ -239,3 +239,10 @@ def evaluate_stats(head: nn.Module, feats: torch.Tensor, labels: np.ndarray,
     """Slice statistics (overall, groups, intersections) of ``head`` on these embeddings."""
     probs = predict(head, feats, device)
     return slice_stats(probs, labels, bce_per_row(probs, labels), attributes, threshold)
+
+
+def evaluate_report(head: nn.Module, feats: torch.Tensor, labels: np.ndarray, attributes: dict[str, np.ndarray],
+                    where: str, min_group_size: int, device: torch.device | str = "cpu") -> dict:
+    """The metrics report (metrics.metrics_report: overall, per group, gaps) of ``head`` on
+    these embeddings; ``where`` names the data in warnings (e.g. "valid")."""
+    return metrics_report(evaluate_stats(head, feats, labels, attributes, device), where, min_group_size)
