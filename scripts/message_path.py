@@ -6,7 +6,7 @@ times it enters each, and how often a call climbs back up the import floors.
 It builds a small CelebA-schema dataset (celeba_app.demo_data) and random MobileNetV2
 weights in a temporary folder, answers one ``query``, then traces one ``train`` and one
 ``evaluate`` message through ``client_app``'s handlers in this process (``sys.setprofile``),
-with a warm cache, as a later round finds it. A module's *floor* is its height in the app's
+with a warm cache (each handler called once before), as a later round finds it. A module's *floor* is its height in the app's
 import graph (a module that imports no other app module is floor 0; every module is above
 what it imports); a *climb* is a call from a module into one on a higher floor, which the
 acyclic imports allow only through a function passed down (a callback). Printed: the modules
@@ -68,10 +68,10 @@ def import_floors() -> dict[str, int]:
 
 
 def trace(fn):
-    """Run ``fn()``; the celeba_app modules called, in order (consecutive calls within one
-    module collapsed), as a list of (caller module, callee module) transitions."""
+    """Run ``fn()``; every call from one celeba_app module into another, as (caller module,
+    callee module), in order. The caller is the nearest app frame below the callee's (a call
+    that passes through a library, e.g. a callback, counts from the app module that made it)."""
     transitions = []
-    last = [None]
 
     def profile(frame, event, arg):
         if event != "call":
@@ -79,9 +79,12 @@ def trace(fn):
         mod = frame.f_globals.get("__name__", "")
         if not mod.startswith("celeba_app"):
             return
-        if mod != last[0]:
-            transitions.append((last[0], mod))
-            last[0] = mod
+        caller = frame.f_back
+        while caller is not None and not caller.f_globals.get("__name__", "").startswith("celeba_app"):
+            caller = caller.f_back
+        src = caller.f_globals["__name__"] if caller is not None else None
+        if src != mod:
+            transitions.append((src, mod))
 
     sys.setprofile(profile)
     try:
@@ -119,8 +122,9 @@ def main() -> None:
                       state=RecordDict(), run_config=run_config)
         return msg, ctx
 
-    client_app.query(*message("query"))  # embeds and caches, as round 1 would
-    client_app.train(*message("train"))
+    client_app.query(*message("query"))
+    client_app.train(*message("train"))  # round 1: embeds and caches both parts
+    client_app.evaluate(*message("evaluate"))
     floors = import_floors()
     for kind, handler in (("train", client_app.train), ("evaluate", client_app.evaluate)):
         transitions = trace(lambda: handler(*message(kind)))
