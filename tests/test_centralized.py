@@ -25,6 +25,12 @@ def test_centralized_run_writes_the_same_contract(two_runs):
     history = json.loads((run / "history.json").read_text())
     assert [h["round"] for h in history] == [0, 1, 2]
     assert {"train", "local_validation", "server_valid"} <= set(history[-1])
+    from pathlib import Path
+    assert all(Path(config["run_config"][k]).is_absolute() for k in ("dataset", "weights", "results-dir", "cache-dir"))
+    post = json.loads((run / "postprocessing.json").read_text())
+    assert set(post["attributes"]) == {"Male", "Young", "Pale_Skin"}
+    assert {"test_before", "valid", "clients' held-out"} <= set(post["attributes"]["Young"])
+    assert "## Equalized-odds post-processing (test)" in (run / "report.md").read_text()
 
 
 def test_centralized_trains_with_the_federations_lr_decay_weight_decay_and_group_weights(
