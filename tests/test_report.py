@@ -77,3 +77,43 @@ def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
 def test_groups_are_named_in_words():
     assert report.group_label("Male", "1") == "Male" and report.group_label("Male", "0") == "not Male"
     assert report.group_label("Male&Young", "0&1") == "not Male & Young"
+
+
+def test_gaps_that_include_a_small_group_are_marked_and_name_it(two_runs):
+    import json
+
+    test = json.loads((two_runs[0] / "test.json").read_text())
+    table = report.gap_table(test)
+    for attr in test["gaps"]:
+        small = report.smallest_group(test, attr)
+        row = next(line for line in table.splitlines() if line.startswith(f"| {attr}"))
+        assert row.startswith(f"| {attr}{'*' if small['small'] else ''} |")
+        assert row.endswith(f"| {small['name']} (n={small['n']}{'*' if small['small'] else ''}) |")
+
+
+def test_a_post_processing_fit_that_widens_the_gap_is_marked_and_named():
+    def summary(acc, eodds):
+        return {"accuracy": acc, "gaps": {"equalized_odds_difference": eodds, "equalized_odds_difference_ci": [0, 1]},
+                "groups": {"0": {"tpr": 0.9, "fpr": 0.1}, "1": {"tpr": 0.8, "fpr": 0.2}}}
+
+    post = {"attributes": {"Young": {"test_before": summary(0.886, 0.033),
+                                     "valid": {"rule": {}, "test_after": summary(0.880, 0.020)},
+                                     "clients' held-out": {"rule": {}, "test_after": summary(0.884, 0.133)}}}}
+    table = report.postprocessing_table(post)
+    assert "| -0.013 / -0.006 |" in table and "| +0.100 **wider** / -0.002 |" in table
+    assert report.widened_gaps(post) == ["Young (fitted on clients' held-out: 0.033 -> 0.133)"]
+
+
+def test_client_accuracy_has_its_size_interval_and_composition(tmp_path):
+    history = [{"round": 1, "federated_evaluate": {"clients": {
+        "accuracy": {"min": 0.5, "p10": 0.5, "mean": 0.75, "max": 1.0},
+        "accuracy_by_partition": {"0": 0.5, "1": 1.0}, "num_examples_by_partition": {"0": 14, "1": 12}}}}]
+    partitions = {"split": "noniid", "partitions": [
+        {"partition_id": 0, "group_rates": {"Male": 0.9, "Young": 0.5}},
+        {"partition_id": 1, "group_rates": {"Male": 0.1, "Young": 0.4}}]}
+    last = report.last_client_round(history)
+    assert last["clients"][0]["n"] == 14 and last["clients"][0]["accuracy_ci"][0] < 0.5 < last["clients"][0]["accuracy_ci"][1]
+    lines = report.clients_section(history, partitions)
+    assert "2 clients of 12-14 images (median 13)" in lines[2]
+    assert "| 0 | 14 | 0.500 [" in "\n".join(lines) and "| 0.90 | 0.50 |" in "\n".join(lines)
+    assert report.plot_client_accuracy(history, tmp_path / "c.png", partitions).read_bytes()[:8] == PNG
