@@ -145,5 +145,14 @@ class Tracker:
 
 def open_tracker(kind: str, run_dir: Path, run_config: dict, logged_rounds: int = -1) -> Tracker | None:
     """A Tracker for ``tracking=kind`` writing into ``run_dir``; None for "". ``logged_rounds``:
-    the last round a resumed run's earlier process logged (its rounds are not logged again)."""
-    return Tracker(kind, run_dir, run_config, logged_rounds) if kind else None
+    the last round a resumed run's earlier process logged (its rounds are not logged again).
+    A tracker that cannot start (its store cannot be written, say) is one line on stderr and
+    None: the run goes on without it."""
+    if not kind:
+        return None
+    try:
+        return Tracker(kind, run_dir, run_config, logged_rounds)
+    except Exception as exc:  # noqa: BLE001 - tracking is an extra
+        print(f"celeba-fl: tracking={kind!r} could not start ({type(exc).__name__}: {exc}); the run goes on, "
+              "its figures are in history.json", file=sys.stderr, flush=True)
+        return None

@@ -71,3 +71,11 @@ def test_a_failing_tracker_never_ends_the_run(two_runs, tmp_path, capsys):
     tracker.log_history(json.loads((run / "history.json").read_text()))
     tracker.close()
     assert "tracking='tensorboard' failed (OSError: disk full); the run goes on" in capsys.readouterr().err
+
+
+def test_a_tracker_that_cannot_start_is_one_line_and_none(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "mlruns").write_text("a file where the store's folder should be")
+    assert tracking.open_tracker("mlflow", run, {}) is None
+    assert "tracking='mlflow' could not start" in capsys.readouterr().err
