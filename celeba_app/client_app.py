@@ -105,34 +105,34 @@ def _setup(msg: Message, context: Context) -> Setup:
 def train(msg: Message, context: Context) -> Message:
     """Train the received head on this client's local training part."""
     job = _setup(msg, context)
-    cfg, pid, device, head, train_part, val_part, store = (job.cfg, job.partition_id, job.device, job.head,
-                                                           job.train_part, job.val_part, job.store)
+    cfg, head, train_part, val_part = job.cfg, job.head, job.train_part, job.val_part
     config = msg.content[P.CONFIG]
     server_round = int(config.get(P.SERVER_ROUND, 0))
-    feats = store.for_part(train_part, hflip=cfg.augment_hflip)
+    feats = job.store.for_part(train_part, hflip=cfg.augment_hflip)
     plain = feats[0] if cfg.augment_hflip else feats
     # The received (global) head on this client's data: q-FedAvg's loss F_k(w_t); with
     # GLOBAL_STATS (FairFed) its slice statistics, sent beside the metrics.
     global_stats = config.get(P.GLOBAL_STATS, False)
     held_out = None
     if config.get(P.EVALUATE_RECEIVED, False):  # evaluate-with-train: the received head on the held-out part
-        held_out = {P.NUM_EXAMPLES: len(val_part), P.PARTITION_ID: pid,
-                    **flatten(evaluate_stats(head, store.for_part(val_part), val_part.labels,
-                                             val_part.attributes, device))}
+        held_out = {P.NUM_EXAMPLES: len(val_part), P.PARTITION_ID: job.partition_id,
+                    **flatten(evaluate_stats(head, job.store.for_part(val_part), val_part.labels,
+                                             val_part.attributes, job.device))}
     before_slices = evaluate_stats(head, plain, train_part.labels, train_part.attributes if global_stats else {},
-                                   device)
+                                   job.device)
     before = before_slices["all"]
     result = train_head(
         head, feats, torch.as_tensor(train_part.labels), epochs=cfg.local_epochs,
         lr=float(config.get(P.LR, cfg.learning_rate)), batch_size=cfg.batch_size,
-        seed=cfg.seed + 100_003 * server_round + pid, device=device,
+        seed=cfg.seed + 100_003 * server_round + job.partition_id, device=job.device,
         weight_decay=cfg.weight_decay, proximal_mu=float(config.get(P.PROXIMAL_MU, 0.0)),
         sample_weight=group_balance_weights(train_part.attributes, cfg.balance_groups)
         if cfg.balance_groups else None,
     )
-    stats = evaluate_stats(head, plain, train_part.labels, train_part.attributes, device)
+    stats = evaluate_stats(head, plain, train_part.labels, train_part.attributes, job.device)
     metrics = {P.NUM_EXAMPLES: len(train_part), P.LOCAL_STEPS_LOSS: result["loss"],
-               P.GLOBAL_LOSS: before.loss_sum / max(1, before.n), P.PARTITION_ID: pid, **flatten(stats)}
+               P.GLOBAL_LOSS: before.loss_sum / max(1, before.n), P.PARTITION_ID: job.partition_id,
+               **flatten(stats)}
     content = RecordDict({P.ARRAYS: ArrayRecord(head_state(head)), P.METRICS: MetricRecord(metrics)})
     if global_stats:
         content[P.GLOBAL_MODEL] = ConfigRecord(flatten(before_slices))

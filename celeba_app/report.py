@@ -197,13 +197,19 @@ def plot_client_accuracy(history: list[dict], path: Path, partitions: dict | Non
            [c["accuracy_ci"][1] - c["accuracy"] if c["accuracy_ci"] else 0 for c in rows]]
     ax2.errorbar(x, y, yerr=err, fmt="o", ms=3, capsize=2, elinewidth=0.6, alpha=0.8)
     ns = [c["n"] for c in rows if c["n"]]
-    spread = f"{min(ns)}" if ns and min(ns) == max(ns) else f"{min(ns)}-{max(ns)}" if ns else ""
-    size = f"held-out n = {spread} per client (median {int(np.median(ns))})" if ns else "n not recorded"
+    size = f"held-out n = {sizes_phrase(ns, ' per client')}" if ns else "n not recorded"
     ax2.set_title(f"round {last['round']}: each client, 95% Wilson CI; {size}", fontsize=9)
     ax2.set_xlabel(f"client's {attr} share" if attr else "client's held-out images")
     ax2.set_ylabel("accuracy")
     ax2.grid(alpha=0.3)
     return save(fig, path)
+
+
+def sizes_phrase(ns: list[int], unit: str) -> str:
+    """Clients' sizes in words: "14 images (median 14)" when all are equal, else
+    "12-14 images (median 13)" (``unit`` = " images")."""
+    spread = f"{min(ns)}" if min(ns) == max(ns) else f"{min(ns)}-{max(ns)}"
+    return f"{spread}{unit} (median {int(np.median(ns))})"
 
 
 def clients_section(history: list[dict], partitions: dict | None, worst: int = 5) -> list[str]:
@@ -217,9 +223,8 @@ def clients_section(history: list[dict], partitions: dict | None, worst: int = 5
     attrs = list(next(iter(parts.values()))["group_rates"]) if parts else []
     out = ["## Per-client accuracy", ""]
     if ns:
-        spread = f"{min(ns)}" if min(ns) == max(ns) else f"{min(ns)}-{max(ns)}"
         out += [f"Round {last['round']}, the global head on each client's held-out part: {len(ns)} clients of "
-                f"{spread} images (median {int(np.median(ns))}), so one image moves a client's "
+                f"{sizes_phrase(ns, ' images')}, so one image moves a client's "
                 f"accuracy by about {1 / np.median(ns):.3f}, and its 95% interval is wide. The lowest "
                 f"{min(worst, len(ns))}, with their composition (partitions.json):", ""]
     head = "| client | n | accuracy [95% CI] | " + " | ".join(f"{a} share" for a in attrs) + " |"
