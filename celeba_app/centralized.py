@@ -11,7 +11,8 @@ federation's clients get that round (``lr-decay``), with the same ``weight-decay
 counterpart and are not applied). It writes the same run folder
 (config.json, partitions.json, history.json, test.json, best.json, postprocessing.json, head.pt,
 report.md, plots),
-with the same best-round selection on ``valid`` and early stopping, and
+with the same best-round selection on ``valid``, early stopping and overfitting gap
+(selection.close_round), and
 ``kind: "centralized"``: ``train`` is the head on the union of training parts,
 ``local_validation`` on the union of the clients' held-out parts, ``server_valid`` on ``valid``.
 """
@@ -37,7 +38,7 @@ from .report import write_report
 from .model import head_for, weights_digest
 from .results import (create_run_dir, run_dir_for, write_best, write_postprocessing, write_run_end, write_run_start,
                       write_skipped_rows)
-from .selection import BestRound
+from .selection import BestRound, close_round
 from .task import evaluate_report, evaluate_stats, group_balance_weights, pick_device, train_head
 from .tracking import check_available, open_tracker
 
@@ -103,6 +104,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
                                                             device)
         entry["server_valid"] = evaluate_report(head, f_valid, valid.labels, valid.attributes, "valid",
                                                 cfg.min_group_size, device)
+        stop = close_round(entry, best, head.state_dict())
         entry["seconds"] = time.time() - t0
         history.append(entry)
         if tracker:
@@ -110,8 +112,7 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
         v = entry["server_valid"]["overall"]
         print(f"celeba-fl centralized: round {rnd}/{cfg.num_server_rounds} | valid loss {v['loss']:.4f} "
               f"acc {v['accuracy']:.4f} AUROC {v['auroc']:.4f}", flush=True)
-        best.update(rnd, entry["server_valid"], {k: t.clone() for k, t in head.state_dict().items()})
-        if best.should_stop:
+        if stop:
             print(f"celeba-fl centralized: early stopping after round {rnd} (best: round {best.round})")
             break
 

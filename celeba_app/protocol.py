@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 # --------------------------------------------------------------------------- message types
 QUERY = "query"  #: the server's first message: describe your data
@@ -59,6 +59,15 @@ def reply_metrics(content: RecordDict) -> MetricRecord:
     """A reply's one MetricRecord (``METRICS``; the first, whatever its name, as Flower's
     strategies read it)."""
     return next(iter(content.metric_records.values()))
+
+
+def partition_order(reply: Message) -> tuple:
+    """Sort key of replies: the successful ones by the partition id in their metrics, then
+    errors and replies without metrics, by node id."""
+    records = [] if reply.has_error() else list(reply.content.metric_records.values())
+    if not records:
+        return (1, reply.metadata.src_node_id)
+    return (0, int(records[0].get(PARTITION_ID, -1)), reply.metadata.src_node_id)
 
 
 def reply_arrays(content: RecordDict) -> ArrayRecord:

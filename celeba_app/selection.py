@@ -48,15 +48,17 @@ class BestRound:
     since_best: int = 0
 
     def update(self, server_round: int, rep: dict, state: dict) -> bool:
-        """Record a round's validation report; True when it is the new best. Round 0 (the
-        untrained head) is never selected."""
+        """Record a round's validation report; True when it is the new best, whose head
+        ``state`` (a state_dict) is then kept as a copy. Round 0 (the untrained head) is never
+        selected."""
         value = metric_value(rep, self.metric)
         if server_round < 1 or value is None:
             return False
         larger_better = SELECTION_METRICS[self.metric]
         better = self.value is None or (value > self.value if larger_better else value < self.value)
         if better:
-            self.round, self.value, self.state, self.since_best = server_round, value, state, 0
+            self.round, self.value, self.since_best = server_round, value, 0
+            self.state = {k: v.clone() for k, v in state.items()}
         else:
             self.since_best += 1
         return better
@@ -65,3 +67,23 @@ class BestRound:
     def should_stop(self) -> bool:
         """True once ``patience`` rounds (> 0) have passed without a new best."""
         return self.patience > 0 and self.since_best >= self.patience
+
+
+def close_round(entry: dict, best: BestRound, state: dict) -> bool:
+    """The end of a round, in the federated loop and the centralized one alike: ``entry`` (the
+    round's history record, with ``server_valid``) gets ``gap_train_minus_valid`` (its
+    ``train`` minus ``server_valid`` loss, accuracy and AUROC: the overfitting gap; None
+    without both), ``best`` records the round with its head ``state``, and ``early_stopped``
+    is set on the round after which early stopping ends the run. True when it ends."""
+    tr, va = entry.get("train"), entry.get("server_valid")
+    gap = None
+    if tr and va:
+        gap = {}
+        for key in ("loss", "accuracy", "auroc"):
+            a, b = tr["overall"].get(key), va["overall"].get(key)
+            gap[key] = None if a is None or b is None else a - b
+    entry["gap_train_minus_valid"] = gap
+    best.update(entry["round"], va, state)
+    if best.should_stop:
+        entry["early_stopped"] = True
+    return best.should_stop

@@ -39,7 +39,8 @@ from .results import (check_resume, create_run_dir, load_checkpoint, resume_comm
 from . import refusal
 from .refusal import RunRefused, refuse  # noqa: F401 - RunRefused: what main raises
 from .selection import BestRound
-from .strategy import RoundPolicy, make_strategy
+from .round_loop import RoundPolicy
+from .strategy import make_strategy
 from .task import evaluate_report, evaluate_stats, pick_device
 from .tracking import check_available, open_tracker
 

@@ -9,7 +9,7 @@ from flwr.app import Context, Error, RecordDict
 
 from celeba_app import server_app
 from celeba_app.server_app import RunRefused
-from celeba_app.strategy import NoClientTrained
+from celeba_app.round_loop import NoClientTrained
 from celeba_app.internals import set_src_node_id
 from test_federation import FakeGrid, replies_from_messages  # noqa: F401 - the fixture is used
 

@@ -1,42 +1,14 @@
 """Strategies aggregate arrays their own way and metrics from summed statistics."""
 
-import json
-import logging
-import re
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 
 from celeba_app.config import RunConfig
-from celeba_app.metrics import flatten, slice_stats
-from celeba_app.selection import BestRound
-from celeba_app.strategy import (FairFed, FedAdamWithGroupMetrics, FedAvgWithGroupMetrics, FedAvgMWithGroupMetrics, FedProxWithGroupMetrics, QFedAvgWithGroupMetrics,
-                                 NoClientTrained, RoundPolicy, RunFailed, make_strategy)
-from celeba_app.task import bce_per_row
-from celeba_app.internals import set_src_node_id
-
-
-class FakeGrid:
-    def get_node_ids(self):
-        return [1, 2, 3]
-
-
-def reply(weight: float, n: int, seed: int, male_shift: float = 0.0, width: int = 4) -> Message:
-    """A train reply: arrays filled with ``weight``, statistics of random scores, and (as a
-    client asked for "global-stats" sends) the received head's statistics, whose TPR/FPR for
-    Male=1 are moved by ``male_shift`` (a client-specific gap)."""
-    rng = np.random.default_rng(seed)
-    p, y = rng.random(n), rng.integers(0, 2, n)
-    attrs = {"Male": rng.integers(0, 2, n)}
-    metrics = {"num-examples": n, "local_steps_loss": 0.5, "global_loss": 0.6 + seed / 10,
-               "partition_id": seed, **flatten(slice_stats(p, y, bce_per_row(p, y), attrs))}
-    arrays = ArrayRecord({"1.weight": torch.full((1, width), weight), "1.bias": torch.zeros(1)})
-    g = np.clip(p + male_shift * attrs["Male"], 0, 1)
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
-                          "global_model": ConfigRecord(flatten(slice_stats(g, y, bce_per_row(g, y), attrs)))})
-    return Message(content=content, dst_node_id=1, message_type="train")
+from celeba_app.strategy import (FairFed, FedAdamWithGroupMetrics, FedAvgWithGroupMetrics, FedAvgMWithGroupMetrics,
+                                 FedProxWithGroupMetrics, QFedAvgWithGroupMetrics, make_strategy)
+from replies import FakeGrid, reply
 
 
 @pytest.mark.parametrize("name, cls", [("fedavg", FedAvgWithGroupMetrics), ("fedprox", FedProxWithGroupMetrics),
@@ -53,8 +25,7 @@ def test_every_strategy_aggregates_and_records_fair_metrics(name, cls, width):
     assert config["lr"] == pytest.approx(0.005 * 0.5)  # round 2: lr * decay^1
     if name == "fedprox":
         assert config["proximal-mu"] == 0.1
-    assert strategy.history[2]["head_bytes"] == (width + 1) * 4
-    arrays, headline = strategy.aggregate_train(2, [reply(1.0, 30, 0, width=width), reply(3.0, 10, 1, width=width)])
+    arrays, measured = strategy.aggregate_train(2, [reply(1.0, 30, 0, width=width), reply(3.0, 10, 1, width=width)])
     w = arrays.to_torch_state_dict()["1.weight"]
     assert w.shape == (1, width)
     if name == "fedavg":
@@ -65,157 +36,12 @@ def test_every_strategy_aggregates_and_records_fair_metrics(name, cls, width):
     if name == "fairfed":  # a convex combination of the clients' heads
         assert 1.0 <= w.min().item() and w.max().item() <= 3.0
     assert not torch.equal(w, torch.zeros(1, width))
-    rep = strategy.history[2]["train"]
+    rep = strategy.train_records(measured)["train"]
     assert rep["overall"]["n"] == 40 and rep["num_clients"] == 2
     assert set(rep["clients"]["accuracy_by_partition"]) == {"0", "1"}
     assert set(rep["clients"]["num_examples_by_partition"]) == {"0", "1"}
     assert all(isinstance(n, int) and n > 0 for n in rep["clients"]["num_examples_by_partition"].values())
-    assert "accuracy" in headline
-
-
-class LoopGrid:
-    """Nodes 1..3 whose train replies are built by ``train(node, round, msg)`` (a Message or
-    an Error code); evaluate replies carry empty metrics."""
-
-    def __init__(self, train):
-        self.train, self.node_ids = train, {1, 2, 3}
-
-    def get_node_ids(self):
-        return sorted(self.node_ids)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = m.object_id
-            nid = m.metadata.dst_node_id
-            if m.metadata.message_type == "train":
-                r = self.train(nid, int(m.content["config"]["server-round"]), m)
-                if r is None:
-                    continue  # no reply
-                reply = Message(r, reply_to=m) if isinstance(r, Error) else Message(r.content, reply_to=m)
-            else:
-                metrics = {"num-examples": 0, "partition_id": nid}
-                reply = Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=m)
-            set_src_node_id(reply, nid)
-            out.append(reply)
-        return out
-
-
-def valid_report(losses):
-    """server_evaluate returning a report whose loss is losses[round]."""
-    def evaluate(rnd, arrays):
-        return {"overall": {"loss": losses[rnd], "accuracy": 0.5, "auroc": None}, "gaps": {}}
-    return evaluate
-
-
-def trained(nid, rnd, msg, weight=None):
-    return reply(weight if weight is not None else float(nid + rnd), 10, nid)
-
-
-def run_loop(strategy, grid, rounds=4, losses=(1, 0.9, 0.8, 0.7, 0.6), patience=0, **kw):
-    start = ArrayRecord({"1.weight": torch.zeros(1, 4), "1.bias": torch.zeros(1)})
-    written = []
-    result = strategy.start(grid, start, num_rounds=rounds, server_evaluate=valid_report(list(losses)),
-                            best=BestRound("loss", patience),
-                            on_round=lambda h, c: written.append((json.loads(json.dumps(h)), c)), **kw)
-    return result, written
-
-
-def test_early_stopping_really_stops():
-    sent = []
-    grid = LoopGrid(lambda nid, rnd, msg: sent.append(rnd) or trained(nid, rnd, msg))
-    _, written = run_loop(make_strategy(RunConfig(), 3), grid, rounds=4, losses=(1, 0.5, 0.6, 0.7, 0.8),
-                          patience=2)
-    history = written[-1][0]
-    assert [h["round"] for h in history] == [0, 1, 2, 3]  # stopped after round 3: no round 4 at all
-    assert history[-1]["early_stopped"] and sorted(set(sent)) == [1, 2, 3]
-    assert [c["round"] for _, c in written] == [0, 1, 2, 3]  # every round written as it ended
-
-
-def test_a_round_is_written_before_its_log_line_announces_it():
-    """A run killed right after its "round N" line must resume after round N, not N-1."""
-    saved, announced_unsaved = [], []
-
-    class Announcements(logging.Handler):
-        def emit(self, record):
-            m = re.match(r"celeba-fl: round (\d+)/", record.getMessage())
-            if m and int(m.group(1)) not in saved:
-                announced_unsaved.append(int(m.group(1)))
-
-    handler, logger = Announcements(), logging.getLogger("flwr")
-    logger.addHandler(handler)
-    try:
-        make_strategy(RunConfig(), 3).start(
-            LoopGrid(trained), ArrayRecord({"1.weight": torch.zeros(1, 4), "1.bias": torch.zeros(1)}),
-            num_rounds=3, server_evaluate=valid_report([1, 0.9, 0.8, 0.7]), best=BestRound("loss", 0),
-            on_round=lambda history, checkpoint: saved.append(checkpoint["round"]))
-    finally:
-        logger.removeHandler(handler)
-    assert saved == [0, 1, 2, 3] and announced_unsaved == []
-
-
-def test_a_failing_client_is_survived_and_recorded():
-    def train(nid, rnd, msg):
-        return Error(code=2, reason="celeba-fl: row 7 of client-2/train cannot be decoded") \
-            if nid == 2 and rnd == 2 else trained(nid, rnd, msg)
-    _, written = run_loop(make_strategy(RunConfig(), 3), LoopGrid(train), rounds=3,
-                          node_partitions={1: 10, 2: 20, 3: 30})
-    r2 = written[-1][0][2]
-    assert r2["nodes"]["train"]["sampled"] == [1, 2, 3] and r2["nodes"]["train"]["succeeded"] == 2
-    assert r2["nodes"]["train"]["failures"] == [{"node_id": 2, "partition_id": 20, "code": 2,
-                                                 "reason": "row 7 of client-2/train cannot be decoded"}]
-    assert r2["train"]["num_clients"] == 2 and not r2.get("skipped")
-
-
-def test_rounds_without_enough_replies_are_skipped_then_the_run_fails():
-    def train(nid, rnd, msg):
-        return trained(nid, rnd, msg) if rnd == 1 else (None if nid == 3 else Error(code=2, reason="boom"))
-    strategy = make_strategy(RunConfig(), 3)
-    with pytest.raises(RunFailed, match="3 rounds in a row skipped .max-skipped-rounds=2.; last: 0 of 3"):
-        run_loop(strategy, LoopGrid(train), rounds=5, policy=RoundPolicy(round_timeout=1, max_skipped_rounds=2))
-    result, written = run_loop(make_strategy(RunConfig(), 3), LoopGrid(train), rounds=3,
-                               policy=RoundPolicy(round_timeout=1, max_skipped_rounds=5))
-    history = written[-1][0]
-    assert history[2]["skipped"] and history[3]["skipped"]
-    assert {"node_id": 3, "partition_id": None, "code": None,
-            "reason": "no reply within round-timeout=1s"} in history[2]["nodes"]["train"]["failures"]
-    after_round_1 = written[1][1]["arrays"]
-    assert all(torch.equal(result.arrays.to_torch_state_dict()[k], v) for k, v in after_round_1.items())
-
-
-def test_no_client_training_in_round_1_ends_the_run_with_their_errors():
-    grid = LoopGrid(lambda nid, rnd, msg: Error(code=2, reason="celeba-fl: data-path='/x': no such folder"))
-    with pytest.raises(NoClientTrained, match="node 1: data-path='/x': no such folder"):
-        run_loop(make_strategy(RunConfig(), 3), grid, rounds=3)
-
-
-@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fairfed"])
-def test_resuming_from_a_checkpoint_gives_the_uninterrupted_head(name):
-    """The checkpoint holds the server's state (FedAvgM momentum, FedAdam moments): a strategy
-    restored after round 2 ends where an uninterrupted one does."""
-    grid = LoopGrid(lambda nid, rnd, msg: trained(nid, rnd, msg, weight=float(nid * rnd % 5)))
-    cfg = RunConfig.from_run_config({"strategy": name})
-    full, _ = run_loop(make_strategy(cfg, 3), grid, rounds=4)
-    _, written = run_loop(make_strategy(cfg, 3), grid, rounds=2)
-    checkpoint = torch.load(_saved(written[-1][1]), weights_only=True)
-    resumed, rest = run_loop(make_strategy(cfg, 3), grid, rounds=4, resume=checkpoint)
-    assert [h["round"] for h in rest[-1][0]] == [0, 1, 2, 3, 4]
-    for k, v in full.arrays.to_torch_state_dict().items():
-        assert (resumed.arrays.to_torch_state_dict()[k] - v).abs().max() < 1e-6, k
-    if name != "fedavg":  # the server state matters: without it, round 3 differs
-        fresh, _ = run_loop(make_strategy(cfg, 3), grid, rounds=4,
-                            resume={**checkpoint, "server_state": {}})
-        assert not torch.allclose(fresh.arrays.to_torch_state_dict()["1.weight"],
-                                  full.arrays.to_torch_state_dict()["1.weight"])
-
-
-def _saved(checkpoint):
-    import io
-
-    buf = io.BytesIO()
-    torch.save(checkpoint, buf)
-    buf.seek(0)
-    return buf
+    assert measured["num-examples"] == 40 and measured["all|n"] == 40  # the sums, from which rep is derived
 
 
 def test_fairfed_moves_weight_away_from_the_client_whose_gap_is_far_from_the_global_one():
@@ -225,8 +51,8 @@ def test_fairfed_moves_weight_away_from_the_client_whose_gap_is_far_from_the_glo
     [msg, *_] = strategy.configure_train(1, start, ConfigRecord(), FakeGrid())
     assert msg.content["config"]["global-stats"] is True  # clients send the received head's statistics
     replies = [reply(1.0, 400, 0), reply(2.0, 400, 1), reply(3.0, 400, 2, male_shift=0.6)]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    record = strategy.history[1]["fairfed"]
+    arrays, measured = strategy.aggregate_train(1, replies)
+    record = strategy.train_records(measured)["fairfed"]
     w = record["weights"]
     assert sum(w.values()) == pytest.approx(1.0) and min(w.values()) >= 0
     assert record["delta"]["2"] > max(record["delta"]["0"], record["delta"]["1"])
@@ -234,8 +60,8 @@ def test_fairfed_moves_weight_away_from_the_client_whose_gap_is_far_from_the_glo
     expected = sum(w[str(i)] * (i + 1.0) for i in range(3))
     assert torch.allclose(arrays.to_torch_state_dict()["1.weight"], torch.full((1, 4), expected))
     # the weights carry over to the next round, and keep moving
-    strategy.aggregate_train(2, replies)
-    assert strategy.history[2]["fairfed"]["weights"]["2"] < w["2"]
+    _, measured = strategy.aggregate_train(2, replies)
+    assert strategy.train_records(measured)["fairfed"]["weights"]["2"] < w["2"]
 
 
 def test_fairfed_with_beta_0_is_fedavg():
@@ -261,63 +87,6 @@ def test_qfedavg_without_gc_aggregates_as_flwrs_qfedavg():
     for k in heads[0]:
         assert torch.allclose(heads[0][k], heads[1][k], atol=1e-7), k
     assert not torch.equal(heads[1]["1.weight"], start.to_torch_state_dict()["1.weight"])
-
-
-class HeldOutGrid(LoopGrid):
-    """LoopGrid whose clients evaluate a head as a function of (node, head): by evaluate
-    messages, or in a train reply's ``evaluate_received`` record when the config asks."""
-
-    def __init__(self):
-        super().__init__(self._train)
-        self.sent = []  # (round, message type)
-
-    @staticmethod
-    def held_out(nid, msg) -> dict:
-        w = float(msg.content["arrays"].to_torch_state_dict()["1.weight"].mean())
-        rng = np.random.default_rng(nid)
-        y, p = rng.integers(0, 2, 40), np.clip(rng.random(40) * 0.5 + 0.25 + w / 20, 0, 1)
-        return {"num-examples": 40, "partition_id": nid, **flatten(slice_stats(p, y, bce_per_row(p, y),
-                                                                               {"Male": y ^ 1}))}
-
-    def _train(self, nid, rnd, msg):
-        out = trained(nid, rnd, msg)
-        if msg.content["config"]["evaluate-received"]:
-            out.content["evaluate_received"] = ConfigRecord(self.held_out(nid, msg))
-        return out
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        self.sent += [(int(m.content["config"]["server-round"]), m.metadata.message_type) for m in messages]
-        evaluate = [m for m in messages if m.metadata.message_type == "evaluate"]
-        out = super().send_and_receive([m for m in messages if m not in evaluate])
-        for m in evaluate:
-            r = Message(RecordDict({"metrics": MetricRecord(self.held_out(m.metadata.dst_node_id, m))}), reply_to=m)
-            set_src_node_id(r, m.metadata.dst_node_id)
-            out.append(r)
-        return out
-
-
-@pytest.mark.parametrize("patience", [0, 1])
-def test_evaluate_with_train_gives_every_round_the_federated_evaluation_of_separate_messages(patience):
-    """One message per client per round (the next train message evaluates the received head),
-    plus evaluate messages for the last head only; every round's federated evaluation is the
-    one that evaluate messages give, also when early stopping ends the run."""
-    losses = (1, 0.9, 0.95, 0.99, 0.99)  # patience 1: stops after round 2
-    runs = {}
-    for fold in (False, True):
-        grid = HeldOutGrid()
-        _, written = run_loop(make_strategy(RunConfig(), 3), grid, rounds=4, losses=losses, patience=patience,
-                              policy=RoundPolicy(evaluate_with_train=fold))
-        runs[fold] = (grid.sent, written[-1][0])
-    (sent_sep, hist_sep), (sent_fold, hist_fold) = runs[False], runs[True]
-    last = hist_sep[-1]["round"]
-    assert last == (2 if patience else 4) and hist_fold[-1]["round"] == last
-    assert [t for _, t in sent_sep].count("evaluate") == 3 * last
-    assert [(r, t) for r, t in sent_fold if t == "evaluate"] == [(last, "evaluate")] * 3
-    assert [t for _, t in sent_fold].count("train") == 3 * last
-    for sep, fold in zip(hist_sep[1:], hist_fold[1:]):
-        assert fold["federated_evaluate"]["overall"]["n"] == 120
-        assert fold["federated_evaluate"] == sep["federated_evaluate"], sep["round"]
 
 
 @pytest.mark.parametrize("name", ["fedavgm", "fedadam"])
@@ -358,7 +127,6 @@ def test_every_strategy_aggregates_the_conv1x1_heads_four_arrays(name):
     strategy = make_strategy(RunConfig.from_run_config({"strategy": name, "head": "conv1x1", **extra}), 3)
     start = ArrayRecord({k: torch.zeros(s) for k, s in shapes.items()})
     list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid()))
-    assert strategy.history[1]["head_bytes"] == sum(int(np.prod(s)) for s in shapes.values()) * 4
     replies = []
     for weight, n, seed in ((1.0, 30, 0), (3.0, 10, 1)):
         r = reply(weight, n, seed)
