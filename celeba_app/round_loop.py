@@ -23,7 +23,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import Callable, Iterable, Mapping, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -36,8 +36,26 @@ from .metrics import fmt, unflatten
 from .results import json_safe
 from .selection import BestRound, close_round
 
-if TYPE_CHECKING:
-    from .strategy import GroupMetrics
+
+class RoundStrategy(Protocol):
+    """What the loop asks of its strategy (strategy.GroupMetrics): Flower's Message-API
+    hooks, whose ``aggregate_*`` return the measured MetricRecord, and the app's own."""
+
+    sampling_seed: int  # seeds Python's random, with which flwr samples nodes
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid) -> Iterable[Message]: ...
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]: ...
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid) -> Iterable[Message]: ...
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None: ...
+    def sum_held_out(self, contents: list[RecordDict]) -> MetricRecord | None: ...
+    def train_records(self, measured: MetricRecord) -> dict: ...
+    def evaluate_report(self, measured: MetricRecord) -> dict: ...
+    def round_lr(self, server_round: int) -> float: ...
+    def server_state(self) -> dict: ...
+    def restore_server_state(self, state: dict) -> None: ...
 
 
 class NoClientTrained(Exception):
@@ -74,7 +92,7 @@ class RoundsResult(Result):
     last_evaluate_stats: dict | None = None
 
 
-def run_rounds(strategy: GroupMetrics, grid, initial_arrays: ArrayRecord, num_rounds: int,
+def run_rounds(strategy: RoundStrategy, grid, initial_arrays: ArrayRecord, num_rounds: int,
                train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None, *,
                server_evaluate: Callable[[int, ArrayRecord], dict], best: BestRound,
                on_round: Callable[[list[dict], dict], None] = lambda history, checkpoint: None,
@@ -150,7 +168,7 @@ class _Loop:
     """What every round of one run shares: the strategy, the grid, the policy, which
     partition each node holds, the evaluate config, and the last federated evaluation's sums."""
 
-    strategy: GroupMetrics
+    strategy: RoundStrategy
     grid: object
     policy: RoundPolicy
     partitions: dict[int, int]
@@ -288,7 +306,7 @@ def _log_round(rnd: int, total: int, entry: dict) -> None:
 
 
 # ---------------------------------------------------------------------- the checkpoint
-def _checkpoint(strategy: GroupMetrics, rnd: int, arrays: ArrayRecord, history: list[dict], best: BestRound,
+def _checkpoint(strategy: RoundStrategy, rnd: int, arrays: ArrayRecord, history: list[dict], best: BestRound,
                 skipped_in_row: int) -> dict:
     """What a resumed run needs after round ``rnd``: the head, the strategy's server state,
     the best round, the skip count, Python's ``random`` state (flwr samples nodes with it)
@@ -300,7 +318,7 @@ def _checkpoint(strategy: GroupMetrics, rnd: int, arrays: ArrayRecord, history: 
             "history_json": json.dumps(json_safe(history))}
 
 
-def _restore(strategy: GroupMetrics, ckpt: dict, best: BestRound) -> tuple[ArrayRecord, list[dict], int, int]:
+def _restore(strategy: RoundStrategy, ckpt: dict, best: BestRound) -> tuple[ArrayRecord, list[dict], int, int]:
     """``_checkpoint``'s inverse: (head, history, skipped in a row, first round to run)."""
     strategy.restore_server_state(ckpt["server_state"])
     b = ckpt["best"]

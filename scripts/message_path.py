@@ -1,12 +1,15 @@
 """The path of one client message through the app's modules: which modules it visits, how many
 times it enters each, and how often a call climbs back up the import floors.
 
-    python scripts/message_path.py            # a train message, then an evaluate message
+    python scripts/message_path.py            # a train message, an evaluate message, a round
 
 It builds a small CelebA-schema dataset (celeba_app.demo_data) and random MobileNetV2
 weights in a temporary folder, answers one ``query``, then traces one ``train`` and one
 ``evaluate`` message through ``client_app``'s handlers in this process (``sys.setprofile``),
-with a warm cache (each handler called once before), as a later round finds it. A module's *floor* is its height in the app's
+with a warm cache (each handler called once before), as a later round finds it. Then one
+server round (``strategy.start`` for one round, the server's evaluation on ``valid`` as
+server_app's), over a grid whose nodes are those same handlers, untraced: the server's
+side of a round. A module's *floor* is its height in the app's
 import graph (a module that imports no other app module is floor 0; every module is above
 what it imports); a *climb* is a call from a module into one on a higher floor, which the
 acyclic imports allow only through a function passed down (a callback). Printed: the modules
@@ -41,7 +44,13 @@ def import_floors() -> dict[str, int]:
     for name, path in modules.items():
         pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                     and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+                     for n in ast.walk(block)}  # imports for annotations only: no runtime dependency
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
@@ -127,18 +136,77 @@ def main() -> None:
     client_app.evaluate(*message("evaluate"))
     floors = import_floors()
     for kind, handler in (("train", client_app.train), ("evaluate", client_app.evaluate)):
-        transitions = trace(lambda: handler(*message(kind)))
-        entries = Counter(callee for _, callee in transitions)
-        order = list(dict.fromkeys(callee for _, callee in transitions))
-        climbs = [(a, b) for a, b in transitions if a and floors.get(b, 0) > floors.get(a, 0)]
-        print(f"## one {kind} message (warm cache)")
-        print("| module | floor | entered |")
-        print("|---|---|---|")
-        for m in order:
-            print(f"| {m} | {floors.get(m)} | {entries[m]} |")
-        packages = {m.split(".")[1] if m.count(".") else m for m in order}
-        print(f"\n{len(order)} modules ({len(packages)} top-level modules or packages), {len(climbs)} climbs"
-              + (": " + ", ".join(f"{a} -> {b}" for a, b in climbs) if climbs else "") + "\n")
+        show(f"one {kind} message (warm cache)", trace(lambda: handler(*message(kind))), floors)
+    show("one server round (the clients' handlers untraced)", trace(one_round(run_config, message)), floors)
+
+
+def one_round(run_config: dict, message):
+    """A function that runs ``strategy.start`` for one round over three nodes that are
+    client_app's handlers (run untraced), with server_app's evaluation of the global head on
+    ``valid`` (its embeddings computed before, as server_app's log_plan does)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+
+    from celeba_app import client_app
+    from celeba_app.config import RunConfig
+    from celeba_app.data import server_part
+    from celeba_app.features import feature_store
+    from celeba_app.internals import set_src_node_id
+    from celeba_app.model import head_for
+    from celeba_app.selection import BestRound
+    from celeba_app.strategy import make_strategy
+    from celeba_app.task import evaluate_report
+
+    cfg = RunConfig.from_run_config(run_config)
+    store, valid = feature_store(cfg, "cpu"), server_part(cfg, "valid")
+    store.for_part(valid)
+
+    class Grid:
+        node_ids = {1, 2, 3}
+
+        def get_node_ids(self):
+            return sorted(self.node_ids)
+
+        def send_and_receive(self, messages, *, timeout=None):
+            profile = sys.getprofile()
+            sys.setprofile(None)
+            try:
+                out = []
+                for m in messages:
+                    m.metadata.__dict__["_message_id"] = m.object_id
+                    nid = m.metadata.dst_node_id
+                    _, ctx = message("train")
+                    ctx.node_config["partition-id"] = nid - 1
+                    handler = client_app.train if m.metadata.message_type == "train" else client_app.evaluate
+                    reply = Message(handler(m, ctx), reply_to=m)
+                    set_src_node_id(reply, nid)
+                    out.append(reply)
+                return out
+            finally:
+                sys.setprofile(profile)
+
+    def evaluate_valid(server_round, arrays):
+        head = head_for(cfg, state=arrays.to_torch_state_dict())
+        return evaluate_report(head, store.for_part(valid), valid.labels, valid.attributes, "valid",
+                               cfg.min_group_size, "cpu")
+
+    strategy, start = make_strategy(cfg, 3), ArrayRecord(head_for(cfg, seed=0).state_dict())
+    return lambda: strategy.start(Grid(), start, num_rounds=1, train_config=ConfigRecord({"lr": cfg.learning_rate}),
+                                  server_evaluate=evaluate_valid, best=BestRound())
+
+
+def show(title: str, transitions: list, floors: dict[str, int]) -> None:
+    """The modules a trace entered (in order, with floor and entries), their count, the climbs."""
+    entries = Counter(callee for _, callee in transitions)
+    order = list(dict.fromkeys(callee for _, callee in transitions))
+    climbs = [(a, b) for a, b in transitions if a and floors.get(b, 0) > floors.get(a, 0)]
+    print(f"## {title}")
+    print("| module | floor | entered |")
+    print("|---|---|---|")
+    for m in order:
+        print(f"| {m} | {floors.get(m)} | {entries[m]} |")
+    packages = {m.split(".")[1] if m.count(".") else m for m in order}
+    print(f"\n{len(order)} modules ({len(packages)} top-level modules or packages), {len(climbs)} climbs"
+          + (": " + ", ".join(f"{a} -> {b}" for a, b in climbs) if climbs else "") + "\n")
 
 
 if __name__ == "__main__":
