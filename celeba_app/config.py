@@ -183,6 +183,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     min_reply_fraction: float = 0.5
     max_skipped_rounds: int = 3
+    max_update_norm: float = 100.0
     resume: str = ""
     bad_images: str = "fail"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -356,6 +357,8 @@ class RunConfig:
             raise ConfigError(f"min-reply-fraction={self.min_reply_fraction!r} is not valid; accepted: 0 < x <= 1")
         if self.max_skipped_rounds < 0:
             raise ConfigError(f"max-skipped-rounds={self.max_skipped_rounds!r} is not valid; accepted: an integer >= 0")
+        if not (math.isfinite(self.max_update_norm) and self.max_update_norm > 0):
+            raise ConfigError(f"max-update-norm={self.max_update_norm!r} is not valid; accepted: a finite number > 0")
         if self.resume and not _RUN_NAME.match(self.resume):
             raise ConfigError(f"resume={self.resume!r} is not valid; accepted: the run-name of a stopped run")
         if not check_paths:

@@ -29,7 +29,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -123,6 +123,73 @@ def slice_masks(attributes: Mapping[str, np.ndarray], n: int) -> dict[str, np.nd
         for v, w in itertools.product((0, 1), repeat=2):
             masks[f"{a}={v}&{b}={w}"] = masks[f"{a}={v}"] & masks[f"{b}={w}"]
     return masks
+
+
+def slice_names(attributes: Sequence[str]) -> list[str]:
+    """The slices ``slice_masks`` makes for these attribute names, in its order."""
+    names = [ALL] + [f"{a}={v}" for a in attributes for v in (0, 1)]
+    return names + [f"{a}={v}&{b}={w}" for a, b in itertools.combinations(attributes, 2)
+                    for v, w in itertools.product((0, 1), repeat=2)]
+
+
+def stats_problem(flat: Mapping, attributes: Sequence[str], n: float | None = None) -> str | None:
+    """The first way ``flat`` (``flatten``'s format, other keys ignored) is not the slice
+    statistics of real predictions on rows with these sensitive ``attributes``; None if
+    there is none. Checked: every slice of ``slice_names`` present with every field and
+    nothing else; counts and histograms non-negative whole numbers, ``NUM_BINS`` long;
+    ``loss_sum`` finite and >= 0; per slice tp+fp+tn+fn = n, tp+fn = pos, the histograms sum
+    to pos and n-pos, each bin's ``prob_sum`` within its bin's edges times its count; every
+    statistic of an attribute's two groups adds up to ``all``'s, and of each pair of
+    intersections to their group's; and ``all|n`` equals ``n`` when given."""
+    slices = slice_names(attributes)
+    expected = {f"{s}|{k}" for s in slices for k in SCALARS + HISTS}
+    got = {k for k in flat if "|" in k}
+    if got != expected:
+        missing, extra = sorted(expected - got), sorted(got - expected)
+        return (f"slice statistics differ from the protocol's: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                f", unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    lo = np.arange(NUM_BINS) / NUM_BINS
+    stats = {}
+    for name in slices:
+        for k in SCALARS:
+            value = flat[f"{name}|{k}"]
+            if isinstance(value, (list, tuple)) or not math.isfinite(float(value)) or float(value) < 0:
+                return f"{name}|{k}={value!r} is not a finite number >= 0"
+            if k != "loss_sum" and float(value) != int(float(value)):
+                return f"{name}|{k}={value!r} is not a whole number"
+        for k in HISTS:
+            h = flat[f"{name}|{k}"]
+            arr = np.asarray(h, dtype=np.float64) if isinstance(h, (list, tuple)) else None
+            if arr is None or arr.shape != (NUM_BINS,) or not np.isfinite(arr).all() or (arr < 0).any():
+                return f"{name}|{k} is not {NUM_BINS} finite numbers >= 0"
+            if k != "prob_sum" and (arr != np.round(arr)).any():
+                return f"{name}|{k} has counts that are not whole numbers"
+        s = stats[name] = Stats.from_flat(flat, name)
+        if s.tp + s.fp + s.tn + s.fn != s.n:
+            return f"slice {name}: tp+fp+tn+fn={s.tp + s.fp + s.tn + s.fn:g} != n={s.n:g}"
+        if s.tp + s.fn != s.pos:
+            return f"slice {name}: tp+fn={s.tp + s.fn:g} != pos={s.pos:g}"
+        if s.hist_pos.sum() != s.pos or s.hist_neg.sum() != s.n - s.pos:
+            return (f"slice {name}: the score histograms hold {s.hist_pos.sum():g} positive and "
+                    f"{s.hist_neg.sum():g} negative rows, its counts {s.pos:g} and {s.n - s.pos:g}")
+        count = s.hist_pos + s.hist_neg
+        slack = 1e-6 * (count + 1)
+        if (s.prob_sum < lo * count - slack).any() or (s.prob_sum > (lo + 1 / NUM_BINS) * count + slack).any():
+            return f"slice {name}: prob_sum lies outside its bins' edges"
+    if n is not None and stats[ALL].n != n:
+        return f"all|n={stats[ALL].n:g} != num-examples={n:g}"
+    parts = [(f"{a}=0 + {a}=1", ALL, [f"{a}=0", f"{a}=1"]) for a in attributes]
+    for a, b in itertools.combinations(attributes, 2):
+        parts += [(f"{a}={v}&{b}=0 + {a}={v}&{b}=1", f"{a}={v}", [f"{a}={v}&{b}={w}" for w in (0, 1)]) for v in (0, 1)]
+        parts += [(f"{a}=0&{b}={w} + {a}=1&{b}={w}", f"{b}={w}", [f"{a}={v}&{b}={w}" for v in (0, 1)]) for w in (0, 1)]
+    for label, whole, pieces in parts:
+        total = stats[pieces[0]] + stats[pieces[1]]
+        for k in SCALARS + HISTS:
+            mine, theirs = np.asarray(getattr(total, k)), np.asarray(getattr(stats[whole], k))
+            exact = k not in ("loss_sum", "prob_sum")
+            if not (np.array_equal(mine, theirs) if exact else np.allclose(mine, theirs, rtol=1e-6, atol=1e-6)):
+                return f"slices {label} do not add up to {whole} in {k}"
+    return None
 
 
 def slice_stats(probs, labels, losses, attributes: Mapping[str, np.ndarray],

@@ -21,9 +21,15 @@ are theirs, kept as they spell them.
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from .metrics import stats_problem
 
 # --------------------------------------------------------------------------- message types
 QUERY = "query"  #: the server's first message: describe your data
@@ -50,6 +56,8 @@ PARTITION_ID = "partition_id"  #: the client's partition id
 LOCAL_STEPS_LOSS = "local_steps_loss"  #: the running BCE of the local steps
 GLOBAL_LOSS = "global_loss"  #: the received head's BCE on the training part (q-FedAvg's loss)
 NOT_SUMMED = (NUM_EXAMPLES, PARTITION_ID)  #: identifiers and weights, not quantities to average
+TRAIN_KEYS = (NUM_EXAMPLES, PARTITION_ID, LOCAL_STEPS_LOSS, GLOBAL_LOSS)  #: a train reply's, beside its slices
+EVALUATE_KEYS = (NUM_EXAMPLES, PARTITION_ID)  #: an evaluate reply's (and HELD_OUT's), beside its slices
 
 # --------------------------------------------------------------------------- TO_EMBED keys
 TO_EMBED_IMAGES = "images"  #: images of the node's parts not yet in its embedding cache
@@ -109,3 +117,105 @@ def parse_to_embed(content: RecordDict) -> int | None:
     """The images a node has yet to embed, from its query reply; None if it did not say."""
     record = content.config_records.get(TO_EMBED)
     return None if record is None else int(record[TO_EMBED_IMAGES])
+
+
+# --------------------------------------------------------------------------- valid replies
+@dataclass(frozen=True)
+class Expected:
+    """What the server knows of a node before its reply: the partition id, training and
+    held-out sizes it described (partitions.json), and the run's sensitive attributes."""
+
+    partition_id: int
+    num_train: int
+    num_val: int
+    attributes: tuple[str, ...]
+
+
+def train_reply_problem(content: RecordDict, sent: ArrayRecord, expected: Expected, max_update_norm: float,
+                        config: ConfigRecord) -> str | None:
+    """The first rule a train reply breaks, as one phrase naming the value; None if it is
+    valid. A valid reply has the sent head's keys, shapes and dtypes, finite values, an
+    update (reply minus sent) of L2 norm <= ``max_update_norm``; exactly ``TRAIN_KEYS`` and
+    the slice statistics in its METRICS, with ``num-examples`` the described training size
+    and the described partition id; valid statistics (metrics.stats_problem); and, when
+    ``config`` asked for them, GLOBAL_MODEL's statistics of the same rows and HELD_OUT's of the
+    described held-out part."""
+    try:
+        return _train_reply_problem(content, sent, expected, max_update_norm, config)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a value of the wrong type
+        return f"malformed reply: {type(exc).__name__}: {exc}"[:300]
+
+
+def _train_reply_problem(content: RecordDict, sent: ArrayRecord, expected: Expected, max_update_norm: float,
+                         config: ConfigRecord) -> str | None:
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return (f"{len(content.array_records)} ArrayRecords and {len(content.metric_records)} MetricRecords; "
+                "accepted: one of each")
+    problem = _arrays_problem(reply_arrays(content), sent, max_update_norm)
+    if problem is None:
+        problem = _metrics_problem(reply_metrics(content), TRAIN_KEYS, expected, expected.num_train, "training")
+    if problem is None:
+        for key in (LOCAL_STEPS_LOSS, GLOBAL_LOSS):
+            value = float(reply_metrics(content)[key])
+            if not math.isfinite(value) or value < 0:
+                return f"{key}={value!r} is not a finite loss >= 0"
+    extra = set(content.config_records) - {GLOBAL_MODEL, HELD_OUT}
+    if problem is None and extra:
+        problem = f"unexpected records {sorted(extra)}"
+    for name, asked in ((GLOBAL_MODEL, bool(config.get(GLOBAL_STATS, False))),
+                        (HELD_OUT, bool(config.get(EVALUATE_RECEIVED, False)))):
+        if problem is None and (name in content.config_records) != asked:
+            problem = f"record {name!r} {'missing' if asked else 'not asked for'}"
+    if problem is None and GLOBAL_MODEL in content.config_records:
+        problem = stats_problem(dict(content.config_records[GLOBAL_MODEL]), expected.attributes,
+                                n=float(reply_metrics(content)[NUM_EXAMPLES]))
+        problem = problem and f"{GLOBAL_MODEL}: {problem}"
+    if problem is None and HELD_OUT in content.config_records:
+        problem = _metrics_problem(content.config_records[HELD_OUT], EVALUATE_KEYS, expected, expected.num_val,
+                                   "held-out")
+        problem = problem and f"{HELD_OUT}: {problem}"
+    return problem
+
+
+def evaluate_reply_problem(content: RecordDict, expected: Expected) -> str | None:
+    """The first rule an evaluate reply breaks (one MetricRecord of exactly ``EVALUATE_KEYS``
+    and the slice statistics, the described held-out size and partition id, valid
+    statistics); None if it is valid."""
+    if len(content.metric_records) != 1 or content.array_records or content.config_records:
+        return "an evaluate reply is one MetricRecord and nothing else"
+    try:
+        return _metrics_problem(reply_metrics(content), EVALUATE_KEYS, expected, expected.num_val, "held-out")
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        return f"malformed reply: {type(exc).__name__}: {exc}"[:300]
+
+
+def _arrays_problem(arrays: ArrayRecord, sent: ArrayRecord, max_update_norm: float) -> str | None:
+    if list(arrays.keys()) != list(sent.keys()):
+        return f"head arrays {list(arrays.keys())}; sent {list(sent.keys())}"
+    squared = 0.0
+    for key in sent.keys():
+        mine, theirs = arrays[key], sent[key]
+        if tuple(mine.shape) != tuple(theirs.shape) or mine.dtype != theirs.dtype:
+            return (f"head array {key!r} is {mine.dtype}{list(mine.shape)}; sent "
+                    f"{theirs.dtype}{list(theirs.shape)}")
+        value = mine.numpy()
+        if not np.isfinite(value).all():
+            return f"head array {key!r} has {int((~np.isfinite(value)).sum())} non-finite values"
+        squared += float(np.sum((value.astype(np.float64) - theirs.numpy().astype(np.float64)) ** 2))
+    norm = math.sqrt(squared)
+    if not norm <= max_update_norm:
+        return f"update norm {norm:.4g} > max-update-norm={max_update_norm:g}"
+    return None
+
+
+def _metrics_problem(metrics, keys: tuple[str, ...], expected: Expected, size: int, part: str) -> str | None:
+    own = {k for k in metrics.keys() if "|" not in k}
+    if own != set(keys):
+        return f"metric keys {sorted(own)}; accepted: {sorted(keys)} and the slice statistics"
+    pid = metrics[PARTITION_ID]
+    if isinstance(pid, list) or float(pid) != expected.partition_id:
+        return f"partition_id={pid!r}; this node described partition {expected.partition_id}"
+    n = metrics[NUM_EXAMPLES]
+    if isinstance(n, list) or not math.isfinite(float(n)) or float(n) != int(float(n)) or int(float(n)) != size:
+        return f"num-examples={n!r}; this node described {size} {part} images"
+    return stats_problem(dict(metrics), expected.attributes, n=float(n))

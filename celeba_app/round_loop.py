@@ -79,6 +79,7 @@ class RoundPolicy:
     # costs one message per client instead of two (on the Deployment Engine, each message
     # waits for its SuperNode's next poll).
     evaluate_with_train: bool = False
+    max_update_norm: float = 100.0  # a train reply whose head moved further (L2) is refused
 
 
 @dataclass
@@ -97,7 +98,7 @@ def run_rounds(strategy: RoundStrategy, grid, initial_arrays: ArrayRecord, num_r
                server_evaluate: Callable[[int, ArrayRecord], dict], best: BestRound,
                on_round: Callable[[list[dict], dict], None] = lambda history, checkpoint: None,
                policy: RoundPolicy | None = None, resume: dict | None = None,
-               node_partitions: Mapping[int, int] | None = None) -> RoundsResult:
+               nodes: Mapping[int, P.Expected] | None = None) -> RoundsResult:
     """Rounds ``1..num_rounds`` (or from a checkpoint's next round): train, federated
     evaluation, ``server_evaluate`` (the global head on ``valid``: a metrics report), the
     best round and early stopping (no round runs after it), then ``on_round(history,
@@ -110,8 +111,14 @@ def run_rounds(strategy: RoundStrategy, grid, initial_arrays: ArrayRecord, num_r
     ``max_skipped_rounds`` in a row raise RunFailed, as do fewer connected nodes than
     ``min_reply_fraction`` of the federation after ``round_timeout``. If no client trains in
     round 1, NoClientTrained. Returns a ``RoundsResult`` whose ``arrays`` is the last global head.
+
+    ``nodes`` holds what each node described (protocol.Expected): with it, every reply is
+    checked (protocol.train_reply_problem, evaluate_reply_problem) before it reaches an
+    aggregate, and one that breaks a rule is refused: left out of the round and recorded as
+    the node's failure, with ``refused: true`` and the rule as its reason. Without it
+    (in-process use), replies are not checked.
     """
-    loop = _Loop(strategy, grid, policy or RoundPolicy(), dict(node_partitions or {}),
+    loop = _Loop(strategy, grid, policy or RoundPolicy(), dict(nodes) if nodes is not None else None,
                  evaluate_config or ConfigRecord())
     train_config = train_config or ConfigRecord()
     arrays, history, skipped_in_row, first = initial_arrays, [], 0, 1
@@ -171,9 +178,31 @@ class _Loop:
     strategy: RoundStrategy
     grid: object
     policy: RoundPolicy
-    partitions: dict[int, int]
+    nodes: dict[int, P.Expected] | None
     evaluate_config: ConfigRecord
     last_evaluate_stats: dict | None = None
+
+    def partition(self, node_id: int) -> int | None:
+        expected = (self.nodes or {}).get(node_id)
+        return expected.partition_id if expected else None
+
+    def screen(self, replies: list[Message], problem_of: Callable[[RecordDict, P.Expected], str | None]
+               ) -> tuple[list[Message], dict[int, str]]:
+        """(the replies that break no rule, {node id: the rule the others broke}); errors
+        pass through, as failures of their own."""
+        if self.nodes is None:
+            return replies, {}
+        kept, refused = [], {}
+        for m in replies:
+            nid = m.metadata.src_node_id
+            if not m.has_error():
+                problem = "this node did not describe itself" if nid not in self.nodes \
+                    else problem_of(m.content, self.nodes[nid])
+                if problem is not None:
+                    refused[nid] = problem
+                    continue
+            kept.append(m)
+        return kept, refused
 
     def train_round(self, rnd: int, arrays: ArrayRecord, train_config: ConfigRecord,
                     previous: dict | None) -> tuple[dict, ArrayRecord, bool]:
@@ -182,8 +211,10 @@ class _Loop:
         entry: dict = {"round": rnd}
         train_msgs = list(self.strategy.configure_train(rnd, arrays, train_config, self.grid))
         replies = list(self.grid.send_and_receive(train_msgs, timeout=self.policy.round_timeout))
-        entry["nodes"] = {"train": self.outcome(train_msgs, replies)}
         entry["message_bytes"] = {"train": message_bytes(train_msgs, replies)}
+        replies, refused = self.screen(replies, lambda content, expected: P.train_reply_problem(
+            content, arrays, expected, self.policy.max_update_norm, train_config))
+        entry["nodes"] = {"train": self.outcome(train_msgs, replies, refused)}
         ok = [m for m in replies if not m.has_error()]
         if previous is not None:
             self.evaluate_previous(previous, ok, entry["nodes"]["train"])
@@ -217,8 +248,9 @@ class _Loop:
         ``entry``, the report (``federated_evaluate``) in ``into`` (default ``entry``)."""
         eval_msgs = list(self.strategy.configure_evaluate(rnd, arrays, self.evaluate_config, self.grid))
         eval_replies = list(self.grid.send_and_receive(eval_msgs, timeout=self.policy.round_timeout))
-        entry["nodes"]["evaluate"] = self.outcome(eval_msgs, eval_replies)
         entry["message_bytes"]["evaluate"] = message_bytes(eval_msgs, eval_replies)
+        eval_replies, refused = self.screen(eval_replies, P.evaluate_reply_problem)
+        entry["nodes"]["evaluate"] = self.outcome(eval_msgs, eval_replies, refused)
         self.record_evaluation(self.strategy.aggregate_evaluate(rnd, eval_replies), entry if into is None else into)
 
     def evaluate_previous(self, previous: dict, ok: list[Message], train_outcome: dict) -> None:
@@ -242,25 +274,29 @@ class _Loop:
         self.last_evaluate_stats = unflatten(metrics)
         return True
 
-    def outcome(self, sent: list[Message], replies: list[Message]) -> dict:
-        """What a phase of a round got: nodes sampled, replies, and each failure with its reason."""
+    def outcome(self, sent: list[Message], replies: list[Message], refused: dict[int, str]) -> dict:
+        """What a phase of a round got: nodes sampled, replies (refused ones included), and
+        each failure with its reason: an error reply, a refused reply, or none in time."""
         failures = []
         for m in replies:
             if m.has_error():
                 nid = m.metadata.src_node_id
-                failures.append({"node_id": nid, "partition_id": self.partitions.get(nid), "code": int(m.error.code),
+                failures.append({"node_id": nid, "partition_id": self.partition(nid), "code": int(m.error.code),
                                  "reason": error_reason(m)})
-        answered = {m.metadata.src_node_id for m in replies}  # one message per node and phase
+        for nid, problem in refused.items():
+            failures.append({"node_id": nid, "partition_id": self.partition(nid), "code": None,
+                             "reason": f"reply refused: {problem}", "refused": True})
+        answered = {m.metadata.src_node_id for m in replies} | set(refused)  # one message per node and phase
         for m in sent:
             if m.metadata.dst_node_id not in answered:
                 nid = m.metadata.dst_node_id
-                failures.append({"node_id": nid, "partition_id": self.partitions.get(nid), "code": None,
+                failures.append({"node_id": nid, "partition_id": self.partition(nid), "code": None,
                                  "reason": f"no reply within round-timeout={self.policy.round_timeout:g}s"})
         failures.sort(key=lambda f: f["node_id"])  # flwr samples in random order
         for f in failures:
             log(WARNING, "celeba-fl: client failed: node %s (partition %s): %s", f["node_id"], f["partition_id"],
                 f["reason"])
-        return {"sampled": sorted(m.metadata.dst_node_id for m in sent), "replies": len(replies),
+        return {"sampled": sorted(m.metadata.dst_node_id for m in sent), "replies": len(replies) + len(refused),
                 "succeeded": sum(not m.has_error() for m in replies), "failures": failures}
 
 

@@ -36,6 +36,7 @@ from .report import write_report
 from .results import (check_resume, create_run_dir, load_checkpoint, resume_command, run_dir_for, save_torch, write_best,
                       write_postprocessing, write_round, write_run_end, write_run_start, write_skipped_rows,
                       write_status)
+from . import protocol as P
 from . import refusal
 from .refusal import RunRefused, refuse  # noqa: F401 - RunRefused: what main raises
 from .selection import BestRound
@@ -152,8 +153,9 @@ def main(grid: Grid, context: Context) -> None:
             train_config=ConfigRecord({"lr": cfg.learning_rate}),  # per round: lr * lr-decay^(r-1)
             server_evaluate=evaluate_valid, best=best, on_round=on_round, resume=resume,
             policy=RoundPolicy(cfg.round_timeout, cfg.min_reply_fraction, cfg.max_skipped_rounds,
-                               cfg.evaluate_with_train),
-            node_partitions={p["node_id"]: p["partition_id"] for p in partitions},
+                               cfg.evaluate_with_train, cfg.max_update_norm),
+            nodes={p["node_id"]: P.Expected(int(p["partition_id"]), int(p["num_train"]), int(p["num_val"]),
+                                            tuple(cfg.sensitive_attributes)) for p in partitions},
         )
         last_state = result.arrays.to_torch_state_dict()
         save_torch(run_dir / "head.pt", last_state)  # before the final test: a crash there keeps it

@@ -117,7 +117,7 @@ class GroupMetrics:
               *, policy: RoundPolicy | None = None, **loop) -> RoundsResult:
         """Flower's ``Strategy.start``: the app's round loop (round_loop.run_rounds, whose
         keyword arguments ``loop`` passes on: ``server_evaluate``, ``best``, ``on_round``,
-        ``resume``, ``node_partitions``); ``timeout`` is the round timeout unless ``policy`` is given."""
+        ``resume``, ``nodes``); ``timeout`` is the round timeout unless ``policy`` is given."""
         return run_rounds(self, grid, initial_arrays, num_rounds, train_config, evaluate_config,
                           policy=policy or RoundPolicy(round_timeout=timeout), **loop)
 

@@ -13,11 +13,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from celeba_app.config import RunConfig
 from celeba_app.internals import set_src_node_id
 from celeba_app.metrics import flatten, slice_stats
+from celeba_app.protocol import Expected
 from celeba_app.round_loop import NoClientTrained, RoundPolicy, RunFailed
 from celeba_app.selection import BestRound
 from celeba_app.strategy import make_strategy
 from celeba_app.task import bce_per_row
-from replies import reply
+from replies import ATTRIBUTES, honest_evaluate_metrics, honest_train, reply
 
 
 class LoopGrid:
@@ -40,8 +41,8 @@ class LoopGrid:
                 if r is None:
                     continue  # no reply
                 reply = Message(r, reply_to=m) if isinstance(r, Error) else Message(r.content, reply_to=m)
-            else:
-                metrics = {"num-examples": 0, "partition_id": nid}
+            else:  # an honest client without held-out rows
+                metrics = honest_evaluate_metrics(nid, 0)
                 reply = Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=m)
             set_src_node_id(reply, nid)
             out.append(reply)
@@ -104,9 +105,9 @@ def test_a_round_is_written_before_its_log_line_announces_it():
 def test_a_failing_client_is_survived_and_recorded():
     def train(nid, rnd, msg):
         return Error(code=2, reason="celeba-fl: row 7 of client-2/train cannot be decoded") \
-            if nid == 2 and rnd == 2 else trained(nid, rnd, msg)
+            if nid == 2 and rnd == 2 else Message(honest_train(msg, nid * 10, 10), dst_node_id=nid, message_type="train")
     _, written = run_loop(make_strategy(RunConfig(), 3), LoopGrid(train), rounds=3,
-                          node_partitions={1: 10, 2: 20, 3: 30})
+                          nodes={nid: Expected(nid * 10, 10, 0, ATTRIBUTES) for nid in (1, 2, 3)})
     r2 = written[-1][0][2]
     assert r2["nodes"]["train"]["sampled"] == [1, 2, 3] and r2["nodes"]["train"]["succeeded"] == 2
     assert r2["nodes"]["train"]["failures"] == [{"node_id": 2, "partition_id": 20, "code": 2,
@@ -230,3 +231,132 @@ def test_each_round_records_its_learning_rate_and_the_bytes_it_sent():
     assert (r1["lr"], r2["lr"]) == (pytest.approx(0.005), pytest.approx(0.0025))  # lr * decay^(round-1)
     assert r2["head_bytes"] == (4 + 1) * 4 and r2["bytes_sent"] == 3 * r2["head_bytes"]
     assert r2["train"]["num_clients"] == 3 and r2["nodes"]["evaluate"]["sampled"] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------- untrusted clients
+HONEST = {nid: Expected(nid, 20, 8, ATTRIBUTES) for nid in (1, 2, 3)}
+
+
+def _set(key, value):
+    def mutate(content):
+        content["metrics"][key] = value
+    return mutate
+
+
+def _scale_arrays(factor=None, value=None, shape=None):
+    def mutate(content):
+        state = content["arrays"].to_torch_state_dict()
+        w = state["1.weight"]
+        if value is not None:
+            w = torch.full_like(w, value) if value != "one-nan" else w.clone().index_fill_(1, torch.tensor([0]), float("nan"))
+        if factor is not None:
+            w = w * factor
+        if shape is not None:
+            w = w.reshape(shape) if shape != "T" else w.T.contiguous()
+        state["1.weight"] = w
+        content["arrays"] = ArrayRecord(state)
+    return mutate
+
+
+def _forge(*keys, add):
+    """Add ``add`` to each of ``keys`` (a histogram's every bin when it is a list)."""
+    def mutate(content, record="metrics"):
+        rec = content[record] if record in content else content.config_records[record]
+        for key in keys:
+            value = rec[key]
+            rec[key] = [v + add for v in value] if isinstance(value, list) else value + add
+    return mutate
+
+
+def _drop(key):
+    def mutate(content):
+        del content["metrics"][key]
+    return mutate
+
+
+ATTACKS = {  # name: (phase, how the reply is altered, what the refusal says)
+    "one NaN weight": ("train", _scale_arrays(value="one-nan"), "non-finite values"),
+    "all weights Inf": ("train", _scale_arrays(value=float("inf")), "non-finite values"),
+    "head of another shape": ("train", _scale_arrays(shape=(1, 2, 2)), "head array '1.weight' is float32[1, 2, 2]"),
+    "transposed head": ("train", _scale_arrays(shape="T"), "head array '1.weight' is float32[4, 1]"),
+    "weights x1e30": ("train", _scale_arrays(factor=1e30), "update norm"),
+    "negative confusion count": ("train", _set("all|tp", -3.0), "all|tp=-3.0 is not a finite number >= 0"),
+    "a metric key missing": ("train", _drop("local_steps_loss"), "metric keys"),
+    "an extra metric key": ("train", _set("bonus", 1.0), "metric keys"),
+    "a slice missing": ("train", _drop("Male=1|tp"), "slice statistics differ"),
+    "num-examples 1e12": ("train", _set("num-examples", 1e12), "num-examples=1000000000000.0"),
+    "num-examples -140": ("train", _set("num-examples", -140), "num-examples=-140"),
+    "another partition id": ("train", _set("partition_id", 3), "partition_id=3; this node described partition 2"),
+    "Male=1 fp and n +1e6": ("train", _forge("Male=1|fp", "Male=1|n", "all|fp", "all|n", "num-examples", add=1e6),
+                             "num-examples"),
+    "Male=1 fp and n +1e6, sizes kept": ("train", _forge("Male=1|fp", "Male=1|n", add=1e6), "score histograms"),
+    "Male=1 fp +1e6": ("train", _forge("Male=1|fp", add=1e6), "tp+fp+tn+fn"),
+    "evaluate histograms +1e4": ("evaluate", _forge("all|hist_pos", add=1e4), "score histograms"),
+    "NaN loss": ("train", _set("local_steps_loss", float("nan")), "local_steps_loss=nan"),
+}
+
+
+class UntrustedGrid(LoopGrid):
+    """Nodes 1..3 that reply as honest clients (20 training rows, 8 held out), except node 2
+    in ``phase``: it alters its reply with ``mutate``, or (``mutate`` None) sends an error,
+    i.e. the run without the offender's reply."""
+
+    def __init__(self, phase, mutate):
+        super().__init__(self._train)
+        self.phase, self.mutate = phase, mutate
+
+    def _reply(self, nid, phase, content):
+        if nid == 2 and phase == self.phase:
+            if self.mutate is None:
+                return Error(code=2, reason="left out")
+            self.mutate(content)
+        return content
+
+    def _train(self, nid, rnd, msg):
+        r = self._reply(nid, "train", honest_train(msg, nid, 20, 8))
+        return r if isinstance(r, Error) else Message(r, dst_node_id=nid, message_type="train")
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        evaluate = [m for m in messages if m.metadata.message_type == "evaluate"]
+        out = super().send_and_receive([m for m in messages if m not in evaluate])
+        for m in evaluate:
+            nid = m.metadata.dst_node_id
+            content = self._reply(nid, "evaluate", RecordDict({"metrics": MetricRecord(honest_evaluate_metrics(nid, 8))}))
+            r = Message(content, reply_to=m) if isinstance(content, Error) else Message(content, reply_to=m)
+            set_src_node_id(r, nid)
+            out.append(r)
+        return out
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_a_reply_that_breaks_the_protocol_is_refused_named_and_changes_nothing(attack, caplog):
+    """The offender's reply is dropped before aggregation and named (node, partition, rule);
+    the run completes with the head and the fairness figures of the run without that reply."""
+    phase, mutate, says = ATTACKS[attack]
+    runs = {}
+    for name, m in (("attacked", mutate), ("without", None)):
+        with caplog.at_level(logging.WARNING, logger="flwr"):
+            result, written = run_loop(make_strategy(RunConfig(), 3), UntrustedGrid(phase, m), rounds=2, nodes=HONEST)
+        runs[name] = (result, written[-1][0])
+    (attacked, history), (clean, clean_history) = runs["attacked"], runs["without"]
+    assert [h["round"] for h in history] == [0, 1, 2]
+    for rnd in (1, 2):
+        [failure] = history[rnd]["nodes"][phase]["failures"]
+        assert failure["node_id"] == 2 and failure["partition_id"] == 2 and failure["refused"]
+        assert failure["reason"].startswith("reply refused: ") and says in failure["reason"], failure["reason"]
+        for key in ("train", "federated_evaluate"):
+            assert history[rnd][key] == clean_history[rnd][key], (rnd, key)
+    assert any(f"node 2 (partition 2): reply refused: " in r.getMessage() for r in caplog.records)
+    for k, v in clean.arrays.to_torch_state_dict().items():
+        assert torch.equal(attacked.arrays.to_torch_state_dict()[k], v), k
+
+
+def test_honest_replies_pass_every_check_in_every_mode():
+    """FairFed's global-model statistics and evaluate-with-train's held-out record included."""
+    for overrides, policy in (({}, RoundPolicy()), ({"strategy": "fairfed"}, RoundPolicy(evaluate_with_train=True))):
+        _, written = run_loop(make_strategy(RunConfig.from_run_config(overrides), 3), UntrustedGrid("none", None),
+                              rounds=2, nodes=HONEST, policy=policy)
+        for entry in written[-1][0][1:]:
+            assert all(not phase["failures"] for phase in entry["nodes"].values()), entry["nodes"]
+            assert entry["federated_evaluate"]["overall"]["n"] == 24
