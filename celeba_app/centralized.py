@@ -34,7 +34,7 @@ from .data import (NodeData, LabeledRows, check_identity_disjoint, client_parts,
                    partition_summary, server_part)
 from .features import feature_store
 from .postprocessing import equalized_odds_report
-from .report import write_report
+from .report import write_report_or_record
 from .model import head_for, weights_digest
 from .results import (create_run_dir, run_dir_for, write_best, write_postprocessing, write_run_end, write_run_start,
                       write_skipped_rows)
@@ -132,7 +132,10 @@ def run(cfg: RunConfig, num_partitions: int) -> Path:
     write_run_end(run_dir, head.state_dict(), history, test_rep,
                   {"round": history[-1]["round"], "wall_seconds": time.time() - t_start,
                    "feature_cache": store.stats})
-    write_report(run_dir)
+    report_error = write_report_or_record(run_dir)
+    if report_error:
+        print(f"celeba-fl centralized: the report could not be written ({report_error}); the results stand; "
+              f"retry with: celeba-report {run_dir}", file=sys.stderr)
     if tracker:
         tracker.log_final(test_rep, json.loads((run_dir / "best.json").read_text())
                           if (run_dir / "best.json").exists() else None, history[-1]["round"])

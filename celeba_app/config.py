@@ -129,6 +129,9 @@ def is_local_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
 
 
+MAX_ROUNDS = 10_000  #: num-server-rounds' upper bound: history.json and the checkpoint grow with every round
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; field names mirror the pyproject keys (dashes -> underscores)."""
@@ -236,6 +239,9 @@ class RunConfig:
             raise ConfigError(
                 f"target={self.target!r} is not a CelebA attribute; accepted: {', '.join(ATTRIBUTES)}"
             )
+        if not self.sensitive_attributes:
+            raise ConfigError("sensitive-attributes='' is not valid; accepted: one or more CelebA attributes, "
+                              "comma-separated (e.g. 'Male,Young'): the groups every report compares")
         _attr_list("sensitive-attributes", ",".join(self.sensitive_attributes))
         _attr_list("noniid-attributes", ",".join(self.noniid_attributes))
         if self.target in self.sensitive_attributes:
@@ -302,6 +308,9 @@ class RunConfig:
         for key, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key}={value!r} is not valid; accepted: an integer >= 1")
+        if self.num_server_rounds > MAX_ROUNDS:
+            raise ConfigError(f"num-server-rounds={self.num_server_rounds!r} is not valid; accepted: an integer "
+                              f"from 1 to {MAX_ROUNDS}")
         if not IMAGE_SIZE_MIN <= self.image_size <= IMAGE_SIZE_MAX:
             raise ConfigError(f"image-size={self.image_size!r} is not valid; accepted: an integer "
                               f"{IMAGE_SIZE_MIN} <= x <= {IMAGE_SIZE_MAX}")

@@ -398,6 +398,21 @@ def head_line(cfg: dict, history: list[dict]) -> str:
             f"{pool}x{pool} ({feature_dim(layer, pool):,} numbers per image){size}.")
 
 
+def write_report_or_record(run_dir: Path) -> str | None:
+    """``write_report`` at the end of a run whose results are written: a failure there is
+    recorded in status.json (``report_error``) and returned as one line, and the run stays
+    ``completed`` (``celeba-report <run folder>`` can retry)."""
+    from .results import record_report_error
+
+    try:
+        write_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure to plot or write leaves the results standing
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        record_report_error(run_dir, error)
+        return error
+    return None
+
+
 def write_report(run_dir: Path) -> Path:
     """Plots and report.md for one run folder; returns the report's path."""
     run = load_run(run_dir)

@@ -227,7 +227,29 @@ def load_checkpoint(run_dir: Path) -> dict | None:
     import torch
 
     path = Path(run_dir) / "checkpoint.pt"
-    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    except Exception as exc:  # noqa: BLE001 - truncated, garbage or foreign: torch raises many kinds
+        raise ConfigError(f"resume: {path} cannot be read ({type(exc).__name__}): the file is damaged; "
+                          "restore it, or start a new run with another run-name") from None
+    if missing:
+        raise ConfigError(f"resume: {path} is not this app's checkpoint (no {', '.join(missing)}); "
+                          "restore it, or start a new run with another run-name")
+    return ckpt
+
+
+#: What every checkpoint.pt holds (round_loop's checkpoint).
+CHECKPOINT_KEYS = ("round", "arrays", "server_state", "best", "skipped_in_row", "random_state", "history_json")
+
+
+def record_report_error(run_dir: Path, error: str) -> None:
+    """status.json keeps its state and gains ``report_error``: the plots or report.md could
+    not be written, and the run's results stand."""
+    status = read_status(run_dir) or {}
+    write_json(Path(run_dir) / "status.json", {**status, "report_error": error})
 
 
 def write_run_start(run_dir: Path, cfg: RunConfig, *, kind: str, num_clients: int, device: str,

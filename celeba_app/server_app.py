@@ -32,7 +32,7 @@ from .metrics import fmt
 from .mobilenet_layers import describe
 from .model import head_for, weights_digest
 from .postprocessing import equalized_odds_report
-from .report import write_report
+from .report import write_report_or_record
 from .results import (check_resume, create_run_dir, load_checkpoint, resume_command, run_dir_for, save_torch, write_best,
                       write_postprocessing, write_round, write_run_end, write_run_start, write_skipped_rows,
                       write_status)
@@ -171,7 +171,10 @@ def main(grid: Grid, context: Context) -> None:
         finished = True
         write_run_end(run_dir, last_state, result.history, test_rep,
                       {"round": last_round, "wall_seconds": time.time() - t_start, "feature_cache": store.stats})
-        write_report(run_dir)
+        report_error = write_report_or_record(run_dir)
+        if report_error:
+            log(WARNING, "celeba-fl: the report could not be written (%s); the results stand, status.json says "
+                "completed with report_error; retry with: celeba-report %s", report_error, run_dir)
         if tracker:
             best_json = run_dir / "best.json"
             tracker.log_final(test_rep, json.loads(best_json.read_text()) if best_json.exists() else None, last_round)

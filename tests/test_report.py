@@ -117,3 +117,16 @@ def test_client_accuracy_has_its_size_interval_and_composition(tmp_path):
     assert "2 clients of 12-14 images (median 13)" in lines[2]
     assert "| 0 | 14 | 0.500 [" in "\n".join(lines) and "| 0.90 | 0.50 |" in "\n".join(lines)
     assert report.plot_client_accuracy(history, tmp_path / "c.png", partitions).read_bytes()[:8] == PNG
+
+
+def test_a_report_that_cannot_be_written_leaves_the_run_completed_with_the_error(two_runs, tmp_path):
+    import shutil
+
+    from celeba_app.results import read_status
+
+    run = tmp_path / "done"
+    shutil.copytree(two_runs[0], run)
+    (run / "test.json").write_text('{"overall": "not a report"}')
+    error = report.write_report_or_record(run)
+    status = read_status(run)
+    assert error and status["state"] == "completed" and status["report_error"] == error

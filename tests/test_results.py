@@ -19,7 +19,9 @@ def stopped_run(tmp_path):
     run = create_run_dir(run_dir_for(cfg))
     write_run_start(run, cfg, kind="federated", num_clients=2, device="cpu", identities={}, partitions=PARTS,
                     weights_id="w")
-    write_round(run, [{"round": 0}, {"round": 1}], {"round": 1, "arrays": {"w": torch.ones(2)}})
+    write_round(run, [{"round": 0}, {"round": 1}], {"round": 1, "arrays": {"w": torch.ones(2)}, "server_state": {},
+                                                    "best": {}, "skipped_in_row": 0, "random_state": [],
+                                                    "history_json": "[]"})
     return cfg, run
 
 
@@ -170,3 +172,33 @@ def test_the_resume_command_repeats_what_differs_from_the_defaults():
     assert resume_command(cfg, "r7") == ("flwr run . --run-config \"split='noniid' learning-rate=0.01 "
                                          "augment-hflip=true resume='r7'\"")
     assert resume_command(RunConfig(), "x") == "flwr run . --run-config \"resume='x'\""
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a torch file at all", "truncated"])
+def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_file(tmp_path, damage):
+    import torch
+
+    from celeba_app.config import ConfigError
+    from celeba_app.results import load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    if damage == "truncated":
+        torch.save({"round": 1, "arrays": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(damage)
+    with pytest.raises(ConfigError) as caught:
+        load_checkpoint(tmp_path)
+    line = str(caught.value)
+    assert str(path) in line and "damaged" in line and "weights_only" not in line and "\n" not in line
+
+
+def test_a_checkpoint_without_the_apps_keys_is_refused(tmp_path):
+    import torch
+
+    from celeba_app.config import ConfigError
+    from celeba_app.results import load_checkpoint
+
+    torch.save({"round": 1}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="is not this app's checkpoint .no arrays, server_state"):
+        load_checkpoint(tmp_path)
