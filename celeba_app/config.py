@@ -34,7 +34,10 @@ ATTRIBUTES: tuple[str, ...] = (
 )
 
 SPLITS = ("iid", "noniid", "celebrity")
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "qfedavg", "fairfed")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "qfedavg", "fairfed",
+              "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+#: Flower's Byzantine-robust aggregators among STRATEGIES
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 FAIRFED_METRICS = ("equalized_odds_difference", "demographic_parity_difference")
 SELECTION_METRICS = {  # name -> True when larger is better
     "loss": False, "accuracy": True, "balanced_accuracy": True, "auroc": True,
@@ -162,6 +165,9 @@ class RunConfig:
     qfedavg_q: float = 0.1
     qfedavg_lipschitz: float = 0.01
     fairfed_beta: float = 1.0
+    robust_malicious_nodes: int = 1
+    trimmed_avg_beta: float = 0.2
+    multikrum_select: int = 5
     fairfed_attribute: str = "Male"
     fairfed_metric: str = "equalized_odds_difference"
     balance_groups: tuple[str, ...] = ()
@@ -263,6 +269,15 @@ class RunConfig:
             raise ConfigError(f"qfedavg-lipschitz={self.qfedavg_lipschitz!r} is not valid; accepted: a number > 0")
         if not self.fairfed_beta >= 0:
             raise ConfigError(f"fairfed-beta={self.fairfed_beta!r} is not valid; accepted: a number >= 0")
+        if not isinstance(self.robust_malicious_nodes, int) or isinstance(self.robust_malicious_nodes, bool) \
+                or self.robust_malicious_nodes < 0:
+            raise ConfigError(f"robust-malicious-nodes={self.robust_malicious_nodes!r} is not valid; "
+                              "accepted: an integer >= 0")
+        if not 0 <= self.trimmed_avg_beta < 0.5:
+            raise ConfigError(f"trimmed-avg-beta={self.trimmed_avg_beta!r} is not valid; accepted: 0 <= x < 0.5")
+        if not isinstance(self.multikrum_select, int) or isinstance(self.multikrum_select, bool) \
+                or self.multikrum_select < 1:
+            raise ConfigError(f"multikrum-select={self.multikrum_select!r} is not valid; accepted: an integer >= 1")
         if self.selection_metric not in SELECTION_METRICS:
             raise ConfigError(
                 f"selection-metric={self.selection_metric!r} is not known; accepted: "

@@ -94,6 +94,7 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.resume:
             check_resume(run_dir, cfg, partitions)
         num_nodes = len(grid.node_ids)
+        strategy = make_strategy(cfg, num_nodes)  # refused here if the federation is too small for it
         device = pick_device(cfg)
         store = feature_store(cfg, device)
         store.load_extractor()  # a bad weights file is refused before anything is written
@@ -145,7 +146,6 @@ def main(grid: Grid, context: Context) -> None:
             if interrupted:  # the round ended while the process was stopping: still failed
                 write_status(run_dir, "failed", last_round, interrupted)
 
-        strategy = make_strategy(cfg, num_nodes)
         best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
         result = strategy.start(
             grid=grid, initial_arrays=ArrayRecord(head_for(cfg, seed=cfg.seed).state_dict()),

@@ -18,9 +18,11 @@ from typing import Iterable
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, QFedAvg
+from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum,
+                                     MultiKrum, QFedAvg)
 
 from . import protocol as P
+from .config import ConfigError
 from .metrics import ALL, MIN_GROUP_SIZE, client_distribution, flatten, metrics_report, sum_stats, unflatten
 from .round_loop import RoundPolicy, RoundsResult, run_rounds
 
@@ -187,6 +189,28 @@ class FedAdamWithGroupMetrics(GroupMetrics, FedAdam):
     """FedAdam (Adam on the server over the clients' mean update), with GroupMetrics."""
 
 
+class FedMedianWithGroupMetrics(GroupMetrics, FedMedian):
+    """Flower's FedMedian (the coordinate-wise median of the clients' heads; Yin et al. 2018), with GroupMetrics."""
+
+
+class FedTrimmedAvgWithGroupMetrics(GroupMetrics, FedTrimmedAvg):
+    """Flower's FedTrimmedAvg (per coordinate, the mean without the ``beta`` share at each end), with GroupMetrics."""
+
+
+class KrumWithGroupMetrics(GroupMetrics, Krum):
+    """Flower's Krum (Blanchard et al. 2017: the head with the smallest summed distance to its
+    n - f - 2 nearest others), with GroupMetrics."""
+
+
+class MultiKrumWithGroupMetrics(GroupMetrics, MultiKrum):
+    """Flower's Multi-Krum (the mean of the ``num_nodes_to_select`` heads Krum scores best), with GroupMetrics."""
+
+
+class BulyanWithGroupMetrics(GroupMetrics, Bulyan):
+    """Flower's Bulyan (El Mhamdi et al. 2018: Multi-Krum's choice of n - 2f heads, then the
+    mean of the values closest to the coordinate-wise median), with GroupMetrics."""
+
+
 class QFedAvgNoGC(QFedAvg):
     """flwr 1.25's QFedAvg with the same aggregation, minus a full garbage collection per reply.
 
@@ -337,6 +361,8 @@ def make_strategy(cfg, num_nodes: int) -> GroupMetrics:
     elif cfg.strategy == "fairfed":
         strategy = FairFed(beta=cfg.fairfed_beta, attribute=cfg.fairfed_attribute, metric=cfg.fairfed_metric,
                            **common)
+    elif cfg.strategy in ROBUST:
+        strategy = _robust(cfg, num_nodes, common)
     elif cfg.strategy == "qfedavg":
         # flwr takes L as 1 / client_learning_rate (see QFedAvgWithGroupMetrics)
         strategy = QFedAvgWithGroupMetrics(client_learning_rate=1.0 / cfg.qfedavg_lipschitz, q=cfg.qfedavg_q,
@@ -344,6 +370,26 @@ def make_strategy(cfg, num_nodes: int) -> GroupMetrics:
     else:
         strategy = FedAvgWithGroupMetrics(**common)
     return strategy
+
+
+ROBUST = {"fedmedian": FedMedianWithGroupMetrics, "fedtrimmedavg": FedTrimmedAvgWithGroupMetrics,
+          "krum": KrumWithGroupMetrics, "multikrum": MultiKrumWithGroupMetrics, "bulyan": BulyanWithGroupMetrics}
+
+
+def _robust(cfg, num_nodes: int, common: dict) -> GroupMetrics:
+    """One of Flower's Byzantine-robust aggregators; ConfigError (one line) when a round's
+    sampled clients are too few for it to tolerate ``robust-malicious-nodes`` attackers."""
+    f, sampled = cfg.robust_malicious_nodes, max(1, int(num_nodes * cfg.fraction_train))
+    need = {"krum": f + 3, "multikrum": max(f + 3, cfg.multikrum_select), "bulyan": 4 * f + 3}.get(cfg.strategy, 1)
+    if sampled < need:
+        raise ConfigError(f"strategy={cfg.strategy!r} with robust-malicious-nodes={f}"
+                          + (f" and multikrum-select={cfg.multikrum_select}" if cfg.strategy == "multikrum" else "")
+                          + f" needs at least {need} clients a round; this federation samples {sampled} "
+                          f"({num_nodes} nodes x fraction-train={cfg.fraction_train:g})")
+    extra = {"fedtrimmedavg": {"beta": cfg.trimmed_avg_beta}, "krum": {"num_malicious_nodes": f},
+             "multikrum": {"num_malicious_nodes": f, "num_nodes_to_select": cfg.multikrum_select},
+             "bulyan": {"num_malicious_nodes": f}}.get(cfg.strategy, {})
+    return ROBUST[cfg.strategy](**extra, **common)
 
 
 # ---------------------------------------------------------------------- server state as tensors
