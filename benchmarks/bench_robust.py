@@ -7,8 +7,10 @@ costs without them (docs/RESULTS.md, "Untrusted clients").
 The federation is the app's default (50 IID clients, the default head and features), run in
 this process: the round loop (``strategy.start``, with the reply checks of a real run) over a
 grid whose nodes are client_app's own handlers. The attackers (partitions 0..attackers-1)
-answer every train message with a constant head (every weight 0, every bias +5: "smiling"
-for every face) beside their honest metrics, so their replies pass every check. For each
+answer every train message with a constant head (every weight 0, every bias ``--attack-bias``,
+default 25: "smiling" for every face; the default head's nine biases then move it by about 78,
+under max-update-norm=100) beside
+their honest metrics, so their replies pass every check. For each
 strategy, with 0 and with ``--attackers`` attackers: test accuracy and the Male
 equalized-odds gap of the last head, and the rounds' mean seconds. Prints a Markdown table.
 """
@@ -26,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
-def run(run_config: dict, strategy: str, attackers: int, rounds: int, clients: int) -> dict:
+def run(run_config: dict, strategy: str, attackers: int, rounds: int, clients: int, bias: float = 25.0) -> dict:
     """One federation of ``clients`` in this process; the last head's test figures."""
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -77,7 +79,7 @@ def run(run_config: dict, strategy: str, attackers: int, rounds: int, clients: i
                     m, context(nid))
                 if m.metadata.message_type == "train" and nid <= attackers:
                     state = content[P.ARRAYS].to_torch_state_dict()
-                    content[P.ARRAYS] = ArrayRecord({k: torch.full_like(v, 5.0) if k.endswith("bias")
+                    content[P.ARRAYS] = ArrayRecord({k: torch.full_like(v, bias) if k.endswith("bias")
                                                      else torch.zeros_like(v) for k, v in state.items()})
                 reply = Message(content, reply_to=m)
                 set_src_node_id(reply, nid)
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--attackers", type=int, default=5)
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--attack-bias", type=float, default=25.0)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     args = parser.parse_args()
     import logging
@@ -119,14 +122,14 @@ def main() -> None:
     run_config = {"dataset": str(Path(args.data).resolve()), "weights": str(Path(args.weights).resolve()),
                   "cache-dir": args.cache_dir, "robust-malicious-nodes": args.attackers,
                   "multikrum-select": args.clients - 2 * args.attackers}
-    print(f"{args.clients} IID clients, {args.rounds} rounds, attackers send a constant head "
+    print(f"{args.clients} IID clients, {args.rounds} rounds, attackers send a constant head (bias {args.attack_bias:g}) "
           f"(robust-malicious-nodes={args.attackers}, multikrum-select={args.clients - 2 * args.attackers})\n")
     print(f"| strategy | test accuracy, 0 attackers | Male EOdds gap, 0 | s/round, 0 | test accuracy, "
           f"{args.attackers} attackers | Male EOdds gap, {args.attackers} | replies refused |")
     print("|---|---|---|---|---|---|---|")
     for strategy in args.strategies.split(","):
         clean = run(run_config, strategy, 0, args.rounds, args.clients)
-        attacked = run(run_config, strategy, args.attackers, args.rounds, args.clients)
+        attacked = run(run_config, strategy, args.attackers, args.rounds, args.clients, args.attack_bias)
         print(f"| {strategy} | {clean['accuracy']:.4f} | {clean['eo_male']:.3f} | {clean['seconds']:.1f} | "
               f"{attacked['accuracy']:.4f} | {attacked['eo_male']:.3f} | {attacked['refused']} |", flush=True)
 

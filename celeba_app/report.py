@@ -389,6 +389,18 @@ def failure_lines(history: list[dict], num_clients: int | None) -> list[str]:
     return out
 
 
+def trust_line(cfg: dict, history: list[dict]) -> str:
+    """How the figures are protected from the clients' replies, in one sentence."""
+    refused = sum(bool(f.get("refused")) for h in history for o in (h.get("nodes") or {}).values()
+                  for f in o["failures"])
+    strategy = cfg.get("strategy", "fedavg")
+    robust = strategy in ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+    return (f"Every client reply was checked before aggregation ({refused} refused; RUNS.md, \"A reply is checked "
+            "before it counts\"): the group metrics are exact sums of the accepted replies' validated counts"
+            + (f", and the head was aggregated by the robust `{strategy}`, which protects the head, not those sums."
+               if robust else "."))
+
+
 def head_line(cfg: dict, history: list[dict]) -> str:
     """Where the head reads the backbone and what it weighs on the wire, in one sentence."""
     layer, pool = cfg.get("feature-layer", 18), cfg.get("feature-pool", 1)
@@ -444,6 +456,8 @@ def write_report(run_dir: Path) -> Path:
                  f"{(run['config'] or {}).get('num_clients', '–')} clients, "
                  f"{cfg.get('num-server-rounds')} rounds, seed {cfg.get('seed')}.")
     lines.append(head_line(cfg, history))
+    if kind == "federated":
+        lines.append(trust_line(cfg, history))
     lines.append("")
     if test:
         finals = {f"test, last round ({test.get('round', '?')})": test}

@@ -13,6 +13,7 @@ checkpoint.pt (what resuming needs) and status.json (``running``, ``completed`` 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -177,13 +178,38 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def write_status(run_dir: Path, state: str, last_round: int | None, reason: str | None = None) -> None:
+def write_status(run_dir: Path, state: str, last_round: int | None, reason: str | None = None) -> bool:
     """status.json: ``running``, ``completed`` or ``failed``, why, the last completed round, and
     the writing process (``host``, ``pid``: see ``process_ended``).
-    The documented contract for scripts: flwr 1.25's ``flwr run`` does not always exit non-zero."""
-    write_json(run_dir / "status.json", {"state": state, "reason": reason, "last_completed_round": last_round,
-                                         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                         "host": platform.node(), "pid": os.getpid()})
+    The documented contract for scripts: flwr 1.25's ``flwr run`` does not always exit non-zero.
+
+    Written atomically; if that fails (a full disk has no room for the temporary copy), the
+    existing file is overwritten in place, in the blocks it already holds. True if either
+    worked, False if status.json could not be written at all."""
+    status = {"state": state, "reason": reason, "last_completed_round": last_round,
+              "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "pid": os.getpid()}
+    path = Path(run_dir) / "status.json"
+    try:
+        write_json(path, status)
+        return True
+    except OSError:
+        pass
+    try:
+        with open(path, "r+b") as f:  # a status fits the file system block the old one holds
+            f.write(json.dumps(json_safe(status)).encode())
+            f.truncate()
+        return True
+    except OSError:
+        return False
+
+
+#: errno values that mean the run folder cannot be written: the machine's state, not a bug.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+
+def is_write_error(exc: BaseException) -> bool:
+    """True for an OSError that says the disk or folder cannot take the write (``WRITE_ERRNOS``)."""
+    return isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS
 
 
 def read_status(run_dir: Path) -> dict | None:

@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from .config import ConfigError, RunConfig
-from .data import check_clients_disjoint, server_identities, server_part
+from .data import check_clients_disjoint, check_clients_distinct, server_identities, server_part
 from .internals import add_exit_handler
 from .federation import FederationGrid, describe_nodes, wait_for_nodes
 from .features import feature_store
@@ -33,9 +33,9 @@ from .mobilenet_layers import describe
 from .model import head_for, weights_digest
 from .postprocessing import equalized_odds_report
 from .report import write_report_or_record
-from .results import (check_resume, create_run_dir, load_checkpoint, resume_command, run_dir_for, save_torch, write_best,
-                      write_postprocessing, write_round, write_run_end, write_run_start, write_skipped_rows,
-                      write_status)
+from .results import (check_resume, create_run_dir, is_write_error, load_checkpoint, resume_command, run_dir_for,
+                      save_torch, write_best, write_postprocessing, write_round, write_run_end, write_run_start,
+                      write_skipped_rows, write_status)
 from . import protocol as P
 from . import refusal
 from .refusal import RunRefused, refuse  # noqa: F401 - RunRefused: what main raises
@@ -69,6 +69,7 @@ def prepare(cfg: RunConfig, grid: Grid) -> Prepared:
     server_ids = server_identities(cfg)  # valid/test load and schema, disjoint from each other
     federation = FederationGrid(grid, wait_for_nodes(grid, cfg))
     described = describe_nodes(federation, sorted(federation.node_ids), cfg)
+    check_clients_distinct(described.partitions)  # two SuperNodes with the same data would train it twice
     identities = check_clients_disjoint(cfg, server_ids, described.partitions)
     return Prepared(run_dir_for(cfg), federation, identities, described.partitions, described.to_embed)
 
@@ -186,9 +187,14 @@ def main(grid: Grid, context: Context) -> None:
         reason = interrupted or (
             "stopped by the user (flwr stop)" if type(exc).__name__ == "RunNotRunningException"
             else f"{type(exc).__name__}: {exc}")
-        write_status(run_dir, "failed", last_round, reason)
-        log(ERROR, "celeba-fl: run failed after round %s: %s; what was written is kept in %s%s", last_round, reason,
-            run_dir, "" if "resume with:" in reason else f"; resume with: {resume_command(user_cfg, run_dir.name)}")
+        recorded = write_status(run_dir, "failed", last_round, reason)
+        line = (("run failed before its first round was written" if last_round is None
+                 else f"run failed after round {last_round}") + f": {reason}; what was written is kept in {run_dir}"
+                + ("" if recorded else " (status.json could not be written: it may still say running)")
+                + ("" if "resume with:" in reason else f"; resume with: {resume_command(user_cfg, run_dir.name)}"))
+        log(ERROR, "celeba-fl: %s", line)
+        if is_write_error(exc):  # the disk's state, not a bug: the line says all, no traceback after it
+            raise refuse(line) from None
         raise
     o = test_rep["overall"]
     log(INFO, "celeba-fl: test accuracy %.4f, balanced accuracy %s, AUROC %s, loss %.4f "

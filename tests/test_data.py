@@ -290,3 +290,17 @@ def test_the_parts_cache_is_given_its_loader_and_calls_nothing_else(tmp_path):
     assert train.load_rows() == "rows0" and val.load_rows() == "rows1" and asked == [0, 1]
     path.write_bytes(b"not an npz")
     assert parts_cache.load_parts(path, ("Male",), load_rows=lambda which: None) is None  # rebuilt, never trusted
+
+
+def test_two_nodes_with_the_same_data_are_refused_whatever_partition_id_they_claim(celeba_dir):
+    from celeba_app.data import check_clients_distinct, describe_node
+
+    cfg = cfg_for(celeba_dir, split="iid")
+    entries = [{**describe_node(cfg, NodeData.partition(cfg, pid, 3)), "node_id": 10 + pid} for pid in range(3)]
+    assert len({e["data_fingerprint"] for e in entries}) == 3
+    check_clients_distinct(entries)  # three partitions: three fingerprints
+    again = {**describe_node(cfg, NodeData.partition(cfg, 0, 3)), "node_id": 13, "partition_id": 3}
+    assert again["data_fingerprint"] == entries[0]["data_fingerprint"]
+    with pytest.raises(ConfigError, match=r"SuperNodes 10 \(partition-id=0\) and 13 \(partition-id=3\) hold the same "
+                                          r"data \(fingerprint [0-9a-f]{16}\); accepted: each SuperNode with its own"):
+        check_clients_distinct(entries + [again])

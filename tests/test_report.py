@@ -130,3 +130,20 @@ def test_a_report_that_cannot_be_written_leaves_the_run_completed_with_the_error
     error = report.write_report_or_record(run)
     status = read_status(run)
     assert error and status["state"] == "completed" and status["report_error"] == error
+
+
+def test_the_report_says_how_the_figures_are_protected_and_counts_refused_replies(two_runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "refused"
+    shutil.copytree(two_runs[0], run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "kind": "federated"}))  # a centralized run, as if federated
+    history = json.loads((run / "history.json").read_text())
+    history[1]["nodes"] = {"train": {"sampled": [1, 2], "replies": 2, "succeeded": 1, "failures": [
+        {"node_id": 2, "partition_id": 1, "code": None, "reason": "reply refused: num-examples=1e12; this node "
+         "described 20 training images", "refused": True}]}}
+    (run / "history.json").write_text(json.dumps(history))
+    text = report.write_report(run).read_text()
+    assert "Every client reply was checked before aggregation (1 refused;" in text
+    assert "| 1 | train | 2 | 1 | None | reply refused: num-examples=1e12" in text

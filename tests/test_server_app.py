@@ -134,3 +134,38 @@ def test_more_supernodes_than_identities_is_refused_before_the_run_folder_exists
                                       "is more than the 60 identities"), info.value
     assert not (Path(run_config["results-dir"]) / "too-many").exists()
 
+
+
+def test_a_full_disk_ends_the_run_failed_in_one_line_with_no_temporary_files(run_config, monkeypatch):
+    """ENOSPC while round 0 is written: status.json says failed and why (overwritten in place
+    when no temporary copy fits), the run ends on its one line (RunRefused: no traceback),
+    and no .tmp file is left."""
+    import errno
+
+    from celeba_app import atomic, results
+
+    real = atomic.atomic_write
+    full = {"on": False}
+
+    def atomic_write(path, write):
+        if full["on"]:
+            def fill(tmp):
+                write(tmp)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, fill)
+        return real(path, write)
+
+    def write_round(run_dir, history, checkpoint):
+        full["on"] = True  # the disk fills up as round 0 is written
+        results.write_round(run_dir, history, checkpoint)
+
+    monkeypatch.setattr(results, "atomic_write", atomic_write)
+    monkeypatch.setattr(server_app, "write_round", write_round)
+    run_config.update({"run-name": "full-disk", "min-nodes": 3, "round-timeout": 60.0})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(RunRefused, match=r"run failed before its first round was written: OSError: \[Errno 28\] No space left"):
+        server_app.main(FailingTrainGrid(run_config), context)
+    run = Path(run_config["results-dir"]) / "full-disk"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "No space left on device" in status["reason"]
+    assert not list(run.glob(".*.tmp")) and not list(run.glob("*.tmp"))

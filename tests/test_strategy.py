@@ -1,5 +1,7 @@
 """Strategies aggregate arrays their own way and metrics from summed statistics."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +139,36 @@ def test_every_strategy_aggregates_the_conv1x1_heads_four_arrays(name):
     assert {k: tuple(v.shape) for k, v in out.items()} == shapes
     if name == "fedavg":
         assert all(torch.allclose(v, torch.full(v.shape, 1.5)) for v in out.values())
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"])
+def test_robust_aggregators_resist_one_outlying_head_and_keep_exact_group_sums(name):
+    """Seven clients, one sending a head 100 times the others': the robust aggregate stays
+    within the honest heads' range (FedAvg's does not), and the group metrics are the exact
+    sums of every reply's statistics, whichever heads the aggregator chose."""
+    overrides = {"strategy": name, "robust-malicious-nodes": 1, "multikrum-select": 3, "trimmed-avg-beta": 0.2}
+    strategy = make_strategy(RunConfig.from_run_config(overrides), 7)
+    start = ArrayRecord({"1.weight": torch.zeros(1, 4), "1.bias": torch.zeros(1)})
+    list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid()))
+    def replies():  # Flower's robust aggregators consume the replies' arrays (keep_input=False)
+        return [reply(1.0 + 0.1 * i, 30, i) for i in range(6)] + [reply(100.0, 30, 6)]
+
+    arrays, measured = strategy.aggregate_train(1, replies())
+    w = arrays.to_torch_state_dict()["1.weight"]
+    assert 1.0 <= w.min().item() and w.max().item() <= 1.5, w
+    fedavg, _ = make_strategy(RunConfig(), 7).aggregate_train(1, replies())
+    assert fedavg.to_torch_state_dict()["1.weight"].min().item() > 10
+    assert measured["num-examples"] == 7 * 30 and measured["all|n"] == 7 * 30
+
+
+@pytest.mark.parametrize("name, overrides, nodes, says", [
+    ("bulyan", {"robust-malicious-nodes": 2}, 10, "strategy='bulyan' with robust-malicious-nodes=2 needs at least 11 "
+                                                  "clients a round; this federation samples 10 (10 nodes x fraction-train=1)"),
+    ("krum", {"robust-malicious-nodes": 1}, 3, "needs at least 4 clients a round"),
+    ("multikrum", {"robust-malicious-nodes": 1, "multikrum-select": 8}, 6, "and multikrum-select=8 needs at least 8"),
+])
+def test_a_federation_too_small_for_a_robust_aggregator_is_refused_in_one_line(name, overrides, nodes, says):
+    from celeba_app.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        make_strategy(RunConfig.from_run_config({"strategy": name, **overrides}), nodes)

@@ -35,7 +35,7 @@ from __future__ import annotations
 from .bad_images import IMAGES_CHECK_VERSION
 from .client_parts import PARTS_VERSION, client_parts, describe_node, make_client_parts, parts_key, partition_summary
 from .fingerprint import dataset_fingerprint, datasets_cache_kwargs
-from .identities import check_clients_disjoint, check_identity_disjoint
+from .identities import check_clients_disjoint, check_clients_distinct, check_identity_disjoint
 from .loading import load_federated, local_train_split
 from .node import PARTITION_META, NodeData, cache_dir_for
 from .rows import SPLIT_NAMES, LabeledRows, make_part, split_rows
@@ -44,7 +44,8 @@ from .server import load_server, server_identities, server_part
 
 __all__ = [
     "IMAGES_CHECK_VERSION", "PARTITION_META", "PARTS_VERSION", "SPLIT_NAMES", "LabeledRows", "NodeData",
-    "cache_dir_for", "check_binary", "check_clients_disjoint", "check_identity_disjoint", "clear_caches",
+    "cache_dir_for", "check_binary", "check_clients_disjoint", "check_clients_distinct", "check_identity_disjoint",
+    "clear_caches",
     "client_parts", "dataset_fingerprint", "datasets_cache_kwargs", "describe_node", "load_federated",
     "load_server", "local_train_split", "make_client_parts", "make_part", "partition_summary", "parts_key",
     "server_identities", "server_part", "split_rows",

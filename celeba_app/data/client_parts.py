@@ -97,8 +97,20 @@ def describe_node(cfg: RunConfig, node: NodeData) -> dict:
             for a in cfg.sensitive_attributes
         },
         "celeb_ids": sorted(set(np.concatenate([train.celeb_ids, val.celeb_ids]).tolist())),
+        "data_fingerprint": parts_fingerprint(train, val),
         "skipped_rows": train.skipped_rows + val.skipped_rows,  # bad-images='skip'
     }
+
+
+def parts_fingerprint(*parts: LabeledRows) -> str:
+    """The content identity of a node's local data: a hash of its parts' dataset fingerprint,
+    split and row indices (LabeledRows' cache key), so two nodes that read the same rows of
+    the same data have the same one, whatever partition-id they claim."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(f"{part.data_id}|{part.split}|{part.split_size}|{len(part)}|".encode())
+        digest.update(np.asarray(part.split_rows, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 def partition_summary(cfg: RunConfig, num_partitions: int) -> list[dict]:
     """``describe_node`` for every partition (tools that hold every split)."""

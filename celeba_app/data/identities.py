@@ -36,3 +36,20 @@ def check_identity_disjoint(cfg: RunConfig, num_partitions: int) -> dict[str, in
     ids = {s: set(np.asarray(fds.load_split(s)["celeb_id"]).tolist()) for s in SPLIT_NAMES}
     refuse_shared(cfg, ids)
     return {s: len(v) for s, v in ids.items()}
+
+
+def check_clients_distinct(partitions: list[dict]) -> None:
+    """Refuse (ConfigError, one line) two nodes whose local data has the same content
+    fingerprint (describe_node's ``data_fingerprint``): the same rows would train twice."""
+    seen: dict[str, dict] = {}
+    for entry in partitions:
+        fp = entry.get("data_fingerprint")
+        if fp is None:
+            continue
+        if fp in seen:
+            other = seen[fp]
+            raise ConfigError(
+                f"SuperNodes {other.get('node_id')} (partition-id={other['partition_id']}) and {entry.get('node_id')} "
+                f"(partition-id={entry['partition_id']}) hold the same data (fingerprint {fp}); accepted: each "
+                "SuperNode with its own data (a data-path or partition of its own)")
+        seen[fp] = entry
