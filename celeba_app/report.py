@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from .metrics import fmt, wilson  # noqa: E402
 from .mobilenet_layers import feature_dim  # noqa: E402
-from .results import process_ended, read_status  # noqa: E402
+from .results import process_ended, read_history, read_status  # noqa: E402
 
 SOURCES = (("train", "train (after local steps)"), ("federated_evaluate", "federated eval (clients' held-out)"),
            ("local_validation", "clients' held-out (central)"), ("server_valid", "server valid"))
@@ -51,9 +51,10 @@ def load_run(run_dir: Path) -> dict:
     failed, has no test.json)."""
     run_dir = Path(run_dir)
     out = {"dir": run_dir, "name": run_dir.name}
-    for name in ("config", "partitions", "history", "test", "best", "postprocessing"):
+    for name in ("config", "partitions", "test", "best", "postprocessing"):
         path = run_dir / f"{name}.json"
         out[name] = json.loads(path.read_text()) if path.exists() else None
+    out["history"] = read_history(run_dir)  # history.jsonl of a run still going or killed
     return out
 
 

@@ -6,9 +6,11 @@ refused before training, so nothing an earlier run wrote is ever overwritten; on
 ``resume='<run-name>'`` continues a stopped run in its own folder.
 
 Every file is written to a temporary name and renamed, so a run killed at any moment leaves
-the previous complete version: after each round, history.json (all rounds so far),
-checkpoint.pt (what resuming needs) and status.json (``running``, ``completed`` or
-``failed``, the reason, the last completed round).
+the previous complete version: after each round, checkpoint.pt (what resuming needs) and
+status.json (``running``, ``completed`` or ``failed``, the reason, the last completed round).
+The history grows by a line per round in history.jsonl (``HistoryLog``: appended, so a round
+costs the same to write in round 1,000 as in round 1); history.json, the whole list, is
+written when the run ends, completed or failed. ``read_history`` reads either.
 """
 
 from __future__ import annotations
@@ -240,9 +242,70 @@ def save_torch(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def write_round(run_dir: Path, history: list[dict], checkpoint: dict) -> None:
-    """After each round: history.json, checkpoint.pt, then status.json (running)."""
-    write_json(run_dir / "history.json", history)
+class HistoryLog:
+    """history.jsonl: a running run's history, one JSON line per round record, appended as
+    rounds end. Only the last ``RECENT`` records can still change (evaluate-with-train adds
+    round r's federated evaluation in round r+1); a changed one is appended again, and the
+    last line of a round is its record (``read_history``). A kill mid-line leaves a torn last
+    line, which readers skip."""
+
+    RECENT = 2
+    NAME = "history.jsonl"
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / self.NAME
+        self.written: dict[int, str] = {}  # round -> its last line written (the recent rounds only)
+
+    def append(self, history: list[dict]) -> None:
+        """Append the records of ``history``'s last ``RECENT`` rounds that changed since written."""
+        lines = []
+        for entry in history[-self.RECENT:]:
+            text = json.dumps(json_safe(entry))
+            if self.written.get(entry["round"]) != text:
+                lines.append(text)
+                self.written[entry["round"]] = text
+        if lines:
+            with open(self.path, "a") as f:
+                f.write("".join(line + "\n" for line in lines))
+                f.flush()
+                os.fsync(f.fileno())
+        keep = {e["round"] for e in history[-self.RECENT:]}
+        self.written = {k: v for k, v in self.written.items() if k in keep}
+
+    def restart(self, history: list[dict]) -> None:
+        """A resumed run's log: exactly ``history`` (the rounds its checkpoint covers), atomically."""
+        text = "".join(json.dumps(json_safe(e)) + "\n" for e in history)
+        atomic_write(self.path, lambda tmp: tmp.write_text(text))
+        self.written = {e["round"]: json.dumps(json_safe(e)) for e in history[-self.RECENT:]}
+
+
+def read_history(run_dir: Path) -> list[dict] | None:
+    """A run folder's history: history.jsonl while it runs or after a kill (the last record of
+    each round, in round order; a torn last line skipped), else history.json; None if neither."""
+    run_dir = Path(run_dir)
+    log = run_dir / HistoryLog.NAME
+    if log.exists():
+        records: dict[int, dict] = {}
+        for line in log.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the torn last line of a killed write
+            records[int(entry["round"])] = entry
+        return [records[k] for k in sorted(records)]
+    path = run_dir / "history.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    """history.json, the whole list, then history.jsonl removed: the end of a run."""
+    write_json(Path(run_dir) / "history.json", history)
+    (Path(run_dir) / HistoryLog.NAME).unlink(missing_ok=True)
+
+
+def write_round(run_dir: Path, history: list[dict], checkpoint: dict, log: HistoryLog) -> None:
+    """After each round: the new records to history.jsonl, checkpoint.pt, then status.json (running)."""
+    log.append(history)
     save_torch(run_dir / "checkpoint.pt", checkpoint)
     write_status(run_dir, "running", checkpoint["round"])
 
@@ -268,7 +331,7 @@ def load_checkpoint(run_dir: Path) -> dict | None:
 
 
 #: What every checkpoint.pt holds (round_loop's checkpoint).
-CHECKPOINT_KEYS = ("round", "arrays", "server_state", "best", "skipped_in_row", "random_state", "history_json")
+CHECKPOINT_KEYS = ("round", "arrays", "server_state", "best", "skipped_in_row", "random_state")
 
 
 def record_report_error(run_dir: Path, error: str) -> None:
@@ -315,7 +378,7 @@ def write_run_end(run_dir: Path, head_state: dict, history: list[dict], test: di
     plots and report.md after it (``report.write_report``, which reads the status: a report
     written before would call the run incomplete); this module only writes the run's files."""
     save_torch(run_dir / "head.pt", head_state)
-    write_json(run_dir / "history.json", history)
+    write_history(run_dir, history)
     write_json(run_dir / "test.json", {**test, **(extra or {})})
     write_status(run_dir, "completed", (extra or {}).get("round", history[-1]["round"] if history else None))
 

@@ -17,7 +17,6 @@ and a checkpoint after every round, before the round's log line.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -33,7 +32,6 @@ from . import protocol as P
 from .federation import error_reason
 from .internals import wire_bytes
 from .metrics import fmt, unflatten
-from .results import json_safe
 from .selection import BestRound, close_round
 
 
@@ -112,6 +110,7 @@ def run_rounds(strategy: RoundStrategy, grid, initial_arrays: ArrayRecord, num_r
     ``min_reply_fraction`` of the federation after ``round_timeout``. If no client trains in
     round 1, NoClientTrained. Returns a ``RoundsResult`` whose ``arrays`` is the last global head.
 
+    ``resume``: a checkpoint (``on_round``'s) with ``history``, the records of its rounds.
     ``nodes`` holds what each node described (protocol.Expected): with it, every reply is
     checked (protocol.train_reply_problem, evaluate_reply_problem) before it reaches an
     aggregate, and one that breaks a rule is refused: left out of the round and recorded as
@@ -344,22 +343,23 @@ def _log_round(rnd: int, total: int, entry: dict) -> None:
 # ---------------------------------------------------------------------- the checkpoint
 def _checkpoint(strategy: RoundStrategy, rnd: int, arrays: ArrayRecord, history: list[dict], best: BestRound,
                 skipped_in_row: int) -> dict:
-    """What a resumed run needs after round ``rnd``: the head, the strategy's server state,
-    the best round, the skip count, Python's ``random`` state (flwr samples nodes with it)
-    and the history; tensors and plain values only (``torch.load(weights_only=True)``)."""
+    """What a resumed run needs after round ``rnd``, beside the history (which the caller
+    keeps, results.HistoryLog): the head, the strategy's server state, the best round, the
+    skip count and Python's ``random`` state (flwr samples nodes with it); tensors and plain
+    values only (``torch.load(weights_only=True)``). Its size does not grow with the rounds."""
     version, internal, gauss = random.getstate()
     return {"round": rnd, "arrays": arrays.to_torch_state_dict(), "server_state": strategy.server_state(),
             "best": {"round": best.round, "value": best.value, "state": best.state, "since_best": best.since_best},
-            "skipped_in_row": skipped_in_row, "random_state": [version, list(internal), gauss],
-            "history_json": json.dumps(json_safe(history))}
+            "skipped_in_row": skipped_in_row, "random_state": [version, list(internal), gauss]}
 
 
 def _restore(strategy: RoundStrategy, ckpt: dict, best: BestRound) -> tuple[ArrayRecord, list[dict], int, int]:
-    """``_checkpoint``'s inverse: (head, history, skipped in a row, first round to run)."""
+    """``_checkpoint``'s inverse, with ``ckpt["history"]`` (the records of rounds 0..round, as
+    results.read_history gives them): (head, history, skipped in a row, first round to run)."""
     strategy.restore_server_state(ckpt["server_state"])
     b = ckpt["best"]
     best.round, best.value, best.state, best.since_best = b["round"], b["value"], b["state"], b["since_best"]
     version, internal, gauss = ckpt["random_state"]
     random.setstate((version, tuple(internal), gauss))
-    return (ArrayRecord(ckpt["arrays"]), json.loads(ckpt["history_json"]), int(ckpt["skipped_in_row"]),
-            int(ckpt["round"]) + 1)
+    history = [h for h in ckpt["history"] if h["round"] <= int(ckpt["round"])]
+    return ArrayRecord(ckpt["arrays"]), history, int(ckpt["skipped_in_row"]), int(ckpt["round"]) + 1

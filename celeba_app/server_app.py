@@ -33,9 +33,9 @@ from .mobilenet_layers import describe
 from .model import head_for, weights_digest
 from .postprocessing import equalized_odds_report
 from .report import write_report_or_record
-from .results import (check_resume, create_run_dir, is_write_error, load_checkpoint, resume_command, run_dir_for,
-                      save_torch, write_best, write_postprocessing, write_round, write_run_end, write_run_start,
-                      write_skipped_rows, write_status)
+from .results import (HistoryLog, check_resume, create_run_dir, is_write_error, load_checkpoint, read_history,
+                      resume_command, run_dir_for, save_torch, write_best, write_history, write_postprocessing,
+                      write_round, write_run_end, write_run_start, write_skipped_rows, write_status)
 from . import protocol as P
 from . import refusal
 from .refusal import RunRefused, refuse  # noqa: F401 - RunRefused: what main raises
@@ -94,6 +94,7 @@ def main(grid: Grid, context: Context) -> None:
         resume = load_checkpoint(run_dir) if cfg.resume else None
         if cfg.resume:
             check_resume(run_dir, cfg, partitions)
+            resume["history"] = read_history(run_dir) or []
         num_nodes = len(grid.node_ids)
         strategy = make_strategy(cfg, num_nodes)  # refused here if the federation is too small for it
         device = pick_device(cfg)
@@ -132,6 +133,10 @@ def main(grid: Grid, context: Context) -> None:
             write_status(run_dir, "failed", last_round, interrupted)
 
     add_exit_handler(on_signal)
+    history_log = HistoryLog(run_dir)
+    if resume is not None:  # the log holds exactly the rounds the checkpoint covers
+        history_log.restart([h for h in resume["history"] if h["round"] <= resume["round"]])
+    last_history: list[dict] | None = None
     try:
         def evaluate_valid(server_round: int, arrays: ArrayRecord) -> dict:
             head = head_for(cfg, state=arrays.to_torch_state_dict())
@@ -139,10 +144,11 @@ def main(grid: Grid, context: Context) -> None:
                                    cfg.min_group_size, device)
 
         def on_round(history: list[dict], checkpoint: dict) -> None:
-            nonlocal last_round
+            nonlocal last_round, last_history
             if tracker:  # before the round is recorded: a kill in between redoes the round, never skips it
                 tracker.log_history(history)
-            write_round(run_dir, history, checkpoint)
+            write_round(run_dir, history, checkpoint, history_log)
+            last_history = history
             last_round = checkpoint["round"]
             if interrupted:  # the round ended while the process was stopping: still failed
                 write_status(run_dir, "failed", last_round, interrupted)
@@ -188,6 +194,11 @@ def main(grid: Grid, context: Context) -> None:
             "stopped by the user (flwr stop)" if type(exc).__name__ == "RunNotRunningException"
             else f"{type(exc).__name__}: {exc}")
         recorded = write_status(run_dir, "failed", last_round, reason)
+        if last_history is not None:
+            try:
+                write_history(run_dir, last_history)  # history.json, as a completed run has
+            except OSError:
+                pass  # e.g. the disk is full: history.jsonl still holds every round
         line = (("run failed before its first round was written" if last_round is None
                  else f"run failed after round {last_round}") + f": {reason}; what was written is kept in {run_dir}"
                 + ("" if recorded else " (status.json could not be written: it may still say running)")

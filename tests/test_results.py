@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from celeba_app.config import ConfigError, RunConfig
-from celeba_app.results import (check_resume, create_run_dir, load_checkpoint, read_status, run_dir_for,
+from celeba_app.results import (HistoryLog, check_resume, create_run_dir, load_checkpoint, read_history, read_status,
+                                run_dir_for,
                                 write_round, write_run_start, write_status)
 
 PARTS = [{"partition_id": 0, "num_train": 5, "num_val": 1, "celeb_ids": [1, 2]},
@@ -20,14 +21,14 @@ def stopped_run(tmp_path):
     write_run_start(run, cfg, kind="federated", num_clients=2, device="cpu", identities={}, partitions=PARTS,
                     weights_id="w")
     write_round(run, [{"round": 0}, {"round": 1}], {"round": 1, "arrays": {"w": torch.ones(2)}, "server_state": {},
-                                                    "best": {}, "skipped_in_row": 0, "random_state": [],
-                                                    "history_json": "[]"})
+                                                    "best": {}, "skipped_in_row": 0, "random_state": []},
+                HistoryLog(run))
     return cfg, run
 
 
 def test_each_round_leaves_history_checkpoint_and_status(stopped_run):
     _, run = stopped_run
-    assert [h["round"] for h in json.loads((run / "history.json").read_text())] == [0, 1]
+    assert [h["round"] for h in read_history(run)] == [0, 1] and not (run / "history.json").exists()
     assert torch.equal(load_checkpoint(run)["arrays"]["w"], torch.ones(2))
     assert read_status(run)["state"] == "running" and read_status(run)["last_completed_round"] == 1
     assert not list(run.glob("*.tmp"))  # written, then renamed
@@ -202,3 +203,25 @@ def test_a_checkpoint_without_the_apps_keys_is_refused(tmp_path):
     torch.save({"round": 1}, tmp_path / "checkpoint.pt")
     with pytest.raises(ConfigError, match="is not this app's checkpoint .no arrays, server_state"):
         load_checkpoint(tmp_path)
+
+
+def test_a_round_costs_the_same_to_write_in_round_1000_as_in_round_1(tmp_path):
+    """history.jsonl gets only the records that changed (the last two rounds at most), so
+    the bytes written per round do not grow with the rounds; read_history takes the last
+    line of each round and skips a torn last line."""
+    log = HistoryLog(tmp_path)
+    history, sizes = [], []
+    for rnd in range(1000):
+        history.append({"round": rnd, "train": {"loss": 1.0 / (rnd + 1)}})
+        if rnd > 0:
+            history[-2]["federated_evaluate"] = {"n": rnd}  # evaluate-with-train amends the previous round
+        before = log.path.stat().st_size if log.path.exists() else 0
+        log.append(history)
+        sizes.append(log.path.stat().st_size - before)
+    assert max(sizes[990:]) <= 2 * max(sizes[1:10]) + 20
+    with open(log.path, "a") as f:
+        f.write('{"round": 1000, "tr')  # a kill mid-line
+    got = read_history(tmp_path)
+    assert [h["round"] for h in got] == list(range(1000)) and got == json.loads(json.dumps(history))
+    log.restart(history[:10])  # a resume after round 9
+    assert [h["round"] for h in read_history(tmp_path)] == list(range(10))

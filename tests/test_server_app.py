@@ -155,9 +155,9 @@ def test_a_full_disk_ends_the_run_failed_in_one_line_with_no_temporary_files(run
             return real(path, fill)
         return real(path, write)
 
-    def write_round(run_dir, history, checkpoint):
+    def write_round(run_dir, history, checkpoint, log):
         full["on"] = True  # the disk fills up as round 0 is written
-        results.write_round(run_dir, history, checkpoint)
+        results.write_round(run_dir, history, checkpoint, log)
 
     monkeypatch.setattr(results, "atomic_write", atomic_write)
     monkeypatch.setattr(server_app, "write_round", write_round)
