@@ -154,7 +154,9 @@ def run_flwr(work: Path, dataset: Path, cache: Path, split: str, args) -> dict:
         prev = at if at is not None else prev
     phases["report"] = end - prev
     run_dir = work / "outputs" / config["run-name"]
-    history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
+    from celeba_app.results import read_history
+
+    history = read_history(run_dir) or []  # history.jsonl of a run that was stopped
     sizes = next((h["message_bytes"] for h in history if h.get("message_bytes", {}).get("evaluate")), {})
     status = json.loads((run_dir / "status.json").read_text())["state"] if (run_dir / "status.json").exists() else "-"
     return {"split": split, "rc": proc.returncode, "status": status, "wall": end, "phases": phases,

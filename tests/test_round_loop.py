@@ -348,7 +348,7 @@ def test_a_reply_that_breaks_the_protocol_is_refused_named_and_changes_nothing(a
         assert failure["reason"].startswith("reply refused: ") and says in failure["reason"], failure["reason"]
         for key in ("train", "federated_evaluate"):
             assert history[rnd][key] == clean_history[rnd][key], (rnd, key)
-    assert any(f"node 2 (partition 2): reply refused: " in r.getMessage() for r in caplog.records)
+    assert any("node 2 (partition 2): reply refused: " in r.getMessage() for r in caplog.records)
     for k, v in clean.arrays.to_torch_state_dict().items():
         assert torch.equal(attacked.arrays.to_torch_state_dict()[k], v), k
 
