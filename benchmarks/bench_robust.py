@@ -28,8 +28,11 @@ sys.path.insert(0, str(ROOT))
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
-def run(run_config: dict, strategy: str, attackers: int, rounds: int, clients: int, bias: float = 25.0) -> dict:
-    """One federation of ``clients`` in this process; the last head's test figures."""
+def run(run_config: dict, strategy: str, attackers: int, rounds: int, clients: int, bias: float = 25.0,
+        tamper=None) -> dict:
+    """One federation of ``clients`` in this process; the last head's test figures.
+    ``tamper(node_id, message_type, content)``, if given, alters replies instead of the
+    constant-head attack (benchmarks/bench_attacks.py)."""
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -77,7 +80,9 @@ def run(run_config: dict, strategy: str, attackers: int, rounds: int, clients: i
                 nid = m.metadata.dst_node_id
                 content = (client_app.train if m.metadata.message_type == "train" else client_app.evaluate)(
                     m, context(nid))
-                if m.metadata.message_type == "train" and nid <= attackers:
+                if tamper is not None:
+                    tamper(nid, m.metadata.message_type, content)
+                elif m.metadata.message_type == "train" and nid <= attackers:
                     state = content[P.ARRAYS].to_torch_state_dict()
                     content[P.ARRAYS] = ArrayRecord({k: torch.full_like(v, bias) if k.endswith("bias")
                                                      else torch.zeros_like(v) for k, v in state.items()})
@@ -99,10 +104,10 @@ def run(run_config: dict, strategy: str, attackers: int, rounds: int, clients: i
     seconds = (time.perf_counter() - t0) / rounds
     head = head_for(cfg, state=result.arrays.to_torch_state_dict())
     rep = evaluate_report(head, store.for_part(test), test.labels, test.attributes, "test", cfg.min_group_size, "cpu")
-    refused = sum(len([f for f in h["nodes"]["train"]["failures"] if f.get("refused")])
-                  for h in result.history[1:])
+    failures = [f for h in result.history[1:] for o in h["nodes"].values() for f in o["failures"]]
     return {"accuracy": rep["overall"]["accuracy"], "eo_male": rep["gaps"]["Male"]["equalized_odds_difference"],
-            "seconds": seconds, "refused": refused}
+            "seconds": seconds, "refused": sum(bool(f.get("refused")) for f in failures),
+            "reasons": sorted({f["reason"] for f in failures}), "rounds": result.history[-1]["round"]}
 
 
 def main() -> None:
