@@ -10,7 +10,8 @@ of their data. So before round 1 the server
    ClientApp's ``@app.query``) and refuses, naming the nodes, when a node cannot say what its
    data is or two nodes claim one partition;
 3. runs every round on exactly those nodes (``FederationGrid``): a node that connects later
-   has not been described and takes no part.
+   takes part only as a described node that restarted (same partition-id and data
+   fingerprint, ``FederationGrid.rejoin``).
 
 Every refusal is a ``ConfigError`` with one line.
 """
@@ -77,9 +78,11 @@ class NodeDescriptions:
 def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig) -> NodeDescriptions:
     """Ask every node to describe its data (protocol.py's ``query``).
 
-    Refuses (ConfigError, one line naming the nodes) when a node replies with an error or not
-    at all within ``round-timeout``, when two nodes claim one partition id, or when nodes
-    of one dataset disagree on ``num-partitions``.
+    Refuses (ConfigError, one line naming the nodes) when a node replies with an error, when
+    nodes do not reply within ``round-timeout`` and fewer than ``min-nodes`` (at least one)
+    described themselves (else the silent ones are left out, with a warning: a SuperNode
+    that stopped stays listed until its heartbeat expires), when two nodes claim one
+    partition id, or when nodes of one dataset disagree on ``num-partitions``.
     """
     messages = [Message(content=RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=nid,
                         message_type=P.QUERY) for nid in node_ids]
@@ -100,7 +103,12 @@ def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig) -> NodeDescr
             to_embed[int(entry["partition_id"])] = P.parse_to_embed(reply.content)
     answered = set(by_node) | {n for nodes in failed.values() for n in nodes}
     silent = [nid for nid in node_ids if nid not in answered]
-    if silent:
+    if silent and not failed and len(by_node) >= max(1, cfg.min_nodes):
+        # listed by the SuperLink, yet silent: stopped (its heartbeat has not expired yet)
+        log(WARNING, "celeba-fl: %s listed as connected did not answer within round-timeout=%gs and take%s no "
+            "part; %d SuperNode(s) described (min-nodes=%d)", _nodes(silent), cfg.round_timeout,
+            "" if len(silent) > 1 else "s", len(by_node), cfg.min_nodes)
+    elif silent:
         failed["no reply"] = silent
     if failed:
         count = sum(len(n) for n in failed.values())
@@ -135,6 +143,18 @@ def error_reason(reply: Message) -> str:
     if "celeba-fl:" in text:
         return text[text.index("celeba-fl:") + len("celeba-fl:"):].strip()[:600]
     return text[-400:]
+
+
+def _query(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, dict]:
+    """{node id: its description} of the nodes that answered a ``query`` within ``timeout``."""
+    messages = [Message(content=RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=nid, message_type=P.QUERY)
+                for nid in node_ids]
+    out = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if not reply.has_error() and P.DESCRIPTION in reply.content.config_records:
+            out[reply.metadata.src_node_id] = {**P.parse_description(reply.content[P.DESCRIPTION]),
+                                               "node_id": reply.metadata.src_node_id}
+    return out
 
 
 def _nodes(nodes: list[int], show: int = 3) -> str:
@@ -172,6 +192,48 @@ class FederationGrid:
         self.poll_s = poll_s
         self.engine_pickup_s = engine_pickup_s
         self._engine_seen = False
+        self.described: dict[int, dict] = {}  # node id -> its partitions.json entry (``federate``)
+        self.query_timeout = 30.0
+        self._left_out: set[int] = set()  # nodes that connected later and were not taken
+
+    def federate(self, partitions: list[dict], query_timeout: float) -> None:
+        """From now on the federation is exactly the described nodes of ``partitions``; a node
+        that connects later is asked to describe itself (``rejoin``) within ``query_timeout`` s."""
+        self.described = {int(e["node_id"]): e for e in partitions}
+        self.node_ids = set(self.described)
+        self.query_timeout = query_timeout
+
+    def rejoin(self) -> dict[int, int]:
+        """Nodes connected since the start (never described) are asked to describe their data.
+        One with the partition id and data fingerprint of a described node that is no longer
+        connected takes that node's place: a SuperNode that restarted gets a new node id.
+        Returns {old node id: new node id}; each change is logged, and a node not taken is
+        logged once, with the true counts. Nothing is sent while no new node is connected."""
+        connected = set(self._grid.get_node_ids())
+        new = sorted(connected - self.node_ids - self._left_out)
+        if not new:
+            return {}
+        gone = {(e["partition_id"], e.get("data_fingerprint")): nid for nid, e in self.described.items()
+                if nid not in connected}
+        entries = _query(self._grid, new, self.query_timeout)
+        moved = {}
+        for nid in new:
+            entry = entries.get(nid)
+            old = gone.pop((entry["partition_id"], entry.get("data_fingerprint")), None) if entry else None
+            if old is None:
+                self._left_out.add(nid)
+                why = ("it did not describe its data" if entry is None else
+                       f"its partition-id={entry['partition_id']} and data are not those of a SuperNode that left")
+                log(WARNING, "celeba-fl: SuperNode %d connected after the start and takes no part (%s); %d of %d "
+                    "described SuperNodes are connected", nid, why, len(self.node_ids & connected), len(self.node_ids))
+                continue
+            self.node_ids.discard(old)
+            self.node_ids.add(nid)
+            self.described[nid] = {**self.described.pop(old), "node_id": nid}
+            moved[old] = nid
+            log(INFO, "celeba-fl: SuperNode %d rejoined as partition %s (it was node %d: same partition-id and "
+                "data fingerprint)", nid, entry["partition_id"], old)
+        return moved
 
     def get_node_ids(self) -> list[int]:
         """The described nodes that the wrapped Grid still lists as connected."""

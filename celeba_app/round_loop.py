@@ -134,6 +134,7 @@ def run_rounds(strategy: RoundStrategy, grid, initial_arrays: ArrayRecord, num_r
         _log_round(0, num_rounds, history[-1])
     for rnd in range(first, num_rounds + 1):
         t0 = time.time()
+        loop.rejoin()
         _wait_for_nodes(grid, loop.policy)
         previous = history[-1] if (loop.policy.evaluate_with_train and history[-1]["round"] >= 1
                                    and not history[-1].get("skipped")) else None
@@ -180,6 +181,14 @@ class _Loop:
     nodes: dict[int, P.Expected] | None
     evaluate_config: ConfigRecord
     last_evaluate_stats: dict | None = None
+
+    def rejoin(self) -> None:
+        """A grid that can take back restarted nodes (federation.FederationGrid.rejoin): each
+        one's expected replies move to its new node id."""
+        rejoin = getattr(type(self.grid), "rejoin", None)
+        for old, new in (rejoin(self.grid) if rejoin else {}).items():
+            if self.nodes is not None and old in self.nodes:
+                self.nodes[new] = self.nodes.pop(old)
 
     def partition(self, node_id: int) -> int | None:
         expected = (self.nodes or {}).get(node_id)

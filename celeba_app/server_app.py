@@ -69,6 +69,7 @@ def prepare(cfg: RunConfig, grid: Grid) -> Prepared:
     server_ids = server_identities(cfg)  # valid/test load and schema, disjoint from each other
     federation = FederationGrid(grid, wait_for_nodes(grid, cfg))
     described = describe_nodes(federation, sorted(federation.node_ids), cfg)
+    federation.federate(described.partitions, query_timeout=cfg.node_wait_timeout)
     check_clients_distinct(described.partitions)  # two SuperNodes with the same data would train it twice
     identities = check_clients_disjoint(cfg, server_ids, described.partitions)
     return Prepared(run_dir_for(cfg), federation, identities, described.partitions, described.to_embed)

@@ -185,3 +185,44 @@ def test_an_engine_that_stops_mid_round_ends_the_wait_at_once():
     with pytest.raises(EngineStopped, match="stopped while 2 repl"):
         federation.send_and_receive([_query(n) for n in nodes], timeout=30)
     assert time.monotonic() - t0 < 5
+
+
+class SilentGrid(FakeGrid):
+    """FakeGrid whose nodes in ``silent`` stay listed but never reply (a stopped SuperNode
+    whose heartbeat has not expired)."""
+
+    def __init__(self, *args, silent=(), **kw):
+        super().__init__(*args, **kw)
+        self.silent = set(silent)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return super().send_and_receive([m for m in messages if m.metadata.dst_node_id not in self.silent])
+
+
+def test_a_listed_node_that_does_not_answer_is_left_out_when_enough_others_describe_themselves(run_config, caplog):
+    configs = {n: {"partition-id": n - 1, "num-partitions": 4} for n in range(1, 5)}
+    grid = SilentGrid({n: 0.0 for n in range(1, 5)}, configs, run_config, silent={4})
+    described = describe_nodes(grid, [1, 2, 3, 4], RunConfig.from_run_config({**run_config, "min-nodes": 3}))
+    assert [e["node_id"] for e in described.partitions] == [1, 2, 3]
+    assert "node 4 listed as connected did not answer within round-timeout" in caplog.text
+    with pytest.raises(ConfigError, match="1 of 4 SuperNode.s. could not describe their data: no reply .node 4."):
+        describe_nodes(grid, [1, 2, 3, 4], RunConfig.from_run_config({**run_config, "min-nodes": 4}))
+
+
+def test_a_restarted_supernode_takes_its_old_place_and_a_stranger_takes_none(run_config, caplog):
+    configs = {n: {"partition-id": n - 1, "num-partitions": 3} for n in range(1, 4)}
+    configs[7] = configs[2]  # node 2 restarted: same data, new node id
+    configs[8] = {"partition-id": 1, "num-partitions": 3}  # a second copy of partition 1
+    grid = FakeGrid({1: 0.0, 2: 0.0, 3: 0.0}, configs, run_config)
+    described = describe_nodes(grid, [1, 2, 3], RunConfig.from_run_config(run_config))
+    federation = FederationGrid(grid, [1, 2, 3])
+    federation.federate(described.partitions, query_timeout=5.0)
+    assert federation.rejoin() == {}  # nobody new: nothing sent
+    grid.joins = {1: 0.0, 3: 0.0, 7: 0.0}
+    assert federation.rejoin() == {2: 7}
+    assert federation.node_ids == {1, 3, 7} and sorted(federation.get_node_ids()) == [1, 3, 7]
+    assert "SuperNode 7 rejoined as partition 1 (it was node 2" in caplog.text
+    grid.joins[8] = 0.0
+    assert federation.rejoin() == {} and federation.rejoin() == {}
+    assert caplog.text.count("SuperNode 8 connected after the start and takes no part") == 1
+    assert "3 of 3 described SuperNodes are connected" in caplog.text

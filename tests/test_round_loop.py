@@ -361,3 +361,34 @@ def test_honest_replies_pass_every_check_in_every_mode():
         for entry in written[-1][0][1:]:
             assert all(not phase["failures"] for phase in entry["nodes"].values()), entry["nodes"]
             assert entry["federated_evaluate"]["overall"]["n"] == 24
+
+
+def test_a_node_that_rejoins_under_a_new_id_is_checked_as_the_partition_it_was():
+    """The grid says node 2 came back as node 9 (federation.FederationGrid.rejoin): round 2's
+    replies of node 9 are held to partition 2's description, and none is refused."""
+    class RejoinGrid(UntrustedGrid):
+        pid = {1: 1, 2: 2, 3: 3, 9: 2}
+
+        def rejoin(self):
+            if self.rounds_seen == 1:
+                self.node_ids = {1, 3, 9}
+                return {2: 9}
+            return {}
+
+        def _train(self, nid, rnd, msg):
+            self.rounds_seen = rnd
+            return Message(honest_train(msg, self.pid[nid], 20, 8), dst_node_id=nid, message_type="train")
+
+        def send_and_receive(self, messages, *, timeout=None):
+            out = super().send_and_receive(messages)
+            for r in out:  # evaluate replies name the partition, not the node
+                if r.metadata.message_type == "evaluate" and not r.has_error():
+                    r.content["metrics"]["partition_id"] = self.pid[r.metadata.src_node_id]
+            return out
+
+    grid = RejoinGrid("none", None)
+    grid.rounds_seen = 0
+    _, written = run_loop(make_strategy(RunConfig(), 3), grid, rounds=2, nodes=dict(HONEST))
+    r2 = written[-1][0][2]
+    assert r2["nodes"]["train"]["sampled"] == [1, 3, 9]
+    assert not r2["nodes"]["train"]["failures"] and not r2["nodes"]["evaluate"]["failures"]
