@@ -205,16 +205,17 @@ class FederationGrid:
 
     def rejoin(self) -> dict[int, int]:
         """Nodes connected since the start (never described) are asked to describe their data.
-        One with the partition id and data fingerprint of a described node that is no longer
-        connected takes that node's place: a SuperNode that restarted gets a new node id.
+        One with the partition id and data fingerprint of a described node takes that node's
+        place (the old id is dropped): a SuperNode that restarted gets a new node id.
         Returns {old node id: new node id}; each change is logged, and a node not taken is
         logged once, with the true counts. Nothing is sent while no new node is connected."""
         connected = set(self._grid.get_node_ids())
         new = sorted(connected - self.node_ids - self._left_out)
         if not new:
             return {}
-        gone = {(e["partition_id"], e.get("data_fingerprint")): nid for nid, e in self.described.items()
-                if nid not in connected}
+        # Matched whether or not the old id is still listed: a stopped SuperNode stays listed
+        # until its heartbeat expires, and a node with a described node's data is that node.
+        gone = {(e["partition_id"], e.get("data_fingerprint")): nid for nid, e in self.described.items()}
         entries = _query(self._grid, new, self.query_timeout)
         moved = {}
         for nid in new:
@@ -223,7 +224,7 @@ class FederationGrid:
             if old is None:
                 self._left_out.add(nid)
                 why = ("it did not describe its data" if entry is None else
-                       f"its partition-id={entry['partition_id']} and data are not those of a SuperNode that left")
+                       f"its partition-id={entry['partition_id']} and data are not those of a described SuperNode")
                 log(WARNING, "celeba-fl: SuperNode %d connected after the start and takes no part (%s); %d of %d "
                     "described SuperNodes are connected", nid, why, len(self.node_ids & connected), len(self.node_ids))
                 continue

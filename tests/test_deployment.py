@@ -133,3 +133,32 @@ def test_a_supernode_that_vanishes_mid_run_is_survived_and_reported(celeba_dir, 
     assert "Incomplete run" not in report, report[:400]
     short = report[report.index("Training metrics cover fewer clients"):].split("\n")[0]
     assert "2 (2 of 3)" in short and "3 (2 of 3)" in short, short
+
+
+def test_a_supernode_that_restarts_takes_its_old_place(celeba_dir, weights_file, tmp_path):
+    """A SuperNode killed after round 1 and started again gets a new node id: it is asked to
+    describe itself, takes its old partition, and the last rounds train all three clients."""
+    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), **TINY,
+                  "num-server-rounds": 6, "local-epochs": 1, "results-dir": str(tmp_path / "outputs"),
+                  "cache-dir": str(tmp_path / "cache"), "run-name": "restarted", "min-nodes": 3,
+                  "node-wait-timeout": 60.0, "round-timeout": 45.0}
+    node = {"partition-id": 2, "num-partitions": 3, "cache-dir": str(tmp_path / "node-2-cache")}
+    with Procs(tmp_path / "logs") as procs:
+        ports = Ports()
+        start_superlink(procs, ports, workdir=tmp_path)
+        for i in range(2):
+            start_supernode(procs, ports, f"supernode-{i}", {"partition-id": i, "num-partitions": 3},
+                            workdir=tmp_path)
+        start_supernode(procs, ports, "supernode-2", node, workdir=tmp_path)
+        procs.start("flwr-run", flwr_run_command(run_config, "local-deployment", control_port=ports.control))
+        assert procs.wait_for("flwr-run", "celeba-fl: round 1/6", 300), procs.logs()
+        procs.stop("supernode-2", grace=0)  # SIGTERM, then SIGKILL: it is gone
+        start_supernode(procs, ports, "supernode-2-again", node, workdir=tmp_path)
+        assert procs.wait_for("flwr-run", "celeba-fl: test accuracy", 400), procs.logs()
+        out = procs.log("flwr-run")
+    run = tmp_path / "outputs" / "restarted"
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    assert "rejoined as partition 2 (it was node" in out, out[-3000:]
+    history = json.loads((run / "history.json").read_text())
+    assert history[-1]["train"]["num_clients"] == 3, [h.get("nodes") for h in history]
+    assert "2 of 3 SuperNodes connected" not in out.split("rejoined as partition 2")[-1]

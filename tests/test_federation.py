@@ -212,7 +212,7 @@ def test_a_listed_node_that_does_not_answer_is_left_out_when_enough_others_descr
 def test_a_restarted_supernode_takes_its_old_place_and_a_stranger_takes_none(run_config, caplog):
     configs = {n: {"partition-id": n - 1, "num-partitions": 3} for n in range(1, 4)}
     configs[7] = configs[2]  # node 2 restarted: same data, new node id
-    configs[8] = {"partition-id": 1, "num-partitions": 3}  # a second copy of partition 1
+    configs[8] = {"partition-id": 1, "num-partitions": 2}  # another partitioning: not a described node's data
     grid = FakeGrid({1: 0.0, 2: 0.0, 3: 0.0}, configs, run_config)
     described = describe_nodes(grid, [1, 2, 3], RunConfig.from_run_config(run_config))
     federation = FederationGrid(grid, [1, 2, 3])
