@@ -16,6 +16,9 @@ The messages (``RecordDict`` contents; ``?``: only when asked for):
 Slice statistics are metrics.flatten's keys (``<slice>|<field>``). The names Flower's own
 strategies use (``arrays``, ``config``, ``num-examples``, ``server-round``, ``proximal-mu``)
 are theirs, kept as they spell them.
+
+What a valid reply is, is defined here too (``train_reply_problem``, ``evaluate_reply_problem``,
+against the node's ``Expected`` description); the round loop refuses any other.
 """
 
 from __future__ import annotations

@@ -185,8 +185,8 @@ class _Loop:
     def rejoin(self) -> None:
         """A grid that can take back restarted nodes (federation.FederationGrid.rejoin): each
         one's expected replies move to its new node id."""
-        rejoin = getattr(type(self.grid), "rejoin", None)
-        for old, new in (rejoin(self.grid) if rejoin else {}).items():
+        rejoin = getattr(self.grid, "rejoin", None)
+        for old, new in (rejoin() if rejoin else {}).items():
             if self.nodes is not None and old in self.nodes:
                 self.nodes[new] = self.nodes.pop(old)
 
