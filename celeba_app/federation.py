@@ -29,7 +29,8 @@ from flwr.serverapp import Grid
 
 from . import protocol as P
 from .config import ConfigError, RunConfig
-from .internals import is_simulation_grid, set_src_node_id, simulation_engine_running, undelivered_messages
+from .internals import (ErrorCode, is_simulation_grid, set_src_node_id, simulation_engine_running,
+                        undelivered_messages)
 
 
 def wait_for_nodes(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> list[int]:
@@ -94,6 +95,8 @@ def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig) -> NodeDescr
     failed: dict[str, list[int]] = {}  # reason -> nodes
     for reply in replies:
         nid = reply.metadata.src_node_id
+        if reply.has_error() and int(reply.error.code) == ErrorCode.NODE_UNAVAILABLE:
+            continue  # the SuperLink answers for a stopped node: it is not there (counted as silent)
         if reply.has_error():
             failed.setdefault(error_reason(reply), []).append(nid)
         else:
@@ -105,8 +108,9 @@ def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig) -> NodeDescr
     silent = [nid for nid in node_ids if nid not in answered]
     if silent and not failed and len(by_node) >= max(1, cfg.min_nodes):
         # listed by the SuperLink, yet silent: stopped (its heartbeat has not expired yet)
-        log(WARNING, "celeba-fl: %s listed as connected did not answer within round-timeout=%gs and take%s no "
-            "part; %d SuperNode(s) described (min-nodes=%d)", _nodes(silent), cfg.round_timeout,
+        log(WARNING, "celeba-fl: %s listed as connected did not answer (stopped, or silent within "
+            "round-timeout=%gs) and take%s no part; %d SuperNode(s) described (min-nodes=%d)", _nodes(silent),
+            cfg.round_timeout,
             "" if len(silent) > 1 else "s", len(by_node), cfg.min_nodes)
     elif silent:
         failed["no reply"] = silent

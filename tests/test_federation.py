@@ -204,7 +204,7 @@ def test_a_listed_node_that_does_not_answer_is_left_out_when_enough_others_descr
     grid = SilentGrid({n: 0.0 for n in range(1, 5)}, configs, run_config, silent={4})
     described = describe_nodes(grid, [1, 2, 3, 4], RunConfig.from_run_config({**run_config, "min-nodes": 3}))
     assert [e["node_id"] for e in described.partitions] == [1, 2, 3]
-    assert "node 4 listed as connected did not answer within round-timeout" in caplog.text
+    assert "node 4 listed as connected did not answer (stopped, or silent within round-timeout" in caplog.text
     with pytest.raises(ConfigError, match="1 of 4 SuperNode.s. could not describe their data: no reply .node 4."):
         describe_nodes(grid, [1, 2, 3, 4], RunConfig.from_run_config({**run_config, "min-nodes": 4}))
 
@@ -226,3 +226,28 @@ def test_a_restarted_supernode_takes_its_old_place_and_a_stranger_takes_none(run
     assert federation.rejoin() == {} and federation.rejoin() == {}
     assert caplog.text.count("SuperNode 8 connected after the start and takes no part") == 1
     assert "3 of 3 described SuperNodes are connected" in caplog.text
+
+
+def test_a_node_the_superlink_reports_unavailable_counts_as_gone_not_as_a_failure(run_config, caplog):
+    """A stopped SuperNode whose heartbeat has expired: the SuperLink answers for it with
+    NODE_UNAVAILABLE. With min-nodes others described, it is left out like a silent one."""
+    from flwr.app import Error
+
+    from test_server_app import _error_reply
+
+    class UnavailableGrid(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            out = super().send_and_receive([m for m in messages if m.metadata.dst_node_id != 4])
+            gone = [m for m in messages if m.metadata.dst_node_id == 4]
+            for m in gone:
+                reply = _error_reply(m, "Node Unavailable")
+                reply.error = Error(code=5, reason="Node Unavailable")
+                out.append(reply)
+            return out
+
+    configs = {n: {"partition-id": n - 1, "num-partitions": 4} for n in range(1, 5)}
+    grid = UnavailableGrid({n: 0.0 for n in range(1, 5)}, configs, run_config)
+    described = describe_nodes(grid, [1, 2, 3, 4], RunConfig.from_run_config({**run_config, "min-nodes": 3}))
+    assert [e["node_id"] for e in described.partitions] == [1, 2, 3]
+    assert "node 4 listed as connected did not answer (stopped" in caplog.text
