@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from .metrics import fmt, wilson  # noqa: E402
 from .mobilenet_layers import feature_dim  # noqa: E402
+from .config import ROBUST_STRATEGIES  # noqa: E402
 from .results import process_ended, read_history, read_status  # noqa: E402
 
 SOURCES = (("train", "train (after local steps)"), ("federated_evaluate", "federated eval (clients' held-out)"),
@@ -395,7 +396,7 @@ def trust_line(cfg: dict, history: list[dict]) -> str:
     refused = sum(bool(f.get("refused")) for h in history for o in (h.get("nodes") or {}).values()
                   for f in o["failures"])
     strategy = cfg.get("strategy", "fedavg")
-    robust = strategy in ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+    robust = strategy in ROBUST_STRATEGIES
     return (f"Every client reply was checked before aggregation ({refused} refused; RUNS.md, \"A reply is checked "
             "before it counts\"): the group metrics are exact sums of the accepted replies' validated counts"
             + (f", and the head was aggregated by the robust `{strategy}`, which protects the head, not those sums."

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian
                                      MultiKrum, QFedAvg)
 
 from . import protocol as P
-from .config import ConfigError
+from .config import ROBUST_STRATEGIES, ConfigError
 from .metrics import ALL, MIN_GROUP_SIZE, client_distribution, flatten, metrics_report, sum_stats, unflatten
 from .round_loop import RoundPolicy, RoundsResult, run_rounds
 
@@ -361,7 +361,7 @@ def make_strategy(cfg, num_nodes: int) -> GroupMetrics:
     elif cfg.strategy == "fairfed":
         strategy = FairFed(beta=cfg.fairfed_beta, attribute=cfg.fairfed_attribute, metric=cfg.fairfed_metric,
                            **common)
-    elif cfg.strategy in ROBUST:
+    elif cfg.strategy in ROBUST_STRATEGIES:
         strategy = _robust(cfg, num_nodes, common)
     elif cfg.strategy == "qfedavg":
         # flwr takes L as 1 / client_learning_rate (see QFedAvgWithGroupMetrics)
@@ -372,6 +372,7 @@ def make_strategy(cfg, num_nodes: int) -> GroupMetrics:
     return strategy
 
 
+#: The class of each of config.ROBUST_STRATEGIES.
 ROBUST = {"fedmedian": FedMedianWithGroupMetrics, "fedtrimmedavg": FedTrimmedAvgWithGroupMetrics,
           "krum": KrumWithGroupMetrics, "multikrum": MultiKrumWithGroupMetrics, "bulyan": BulyanWithGroupMetrics}
 
