@@ -155,10 +155,11 @@ def start_supernode(procs: Procs, ports: Ports, name: str, node_config: dict, wo
 
 
 def flwr_run_command(run_config: dict, federation: str = "local-simulation", *, supernodes: int | None = None,
-                     control_port: int | None = None) -> list[str]:
-    """The ``flwr run`` command line: a simulation with ``supernodes`` SuperNodes, or (with
-    ``control_port``) ``--stream`` against a SuperLink's Control API on loopback."""
-    cmd = [str(BIN / "flwr"), "run", str(ROOT), federation]
+                     control_port: int | None = None, app: Path = ROOT) -> list[str]:
+    """The ``flwr run`` command line of the Flower app in ``app`` (this project unless a test
+    made another): a simulation with ``supernodes`` SuperNodes, or (with ``control_port``)
+    ``--stream`` against a SuperLink's Control API on loopback."""
+    cmd = [str(BIN / "flwr"), "run", str(app), federation]
     if control_port is not None:
         cmd += ["--stream", "--federation-config", f"address='127.0.0.1:{control_port}'"]
     if supernodes is not None:
@@ -166,10 +167,11 @@ def flwr_run_command(run_config: dict, federation: str = "local-simulation", *, 
     return cmd + ["--run-config", overrides(run_config)]
 
 
-def flwr_run_simulation(run_config: dict, supernodes: int, timeout: float = 420) -> subprocess.CompletedProcess:
-    """``flwr run . local-simulation`` to its end, output captured. Its process group (flwr,
+def flwr_run_simulation(run_config: dict, supernodes: int, timeout: float = 420,
+                        app: Path = ROOT) -> subprocess.CompletedProcess:
+    """``flwr run <app> local-simulation`` to its end, output captured. Its process group (flwr,
     flower-simulation, Ray) is ended if it outlives ``timeout`` or the test is interrupted."""
-    cmd = flwr_run_command(run_config, supernodes=supernodes)
+    cmd = flwr_run_command(run_config, supernodes=supernodes, app=app)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)

@@ -185,3 +185,58 @@ def test_a_refused_simulation_ends_on_its_one_line_without_tracebacks(run_config
     assert [x for x in proc.stderr.splitlines() if x.strip()][-1] == line, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr and "returned non-zero exit status" not in proc.stderr
     assert not (Path(run_config["results-dir"]) / "refused").exists()
+
+
+#: partition: (phase, attack) of tests/untrusted_app/untrusted_client.py; partition 5 is honest
+UNTRUSTED = {0: ("train", "one NaN weight"), 1: ("train", "head of another shape"),
+             2: ("train", "num-examples 1e12"), 3: ("train", "a metric key missing"),
+             4: ("evaluate", "evaluate histograms +1e4")}
+REFUSAL = {"one NaN weight": "non-finite values", "head of another shape": "float32[1, 10]",
+           "num-examples 1e12": "num-examples=1000000000000", "a metric key missing": "metric keys",
+           "evaluate histograms +1e4": "score histograms"}
+
+
+def _untrusted_app(tmp_path: Path, mode: str) -> Path:
+    """A copy of this app whose ClientApp is tests/untrusted_app's, in ``mode``."""
+    app = tmp_path / f"app-{mode}"
+    app.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    pyproject = (root / "pyproject.toml").read_text()
+    assert 'clientapp = "celeba_app.client_app:app"' in pyproject
+    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "celeba_app.client_app:app"',
+                                                          'clientapp = "untrusted_client:app"'))
+    source = (Path(__file__).parent / "untrusted_app" / "untrusted_client.py").read_text()
+    source = source.replace('MODE = "attack"', f"MODE = {mode!r}").replace("ALTER = {}", f"ALTER = {UNTRUSTED!r}")
+    (app / "untrusted_client.py").write_text(source)
+    return app
+
+
+def test_untrusted_clients_in_a_real_simulation_are_refused_named_and_change_nothing(run_config, tmp_path):
+    """Six SuperNodes, five of which alter a reply through Flower's own serialisation: each
+    offender is named with its rule, the run completes, and its head, test figures and
+    fairness figures are those of the run whose offenders answered with errors instead."""
+    run_config.update({"min-reply-fraction": 0.3})
+    runs = {}
+    for mode in ("attack", "error"):
+        proc = flwr_run({**run_config, "run-name": mode}, supernodes=6, app=_untrusted_app(tmp_path, mode))
+        run = Path(run_config["results-dir"]) / mode
+        assert json.loads((run / "status.json").read_text())["state"] == "completed", (proc.stdout + proc.stderr)[-4000:]
+        runs[mode] = (run, proc.stdout + proc.stderr)
+    (attacked, out), (clean, _) = runs["attack"], runs["error"]
+    history, clean_history = (json.loads((r / "history.json").read_text()) for r in (attacked, clean))
+    for rnd in (1, 2):
+        for phase in ("train", "evaluate"):
+            failures = {f["partition_id"]: f for f in history[rnd]["nodes"][phase]["failures"]}
+            assert set(failures) == {p for p, (ph, _) in UNTRUSTED.items() if ph == phase}, failures
+            for pid, failure in failures.items():
+                assert failure["refused"] and REFUSAL[UNTRUSTED[pid][1]] in failure["reason"], failure
+                assert f"(partition {pid}): reply refused: " in out
+        for key in ("train", "federated_evaluate", "server_valid"):
+            assert history[rnd][key] == clean_history[rnd][key], (rnd, key)
+    import torch
+
+    a, b = (torch.load(r / "head.pt", weights_only=True) for r in (attacked, clean))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    test, clean_test = (json.loads((r / "test.json").read_text()) for r in (attacked, clean))
+    assert test["overall"] == clean_test["overall"] and test["gaps"] == clean_test["gaps"]
+    assert "refused" in (attacked / "report.md").read_text()
