@@ -12,6 +12,7 @@ import pytest
 from flower_procs import Procs, flwr_run_command
 from flower_procs import flwr_run_simulation as flwr_run
 from tracked import assert_tracked
+from untrusted_app import copy_app
 
 pytestmark = pytest.mark.e2e  # real Flower processes: `pytest -m "not e2e"` skips them
 
@@ -196,21 +197,6 @@ REFUSAL = {"one NaN weight": "non-finite values", "head of another shape": "floa
            "evaluate histograms +1e4": "score histograms"}
 
 
-def _untrusted_app(tmp_path: Path, mode: str) -> Path:
-    """A copy of this app whose ClientApp is tests/untrusted_app's, in ``mode``."""
-    app = tmp_path / f"app-{mode}"
-    app.mkdir()
-    root = Path(__file__).resolve().parents[1]
-    pyproject = (root / "pyproject.toml").read_text()
-    assert 'clientapp = "celeba_app.client_app:app"' in pyproject
-    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "celeba_app.client_app:app"',
-                                                          'clientapp = "untrusted_client:app"'))
-    source = (Path(__file__).parent / "untrusted_app" / "untrusted_client.py").read_text()
-    source = source.replace('MODE = "attack"', f"MODE = {mode!r}").replace("ALTER = {}", f"ALTER = {UNTRUSTED!r}")
-    (app / "untrusted_client.py").write_text(source)
-    return app
-
-
 def test_untrusted_clients_in_a_real_simulation_are_refused_named_and_change_nothing(run_config, tmp_path):
     """Six SuperNodes, five of which alter a reply through Flower's own serialisation: each
     offender is named with its rule, the run completes, and its head, test figures and
@@ -218,7 +204,7 @@ def test_untrusted_clients_in_a_real_simulation_are_refused_named_and_change_not
     run_config.update({"min-reply-fraction": 0.3})
     runs = {}
     for mode in ("attack", "error"):
-        proc = flwr_run({**run_config, "run-name": mode}, supernodes=6, app=_untrusted_app(tmp_path, mode))
+        proc = flwr_run({**run_config, "run-name": mode}, supernodes=6, app=copy_app(tmp_path / f"app-{mode}", UNTRUSTED, mode))
         run = Path(run_config["results-dir"]) / mode
         assert json.loads((run / "status.json").read_text())["state"] == "completed", (proc.stdout + proc.stderr)[-4000:]
         runs[mode] = (run, proc.stdout + proc.stderr)

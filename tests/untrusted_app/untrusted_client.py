@@ -1,12 +1,14 @@
-"""A ClientApp for the untrusted-client simulation tests: the app's own ClientApp, except that
-the partitions named in ``ALTER`` alter one phase's reply (``MODE = "attack"``) or answer it
-with an error (``MODE = "error"``: the run without the offender's reply).
+"""A ClientApp for the untrusted-client simulations: the app's own ClientApp, except that the
+partitions named in ``ALTER`` alter one phase's reply (``MODE = "attack"``) or answer it with
+an error (``MODE = "error"``: the run without the offender's reply). An attack "sleep <s>"
+replies honestly after ``s`` seconds (a slow client).
 
-The test copies this file beside a copy of pyproject.toml whose ``clientapp`` points here, and
-sets the two constants in the copy; nothing here is part of the app.
+``copy_app`` (this package) copies this file beside a copy of pyproject.toml whose
+``clientapp`` points here, and sets the two constants in the copy; nothing here is part of the app.
 """
 
 import math
+import time
 
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message
@@ -20,7 +22,9 @@ ALTER = {}  # partition id: (phase, attack name), set by the test
 
 def _attack(content, name: str) -> None:
     metrics = content["metrics"]
-    if name == "one NaN weight":
+    if name.startswith("sleep "):  # "sleep 45": a slow or stuck client, whose reply is honest
+        time.sleep(float(name.split()[1]))
+    elif name == "one NaN weight":
         state = content["arrays"].to_torch_state_dict()
         key = next(iter(state))
         state[key] = state[key].clone()
