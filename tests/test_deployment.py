@@ -7,6 +7,7 @@ as a simulation, and train the same head as a simulation of the same config.
 """
 
 import json
+import time
 
 import pytest
 import torch
@@ -162,3 +163,28 @@ def test_a_supernode_that_restarts_takes_its_old_place(celeba_dir, weights_file,
     history = json.loads((run / "history.json").read_text())
     assert history[-1]["train"]["num_clients"] == 3, [h.get("nodes") for h in history]
     assert "2 of 3 SuperNodes connected" not in out.split("rejoined as partition 2")[-1]
+
+
+def test_a_supernode_stopped_before_the_run_is_left_out(celeba_dir, weights_file, tmp_path):
+    """A SuperNode killed just before ``flwr run`` is still listed by the SuperLink (until its
+    heartbeat expires): asked to describe itself, it does not answer, and the run goes on with
+    the two that did (min-nodes=2), saying which partition takes no part."""
+    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), **TINY,
+                  "num-server-rounds": 2, "local-epochs": 1, "results-dir": str(tmp_path / "outputs"),
+                  "cache-dir": str(tmp_path / "cache"), "run-name": "stale", "min-nodes": 2,
+                  "node-wait-timeout": 30.0, "round-timeout": 30.0}
+    with Procs(tmp_path / "logs") as procs:
+        ports = Ports()
+        start_superlink(procs, ports, workdir=tmp_path)
+        for i in range(3):
+            start_supernode(procs, ports, f"supernode-{i}", {"partition-id": i, "num-partitions": 3},
+                            workdir=tmp_path)
+        time.sleep(10)  # all three register with the SuperLink
+        procs.stop("supernode-2", grace=0)
+        result = flwr_run_deployment(procs, ports, run_config)
+    out = result.stdout
+    run = tmp_path / "outputs" / "stale"
+    assert json.loads((run / "status.json").read_text())["state"] == "completed", out[-3000:]
+    assert json.loads((run / "config.json").read_text())["num_clients"] == 2
+    assert "listed as connected did not answer" in out or "2 SuperNode(s) connected" in out, out[-3000:]
+    assert "2 of 3 partitions have a SuperNode; partitions [2] take no part" in out, out[-3000:]
