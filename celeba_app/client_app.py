@@ -36,9 +36,10 @@ from .data import LabeledRows, NodeData, client_parts, describe_node
 from .features import FeatureStore, feature_store
 from .metrics import flatten
 from .model import head_for, head_state
+from .privacy import client_clipping_mod
 from .task import evaluate_stats, group_balance_weights, pick_device, train_head
 
-app = ClientApp()
+app = ClientApp(mods=[client_clipping_mod])  # DP: Flower's clipping mods when the server asks (privacy.py)
 
 
 def refusals_as_errors(handler):

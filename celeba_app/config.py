@@ -38,6 +38,23 @@ STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "qfedavg", "fairfed",
               "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 #: Flower's Byzantine-robust aggregators among STRATEGIES
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+#: client-level differential privacy (privacy.py): off, or one of Flower's DP wrappers
+DP_MODES = ("", "client-fixed", "server-fixed", "client-adaptive")
+#: strategies whose aggregate is the plain mean of the clipped updates, with no server state built
+#: from the un-noised mean: Flower's DP wrappers keep their guarantee only for these
+DP_STRATEGIES = ("fedavg", "fedprox")
+#: why each other strategy would break the guarantee (the refusal's words)
+DP_BREAKS = {
+    "fedavgm": "its server momentum is built from the un-noised mean, and every later head carries it",
+    "fedadam": "its server moments are built from the un-noised mean, and every later head carries them",
+    "qfedavg": "it reweights each update by the client's loss, so one client can outweigh 1/m of the mean",
+    "fairfed": "it weights each client by its fairness gap, so one client can outweigh 1/m of the mean",
+    "fedmedian": "a coordinate-wise median is not the mean the noise is calibrated to",
+    "fedtrimmedavg": "a trimmed mean is not the mean the noise is calibrated to",
+    "krum": "Krum releases one client's update, whose sensitivity is the whole clipping norm",
+    "multikrum": "Multi-Krum averages a data-dependent subset, not the mean the noise is calibrated to",
+    "bulyan": "Bulyan averages a data-dependent subset, not the mean the noise is calibrated to",
+}
 FAIRFED_METRICS = ("equalized_odds_difference", "demographic_parity_difference")
 SELECTION_METRICS = {  # name -> True when larger is better
     "loss": False, "accuracy": True, "balanced_accuracy": True, "auroc": True,
@@ -193,6 +210,11 @@ class RunConfig:
     min_reply_fraction: float = 0.5
     max_skipped_rounds: int = 3
     max_update_norm: float = 100.0
+    dp: str = ""
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 0.0
+    dp_target_epsilon: float = 0.0
     resume: str = ""
     bad_images: str = "fail"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -383,6 +405,7 @@ class RunConfig:
             raise ConfigError(f"max-skipped-rounds={self.max_skipped_rounds!r} is not valid; accepted: an integer >= 0")
         if not (math.isfinite(self.max_update_norm) and self.max_update_norm > 0):
             raise ConfigError(f"max-update-norm={self.max_update_norm!r} is not valid; accepted: a finite number > 0")
+        self._validate_dp()
         if self.resume and not _RUN_NAME.match(self.resume):
             raise ConfigError(f"resume={self.resume!r} is not valid; accepted: the run-name of a stopped run")
         if not check_paths:
@@ -399,6 +422,27 @@ class RunConfig:
                 f"weights={self.weights!r}: no such file; accepted: 'imagenet' (torchvision's "
                 "IMAGENET1K_V1) or the path of a mobilenet_v2 state_dict file"
             )
+
+    def _validate_dp(self) -> None:
+        if self.dp not in DP_MODES:
+            raise ConfigError(f"dp={self.dp!r} is not known; accepted: \"\" (off), " + ", ".join(DP_MODES[1:]))
+        if self.dp and self.strategy not in DP_STRATEGIES:
+            raise ConfigError(f"strategy={self.strategy!r} with dp={self.dp!r} would not keep the privacy guarantee "
+                              f"({DP_BREAKS[self.strategy]}); accepted with dp: {', '.join(DP_STRATEGIES)}")
+        if not (math.isfinite(self.dp_noise_multiplier) and self.dp_noise_multiplier >= 0):
+            raise ConfigError(f"dp-noise-multiplier={self.dp_noise_multiplier!r} is not valid; accepted: a finite "
+                              "number >= 0")
+        if not (math.isfinite(self.dp_clipping_norm) and self.dp_clipping_norm > 0):
+            raise ConfigError(f"dp-clipping-norm={self.dp_clipping_norm!r} is not valid; accepted: a finite number > 0")
+        if not (self.dp_delta == 0 or 0 < self.dp_delta < 1):
+            raise ConfigError(f"dp-delta={self.dp_delta!r} is not valid; accepted: 0 < x < 1, or 0 for 1 / the "
+                              "clients' training images")
+        if not (self.dp_target_epsilon == 0 or (math.isfinite(self.dp_target_epsilon) and self.dp_target_epsilon > 0)):
+            raise ConfigError(f"dp-target-epsilon={self.dp_target_epsilon!r} is not valid; accepted: a finite number "
+                              "> 0, or 0 to use dp-noise-multiplier")
+        if self.dp_target_epsilon and not self.dp:
+            raise ConfigError(f"dp-target-epsilon={self.dp_target_epsilon!r} needs dp; accepted: dp = "
+                              + " | ".join(repr(m) for m in DP_MODES[1:]) + ", or dp-target-epsilon=0")
 
     def as_dict(self) -> dict[str, Any]:
         """The resolved config, with the pyproject key spelling, for config.json."""

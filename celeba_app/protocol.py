@@ -52,13 +52,16 @@ LR = "lr"  #: the clients' learning rate this round
 PROXIMAL_MU = "proximal-mu"  #: FedProx's proximal term (set by Flower's FedProx)
 EVALUATE_RECEIVED = "evaluate-received"  #: evaluate the received head first (evaluate-with-train)
 GLOBAL_STATS = "global-stats"  #: send the received head's statistics too (FairFed)
+CLIPPING_NORM = "clipping_norm"  #: DP, client-side clipping: clip the update to this L2 norm (Flower's KEY_CLIPPING_NORM)
+NORM_BIT = "dp-norm-bit"  #: DP, client-adaptive: say in METRICS' ``CLIPPED`` whether the update was clipped
 
 # --------------------------------------------------------------------------- METRICS keys
 NUM_EXAMPLES = "num-examples"  #: images the statistics cover (Flower's weighted_by_key)
 PARTITION_ID = "partition_id"  #: the client's partition id
 LOCAL_STEPS_LOSS = "local_steps_loss"  #: the running BCE of the local steps
 GLOBAL_LOSS = "global_loss"  #: the received head's BCE on the training part (q-FedAvg's loss)
-NOT_SUMMED = (NUM_EXAMPLES, PARTITION_ID)  #: identifiers and weights, not quantities to average
+CLIPPED = "norm_bit"  #: DP, client-adaptive: 1 if the update was clipped (Flower's KEY_NORM_BIT)
+NOT_SUMMED = (NUM_EXAMPLES, PARTITION_ID, CLIPPED)  #: identifiers and weights, not quantities to average
 TRAIN_KEYS = (NUM_EXAMPLES, PARTITION_ID, LOCAL_STEPS_LOSS, GLOBAL_LOSS)  #: a train reply's, beside its slices
 EVALUATE_KEYS = (NUM_EXAMPLES, PARTITION_ID)  #: an evaluate reply's (and HELD_OUT's), beside its slices
 
@@ -138,7 +141,9 @@ def train_reply_problem(content: RecordDict, sent: ArrayRecord, expected: Expect
                         config: ConfigRecord) -> str | None:
     """The first rule a train reply breaks, as one phrase naming the value; None if it is
     valid. A valid reply has the sent head's keys, shapes and dtypes, finite values, an
-    update (reply minus sent) of L2 norm <= ``max_update_norm``; exactly ``TRAIN_KEYS`` and
+    update (reply minus sent) of L2 norm <= ``max_update_norm`` (and <= the clipping norm
+    when ``config`` has ``CLIPPING_NORM``: DP); exactly ``TRAIN_KEYS`` (and ``CLIPPED``, 0 or
+    1, when ``config`` asks for ``NORM_BIT``) and
     the slice statistics in its METRICS, with ``num-examples`` the described training size
     and the described partition id; valid statistics (metrics.stats_problem); and, when
     ``config`` asked for them, GLOBAL_MODEL's statistics of the same rows and HELD_OUT's of the
@@ -154,9 +159,16 @@ def _train_reply_problem(content: RecordDict, sent: ArrayRecord, expected: Expec
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return (f"{len(content.array_records)} ArrayRecords and {len(content.metric_records)} MetricRecords; "
                 "accepted: one of each")
-    problem = _arrays_problem(reply_arrays(content), sent, max_update_norm)
+    bound, what = max_update_norm, f"max-update-norm={max_update_norm:g}"
+    if CLIPPING_NORM in config and float(config[CLIPPING_NORM]) * (1 + 1e-3) < bound:
+        # the client was to clip its update (DP): one that did not is refused
+        bound, what = float(config[CLIPPING_NORM]) * (1 + 1e-3), f"the DP clipping norm {float(config[CLIPPING_NORM]):g}"
+    problem = _arrays_problem(reply_arrays(content), sent, bound, what)
+    keys = TRAIN_KEYS + ((CLIPPED,) if config.get(NORM_BIT, False) else ())
     if problem is None:
-        problem = _metrics_problem(reply_metrics(content), TRAIN_KEYS, expected, expected.num_train, "training")
+        problem = _metrics_problem(reply_metrics(content), keys, expected, expected.num_train, "training")
+    if problem is None and CLIPPED in keys and reply_metrics(content)[CLIPPED] not in (0, 1):
+        problem = f"{CLIPPED}={reply_metrics(content)[CLIPPED]!r}; accepted: 0 or 1"
     if problem is None:
         for key in (LOCAL_STEPS_LOSS, GLOBAL_LOSS):
             value = float(reply_metrics(content)[key])
@@ -192,7 +204,8 @@ def evaluate_reply_problem(content: RecordDict, expected: Expected) -> str | Non
         return f"malformed reply: {type(exc).__name__}: {exc}"[:300]
 
 
-def _arrays_problem(arrays: ArrayRecord, sent: ArrayRecord, max_update_norm: float) -> str | None:
+def _arrays_problem(arrays: ArrayRecord, sent: ArrayRecord, max_update_norm: float,
+                    bound_name: str) -> str | None:
     if list(arrays.keys()) != list(sent.keys()):
         return f"head arrays {list(arrays.keys())}; sent {list(sent.keys())}"
     squared = 0.0
@@ -207,7 +220,7 @@ def _arrays_problem(arrays: ArrayRecord, sent: ArrayRecord, max_update_norm: flo
         squared += float(np.sum((value.astype(np.float64) - theirs.numpy().astype(np.float64)) ** 2))
     norm = math.sqrt(squared)
     if not norm <= max_update_norm:
-        return f"update norm {norm:.4g} > max-update-norm={max_update_norm:g}"
+        return f"update norm {norm:.4g} > {bound_name}"
     return None
 
 

@@ -180,9 +180,11 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def write_status(run_dir: Path, state: str, last_round: int | None, reason: str | None = None) -> bool:
+def write_status(run_dir: Path, state: str, last_round: int | None, reason: str | None = None,
+                 dp: dict | None = None) -> bool:
     """status.json: ``running``, ``completed`` or ``failed``, why, the last completed round, and
-    the writing process (``host``, ``pid``: see ``process_ended``).
+    the writing process (``host``, ``pid``: see ``process_ended``); with DP, ``dp`` (the last
+    round's history ``dp`` entry: epsilon spent so far, delta, ...).
     The documented contract for scripts: flwr 1.25's ``flwr run`` does not always exit non-zero.
 
     Written atomically; if that fails (a full disk has no room for the temporary copy), the
@@ -190,6 +192,8 @@ def write_status(run_dir: Path, state: str, last_round: int | None, reason: str 
     worked, False if status.json could not be written at all."""
     status = {"state": state, "reason": reason, "last_completed_round": last_round,
               "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "pid": os.getpid()}
+    if dp is not None:
+        status["dp"] = dp
     path = Path(run_dir) / "status.json"
     try:
         write_json(path, status)
@@ -307,7 +311,7 @@ def write_round(run_dir: Path, history: list[dict], checkpoint: dict, log: Histo
     """After each round: the new records to history.jsonl, checkpoint.pt, then status.json (running)."""
     log.append(history)
     save_torch(run_dir / "checkpoint.pt", checkpoint)
-    write_status(run_dir, "running", checkpoint["round"])
+    write_status(run_dir, "running", checkpoint["round"], dp=history[-1].get("dp") if history else None)
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
@@ -380,7 +384,8 @@ def write_run_end(run_dir: Path, head_state: dict, history: list[dict], test: di
     save_torch(run_dir / "head.pt", head_state)
     write_history(run_dir, history)
     write_json(run_dir / "test.json", {**test, **(extra or {})})
-    write_status(run_dir, "completed", (extra or {}).get("round", history[-1]["round"] if history else None))
+    write_status(run_dir, "completed", (extra or {}).get("round", history[-1]["round"] if history else None),
+                 dp=history[-1].get("dp") if history else None)
 
 
 def write_postprocessing(run_dir: Path, make_report) -> str | None:

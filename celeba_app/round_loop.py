@@ -96,7 +96,7 @@ def run_rounds(strategy: RoundStrategy, grid, initial_arrays: ArrayRecord, num_r
                server_evaluate: Callable[[int, ArrayRecord], dict], best: BestRound,
                on_round: Callable[[list[dict], dict], None] = lambda history, checkpoint: None,
                policy: RoundPolicy | None = None, resume: dict | None = None,
-               nodes: Mapping[int, P.Expected] | None = None) -> RoundsResult:
+               nodes: Mapping[int, P.Expected] | None = None, privacy=None) -> RoundsResult:
     """Rounds ``1..num_rounds`` (or from a checkpoint's next round): train, federated
     evaluation, ``server_evaluate`` (the global head on ``valid``: a metrics report), the
     best round and early stopping (no round runs after it), then ``on_round(history,
@@ -116,6 +116,10 @@ def run_rounds(strategy: RoundStrategy, grid, initial_arrays: ArrayRecord, num_r
     aggregate, and one that breaks a rule is refused: left out of the round and recorded as
     the node's failure, with ``refused: true`` and the rule as its reason. Without it
     (in-process use), replies are not checked.
+
+    ``privacy``: the run's privacy.Budget when DP is on (``strategy`` is then Flower's DP
+    wrapper): each round's record gets ``dp``, epsilon spent after it (every round from 1
+    counts, skipped or not) and the clipping norm in force, and its log line epsilon.
     """
     loop = _Loop(strategy, grid, policy or RoundPolicy(), dict(nodes) if nodes is not None else None,
                  evaluate_config or ConfigRecord())
@@ -148,6 +152,8 @@ def run_rounds(strategy: RoundStrategy, grid, initial_arrays: ArrayRecord, num_r
                             f"{len(sampled['sampled'])} sampled clients replied")
         entry["server_valid"] = server_evaluate(rnd, arrays)
         stop = close_round(entry, best, arrays.to_torch_state_dict())
+        if privacy is not None:
+            entry["dp"] = privacy.record(rnd, strategy)
         entry["seconds"] = time.time() - t0
         history.append(entry)
         # Written before it is announced: a run killed right after its "round N" line
@@ -341,6 +347,8 @@ def _log_round(rnd: int, total: int, entry: dict) -> None:
     va = entry["server_valid"]["overall"]
     nodes = entry.get("nodes", {}).get("train")
     replied = f" | {nodes['succeeded']}/{len(nodes['sampled'])} clients" if nodes else ""
+    if "dp" in entry:
+        replied += f" | epsilon {entry['dp']['epsilon']:.3g} (delta {entry['dp']['delta']:.2g})"
     log(INFO, "celeba-fl: round %d/%d | train loss %s acc %s | fed-eval loss %s acc %s | "
         "valid loss %s acc %s AUROC %s%s%s | %.1fs", rnd, total,
         fmt((tr.get("overall") or {}).get("loss")), fmt((tr.get("overall") or {}).get("accuracy")),

@@ -36,6 +36,7 @@ from .report import write_report_or_record
 from .results import (HistoryLog, check_resume, create_run_dir, is_write_error, load_checkpoint, read_history,
                       resume_command, run_dir_for, save_torch, write_best, write_history, write_postprocessing,
                       write_round, write_run_end, write_run_start, write_skipped_rows, write_status)
+from . import privacy
 from . import protocol as P
 from . import refusal
 from .refusal import RunRefused, refuse  # noqa: F401 - RunRefused: what main raises
@@ -98,6 +99,10 @@ def main(grid: Grid, context: Context) -> None:
             resume["history"] = read_history(run_dir) or []
         num_nodes = len(grid.node_ids)
         strategy = make_strategy(cfg, num_nodes)  # refused here if the federation is too small for it
+        budget = None
+        if cfg.dp:  # Flower's DP wrapper around it, and the budget it spends (refused here if it cannot be met)
+            budget = privacy.budget_for(cfg, num_nodes, sum(int(p["num_train"]) for p in partitions))
+            strategy = privacy.wrap(cfg, strategy, budget, num_nodes)
         device = pick_device(cfg)
         store = feature_store(cfg, device)
         store.load_extractor()  # a bad weights file is refused before anything is written
@@ -120,6 +125,8 @@ def main(grid: Grid, context: Context) -> None:
         num_nodes, cfg.split, cfg.target, device, describe(cfg.feature_layer, cfg.feature_pool),
         f"; resuming after round {resume['round']}" if resume else "")
     log_plan(store, [valid, test], to_embed)
+    if budget is not None:
+        log_budget(cfg, budget)
     last_round = resume["round"] if resume else None
     interrupted: str | None = None  # set by a signal (see on_signal)
     finished = False
@@ -162,6 +169,7 @@ def main(grid: Grid, context: Context) -> None:
             server_evaluate=evaluate_valid, best=best, on_round=on_round, resume=resume,
             policy=RoundPolicy(cfg.round_timeout, cfg.min_reply_fraction, cfg.max_skipped_rounds,
                                cfg.evaluate_with_train, cfg.max_update_norm),
+            privacy=budget,
             nodes={p["node_id"]: P.Expected(int(p["partition_id"]), int(p["num_train"]), int(p["num_val"]),
                                             tuple(cfg.sensitive_attributes)) for p in partitions},
         )
@@ -194,7 +202,8 @@ def main(grid: Grid, context: Context) -> None:
         reason = interrupted or (
             "stopped by the user (flwr stop)" if type(exc).__name__ == "RunNotRunningException"
             else f"{type(exc).__name__}: {exc}")
-        recorded = write_status(run_dir, "failed", last_round, reason)
+        recorded = write_status(run_dir, "failed", last_round, reason,
+                                dp=last_history[-1].get("dp") if last_history else None)
         if last_history is not None:
             try:
                 write_history(run_dir, last_history)  # history.json, as a completed run has
@@ -231,6 +240,15 @@ def postprocess(run_dir: Path, cfg: RunConfig, clients_held_out: dict | None, st
     error = write_postprocessing(run_dir, make_report)
     if error:
         log(WARNING, "celeba-fl: equalized-odds post-processing failed: %s", error)
+
+
+def log_budget(cfg: RunConfig, budget) -> None:
+    """The DP settings and the epsilon the whole run will spend, before round 1."""
+    solved = f" (solved for dp-target-epsilon={cfg.dp_target_epsilon:g})" if cfg.dp_target_epsilon else ""
+    log(INFO, "celeba-fl: differential privacy dp=%s: noise multiplier %.4g%s, clipping norm %g%s, %.3g of the nodes "
+        "sampled a round; after %d rounds epsilon %.3g at delta %.3g. %s", cfg.dp, budget.noise_multiplier, solved,
+        cfg.dp_clipping_norm, " (adaptive: the first)" if cfg.dp == "client-adaptive" else "", budget.sampling_rate,
+        cfg.num_server_rounds, budget.epsilon(cfg.num_server_rounds), budget.delta, privacy.COVERS)
 
 
 def log_plan(store, server_parts: list, to_embed: dict[int, int | None]) -> None:

@@ -66,6 +66,14 @@ def sum_replies(contents: list[RecordDict]) -> MetricRecord:
     return record
 
 
+def _unit_weights(replies: list[Message]) -> list[Message]:
+    """The replies' heads, each with weight 1 as its ``num-examples``: the unweighted mean of a
+    DP round (privacy.py), which counts every client once whatever its size."""
+    return [Message(RecordDict({P.ARRAYS: P.reply_arrays(m.content), P.METRICS: MetricRecord({P.NUM_EXAMPLES: 1})}),
+                    dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type)
+            for m in replies if not m.has_error()]
+
+
 def report_of(record: MetricRecord, where: str, min_group_size: int = MIN_GROUP_SIZE) -> dict:
     """``sum_replies``'s record as a report: metrics.metrics_report of the sums, with
     ``num_clients``, ``client_means`` and ``clients`` (the spread of the clients' accuracy and
@@ -113,6 +121,7 @@ class GroupMetrics:
         self.lr_decay = lr_decay
         self.min_group_size = min_group_size
         self.sampling_seed = sampling_seed  # seeds Python's random, with which flwr samples nodes
+        self.uniform_weights = False  # True (privacy.wrap): each reply counts once in the mean of the heads
 
     def start(self, grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
@@ -141,7 +150,7 @@ class GroupMetrics:
         contents = [m.content for m in replies if not m.has_error()]
         if not contents:
             return None, None
-        arrays, _ = super().aggregate_train(server_round, replies)
+        arrays, _ = super().aggregate_train(server_round, _unit_weights(replies) if self.uniform_weights else replies)
         return arrays, sum_replies(contents)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
