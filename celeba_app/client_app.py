@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 from .config import ConfigError, RunConfig
 from .internals import ErrorCode
 from . import protocol as P
-from .data import LabeledRows, NodeData, client_parts, describe_node
+from .data import LabeledRows, NodeData, client_parts, describe_node, hide_identities
 from .features import FeatureStore, feature_store
 from .metrics import flatten
 from .model import head_for, head_state
@@ -63,14 +63,21 @@ def _node(context: Context) -> tuple[RunConfig, NodeData]:
 @app.query()
 @refusals_as_errors
 def query(msg: Message, context: Context) -> Message:
-    """Describe this node's data: sizes, target and group rates, celeb_ids, and how many
-    embeddings it has yet to compute (``to_embed``)."""
+    """Describe this node's data: sizes, target and group rates, celeb_ids (salted hashes of
+    them when the query sends a salt, as it must with DP on), and how many embeddings it has
+    yet to compute (``to_embed``)."""
     cfg, node = _node(context)
     if cfg.weights != "imagenet" and not Path(cfg.weights).expanduser().is_file():
         raise ConfigError(f"weights={cfg.weights!r} (resolved on this node to "
                           f"{str(Path(cfg.weights).expanduser().resolve())!r}): no such file; accepted: "
                           "'imagenet' or a mobilenet_v2 state_dict file this node can read")
     entry = describe_node(cfg, node)
+    salt = msg.content[P.CONFIG].get(P.ID_SALT) if P.CONFIG in msg.content.config_records else None
+    if salt:
+        entry = hide_identities(entry, str(salt))
+    elif cfg.dp:
+        raise ConfigError(f"dp={cfg.dp!r} is on, yet the server's query asks for this node's celeb_ids in the "
+                          "clear (no id-salt); accepted: a server that asks for salted hashes")
     store = feature_store(cfg, pick_device(cfg), node.cache_dir)
     train, val = client_parts(cfg, node)
     to_embed = store.missing(train, cfg.augment_hflip) + store.missing(val)  # the server's plan for round 1

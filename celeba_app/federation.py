@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any, Iterable
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -76,7 +76,7 @@ class NodeDescriptions:
     to_embed: dict[int, int | None]
 
 
-def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig) -> NodeDescriptions:
+def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig, id_salt: str | None = None) -> NodeDescriptions:
     """Ask every node to describe its data (protocol.py's ``query``).
 
     Refuses (ConfigError, one line naming the nodes) when a node replies with an error, when
@@ -85,8 +85,7 @@ def describe_nodes(grid: Grid, node_ids: list[int], cfg: RunConfig) -> NodeDescr
     that stopped stays listed until its heartbeat expires), when two nodes claim one
     partition id, or when nodes of one dataset disagree on ``num-partitions``.
     """
-    messages = [Message(content=RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=nid,
-                        message_type=P.QUERY) for nid in node_ids]
+    messages = [Message(content=P.query_content(id_salt), dst_node_id=nid, message_type=P.QUERY) for nid in node_ids]
     # Describing loads each node's data (a first download of the hub dataset included): as
     # long as a round may take.
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -149,10 +148,9 @@ def error_reason(reply: Message) -> str:
     return text[-400:]
 
 
-def _query(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, dict]:
+def _query(grid: Grid, node_ids: list[int], timeout: float, id_salt: str | None = None) -> dict[int, dict]:
     """{node id: its description} of the nodes that answered a ``query`` within ``timeout``."""
-    messages = [Message(content=RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=nid, message_type=P.QUERY)
-                for nid in node_ids]
+    messages = [Message(content=P.query_content(id_salt), dst_node_id=nid, message_type=P.QUERY) for nid in node_ids]
     out = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if not reply.has_error() and P.DESCRIPTION in reply.content.config_records:
@@ -198,14 +196,17 @@ class FederationGrid:
         self._engine_seen = False
         self.described: dict[int, dict] = {}  # node id -> its partitions.json entry (``federate``)
         self.query_timeout = 30.0
+        self.id_salt: str | None = None
         self._left_out: set[int] = set()  # nodes that connected later and were not taken
 
-    def federate(self, partitions: list[dict], query_timeout: float) -> None:
+    def federate(self, partitions: list[dict], query_timeout: float, id_salt: str | None = None) -> None:
         """From now on the federation is exactly the described nodes of ``partitions``; a node
-        that connects later is asked to describe itself (``rejoin``) within ``query_timeout`` s."""
+        that connects later is asked to describe itself (``rejoin``) within ``query_timeout`` s
+        (its identities hashed with ``id_salt``, as describe_nodes asked the others)."""
         self.described = {int(e["node_id"]): e for e in partitions}
         self.node_ids = set(self.described)
         self.query_timeout = query_timeout
+        self.id_salt = id_salt
 
     def rejoin(self) -> dict[int, int]:
         """Nodes connected since the start (never described) are asked to describe their data.
@@ -220,7 +221,7 @@ class FederationGrid:
         # Matched whether or not the old id is still listed: a stopped SuperNode stays listed
         # until its heartbeat expires, and a node with a described node's data is that node.
         gone = {(e["partition_id"], e.get("data_fingerprint")): nid for nid, e in self.described.items()}
-        entries = _query(self._grid, new, self.query_timeout)
+        entries = _query(self._grid, new, self.query_timeout, self.id_salt)
         moved = {}
         for nid in new:
             entry = entries.get(nid)

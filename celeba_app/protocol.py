@@ -48,6 +48,7 @@ HELD_OUT = "evaluate_received"  #: ConfigRecord: the received head on the held-o
 
 # --------------------------------------------------------------------------- CONFIG keys
 SERVER_ROUND = "server-round"  #: the round (set by Flower's strategies)
+ID_SALT = "id-salt"  #: a query's: describe your identities as hashes with this salt (DP; data/identities.py)
 LR = "lr"  #: the clients' learning rate this round
 PROXIMAL_MU = "proximal-mu"  #: FedProx's proximal term (set by Flower's FedProx)
 EVALUATE_RECEIVED = "evaluate-received"  #: evaluate the received head first (evaluate-with-train)
@@ -87,6 +88,11 @@ def partition_order(reply: Message) -> tuple:
 def reply_arrays(content: RecordDict) -> ArrayRecord:
     """A reply's one ArrayRecord (``ARRAYS``; the first, whatever its name)."""
     return content.array_records[next(iter(content.array_records))]
+
+
+def query_content(id_salt: str | None = None) -> RecordDict:
+    """A ``QUERY`` message's content: an empty CONFIG, or one with ``ID_SALT`` (DP on)."""
+    return RecordDict({CONFIG: ConfigRecord({ID_SALT: id_salt} if id_salt else {})})
 
 
 def describe_record(entry: dict) -> ConfigRecord:

@@ -403,6 +403,24 @@ def trust_line(cfg: dict, history: list[dict]) -> str:
                if robust else "."))
 
 
+def privacy_line(cfg: dict, history: list[dict]) -> str | None:
+    """The DP settings, the epsilon the run spent and what it covers, in two sentences; None without DP."""
+    if not cfg.get("dp"):
+        return None
+    from .privacy import COVERS
+
+    last = next((h["dp"] for h in reversed(history) if h.get("dp")), None)
+    if last is None:
+        return f"Differential privacy (dp={cfg['dp']!r}) was on; no round completed, so no epsilon was spent. {COVERS}"
+    eps = "infinite (no noise)" if last["epsilon"] is None else f"{last['epsilon']:.3g}"
+    rounds = max(h["round"] for h in history if h.get("dp"))
+    return (f"Differential privacy (dp={cfg['dp']!r}, client-level): noise multiplier {last['noise_multiplier']:.4g}, "
+            f"clipping norm {cfg.get('dp-clipping-norm')}"
+            + (" (adaptive)" if cfg["dp"] == "client-adaptive" else "")
+            + f", {last['sampling_rate']:.3g} of the clients sampled a round; after {rounds} rounds epsilon = {eps} "
+            f"at delta = {last['delta']:.3g} (dp-accounting's RDP accountant). {COVERS[0].upper() + COVERS[1:]}")
+
+
 def head_line(cfg: dict, history: list[dict]) -> str:
     """Where the head reads the backbone and what it weighs on the wire, in one sentence."""
     layer, pool = cfg.get("feature-layer", 18), cfg.get("feature-pool", 1)
@@ -460,6 +478,9 @@ def write_report(run_dir: Path) -> Path:
     lines.append(head_line(cfg, history))
     if kind == "federated":
         lines.append(trust_line(cfg, history))
+        dp_line = privacy_line(cfg, history)
+        if dp_line:
+            lines.append(dp_line)
     lines.append("")
     if test:
         finals = {f"test, last round ({test.get('round', '?')})": test}

@@ -119,9 +119,12 @@ def check_resume(run_dir: Path, cfg: RunConfig, partitions: list[dict]) -> None:
     if differ:
         raise ConfigError(f"resume={cfg.resume!r}: the run config differs from the saved one in "
                           f"{', '.join(differ)}; accepted: the saved values, or a new run-name")
-    old = {p["partition_id"]: (p["num_train"], p["num_val"], p["celeb_ids"])
+    def identity(p: dict):  # with DP, the identities' hashes change with every run's salt: the data's fingerprint
+        return p["celeb_ids"] if "celeb_ids" in p else (len(p["celeb_id_hashes"]), p.get("data_fingerprint"))
+
+    old = {p["partition_id"]: (p["num_train"], p["num_val"], identity(p))
            for p in json.loads((run_dir / "partitions.json").read_text())["partitions"]}
-    new = {p["partition_id"]: (p["num_train"], p["num_val"], p["celeb_ids"]) for p in partitions}
+    new = {p["partition_id"]: (p["num_train"], p["num_val"], identity(p)) for p in partitions}
     if old != new:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ConfigError(f"resume={cfg.resume!r}: the SuperNodes' data differs from the saved "

@@ -14,6 +14,7 @@ each round logs one line a person can follow, and the run folder gets the result
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
@@ -69,10 +70,11 @@ def prepare(cfg: RunConfig, grid: Grid) -> Prepared:
     (federation.describe_nodes)."""
     server_ids = server_identities(cfg)  # valid/test load and schema, disjoint from each other
     federation = FederationGrid(grid, wait_for_nodes(grid, cfg))
-    described = describe_nodes(federation, sorted(federation.node_ids), cfg)
-    federation.federate(described.partitions, query_timeout=cfg.node_wait_timeout)
+    id_salt = secrets.token_hex(16) if cfg.dp else None  # DP: identities as salted hashes (data/identities.py)
+    described = describe_nodes(federation, sorted(federation.node_ids), cfg, id_salt)
+    federation.federate(described.partitions, query_timeout=cfg.node_wait_timeout, id_salt=id_salt)
     check_clients_distinct(described.partitions)  # two SuperNodes with the same data would train it twice
-    identities = check_clients_disjoint(cfg, server_ids, described.partitions)
+    identities = check_clients_disjoint(cfg, server_ids, described.partitions, id_salt)
     return Prepared(run_dir_for(cfg), federation, identities, described.partitions, described.to_embed)
 
 

@@ -26,7 +26,8 @@ checks over client_app's handlers). Each run's figures are kept in ``<out>/runs/
 and a run already there is not redone (a killed sweep continues). Writes ``<out>/sweep.json``,
 ``<out>/sweep.md`` (per group and setting: accuracy and TPR on ``test``, the mean over seeds
 with a 95% t-interval over seeds) and ``<out>/dp_sweep.png``; ``--write-doc`` fills the
-``dp-sweep`` block of docs/RESULTS.md.
+``dp-sweep`` block of docs/RESULTS.md. ``--norms`` prints, instead, the round-1 update norms
+without DP that the clipping norms were chosen from.
 """
 
 from __future__ import annotations
@@ -81,11 +82,40 @@ def run_one(federation, cfg_overrides: dict, rounds: int) -> dict:
     test, last = out["test"], out["result"].history[-1]
     groups = {f"{attr}={value}": {"accuracy": g["accuracy"], "tpr": g["tpr"], "n": g["n"]}
               for attr, values in test["groups"].items() for value, g in values.items() if not g["small"]}
+    eps = (last.get("dp") or {}).get("epsilon") if cfg.dp else "off"
     return {"accuracy": test["overall"]["accuracy"], "auroc": test["overall"]["auroc"], "groups": groups,
-            "epsilon": (last.get("dp") or {}).get("epsilon", None if cfg.dp else "off"),
+            "epsilon": "inf" if isinstance(eps, float) and math.isinf(eps) else eps,
             "noise_multiplier": budget.noise_multiplier if budget else None,
             "delta": budget.delta if budget else None, "sampling_rate": budget.sampling_rate if budget else None,
             "seconds_per_round": out["seconds"], "rounds": last["round"]}
+
+
+def update_norms(args) -> None:
+    """Print, per federation, the L2 norms of the clients' round-1 head updates without DP
+    (median, 10% and 90% quantiles): what the clipping norms ``--clip-*`` were chosen from."""
+    import numpy as np
+    import torch
+
+    from celeba_app import protocol as P
+    from celeba_app.model import head_for
+    from celeba_app.strategy import make_strategy
+    from inprocess import InProcessFederation
+
+    for fed_name in args.federations.split(","):
+        run_config, clients, _, clip = federation_config(args, fed_name)
+        norms, sent = [], {}
+
+        def measure(nid, kind, content):
+            if kind == "train":
+                state = content[P.ARRAYS].to_torch_state_dict()
+                norms.append(math.sqrt(sum(float(torch.sum((state[k] - sent[k]) ** 2)) for k in state)))
+
+        federation = InProcessFederation({**run_config, "seed": 0}, clients, measure)
+        sent.update(head_for(federation.cfg, seed=federation.cfg.seed).state_dict())
+        federation.run(make_strategy(federation.cfg, clients), 1)
+        q10, med, q90 = np.quantile(norms, [0.1, 0.5, 0.9])
+        print(f"{fed_name}: {len(norms)} round-1 updates, L2 norm median {med:.3f} (10%: {q10:.3f}, 90%: {q90:.3f}); "
+              f"--clip-{fed_name.rstrip('0123456789')} {clip:g}")
 
 
 def settings(epsilons: list[str], clip: float) -> list[tuple[str, dict]]:
@@ -112,7 +142,10 @@ def sweep(args) -> list[dict]:
                 for eps, overrides in settings(args.epsilons.split(","), clip):
                     path = runs_dir / f"{fed_name}-{head}-seed{seed}-eps{eps}.json"
                     if path.exists():
-                        rows.append(json.loads(path.read_text()))
+                        row = json.loads(path.read_text())
+                        if isinstance(row["epsilon"], float) and math.isinf(row["epsilon"]):
+                            row["epsilon"] = "inf"
+                        rows.append(row)
                     else:
                         todo.append((eps, overrides, path))
                 if not todo:
@@ -247,8 +280,11 @@ def main() -> None:
     parser.add_argument("--clip-iid", type=float, default=1.0)
     parser.add_argument("--clip-celebrity", type=float, default=0.5)
     parser.add_argument("--write-doc", action="store_true")
+    parser.add_argument("--norms", action="store_true", help="only print the round-1 update norms without DP")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    if args.norms:
+        return update_norms(args)
     rows = sweep(args)
     epsilons = args.epsilons.split(",")
     summary = summarise(rows, epsilons)

@@ -55,3 +55,17 @@ def test_train_asked_to_evaluate_the_received_head_reports_what_evaluate_would(r
     trained, _ = call(client_app.train, run_config, pid=1, **{"evaluate-received": True})
     assert dict(trained["evaluate_received"]) == dict(evaluated["metrics"])
     assert "evaluate_received" not in call(client_app.train, run_config, pid=1)[0]
+
+
+def test_with_dp_the_query_reply_carries_salted_hashes_not_celeb_ids(run_config, monkeypatch):
+    from celeba_app import protocol as P
+
+    monkeypatch.setattr(client_app, "Message", lambda content=None, reply_to=None, error=None: content or error)
+    dp = {**run_config, "dp": "server-fixed"}
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                  run_config=dp)
+    reply = client_app.query(Message(P.query_content("salt"), dst_node_id=1, message_type="query"), ctx)
+    entry = P.parse_description(reply[P.DESCRIPTION])
+    assert "celeb_ids" not in entry and len(entry["celeb_id_hashes"]) > 0
+    error = client_app.query(Message(P.query_content(None), dst_node_id=1, message_type="query"), ctx)
+    assert "asks for this node's celeb_ids in the clear (no id-salt)" in error.reason

@@ -304,3 +304,28 @@ def test_two_nodes_with_the_same_data_are_refused_whatever_partition_id_they_cla
     with pytest.raises(ConfigError, match=r"SuperNodes 10 \(partition-id=0\) and 13 \(partition-id=3\) hold the same "
                                           r"data \(fingerprint [0-9a-f]{16}\); accepted: each SuperNode with its own"):
         check_clients_distinct(entries + [again])
+
+
+def test_salted_hashes_compare_within_a_salt_and_hide_the_ids():
+    from celeba_app.data import hide_identities, salted_hashes
+
+    a, b = salted_hashes([1, 2, 3], "s1"), salted_hashes([3, 4], "s1")
+    assert len(set(a) & set(b)) == 1 and not set(a) & set(salted_hashes([3, 4], "s2"))
+    assert all(len(h) == 16 and not h.isdigit() for h in a)
+    entry = {"partition_id": 0, "celeb_ids": [1, 2, 3], "skipped_rows": [{"row": 4, "celeb_id": 2}]}
+    hidden = hide_identities(entry, "s1")
+    assert "celeb_ids" not in hidden and hidden["celeb_id_hashes"] == a
+    assert hidden["skipped_rows"] == [{"row": 4}]
+
+
+def test_a_client_identity_in_test_is_caught_through_the_hashes(celeba_dir):
+    from celeba_app.data import check_clients_disjoint, hide_identities, server_identities
+
+    cfg = RunConfig(dataset=str(celeba_dir))
+    server_ids = server_identities(cfg)
+    leaked = next(iter(server_ids["test"]))
+    entries = [hide_identities({"celeb_ids": [10_000, leaked]}, "salt")]
+    with pytest.raises(ConfigError, match="1 identities are in both train and test"):
+        check_clients_disjoint(cfg, server_ids, entries, "salt")
+    counts = check_clients_disjoint(cfg, server_ids, [hide_identities({"celeb_ids": [10_000, 10_001]}, "salt")], "salt")
+    assert counts["train"] == 2

@@ -226,3 +226,26 @@ def test_untrusted_clients_in_a_real_simulation_are_refused_named_and_change_not
     test, clean_test = (json.loads((r / "test.json").read_text()) for r in (attacked, clean))
     assert test["overall"] == clean_test["overall"] and test["gaps"] == clean_test["gaps"]
     assert "refused" in (attacked / "report.md").read_text()
+
+
+def test_a_dp_run_clips_on_the_clients_spends_a_budget_and_hides_the_identities(run_config):
+    """dp='client-fixed' through the real engine: Flower's fixedclipping_mod clips every update
+    on the clients (none is refused at the server's stricter bound), epsilon grows each round
+    in history.json, the log, status.json and report.md, and partitions.json holds salted hashes."""
+    run_config.update({"dp": "client-fixed", "dp-noise-multiplier": 0.5, "dp-clipping-norm": 0.1, "run-name": "dp"})
+    proc = flwr_run(run_config, supernodes=3)
+    out = proc.stdout + proc.stderr
+    run = Path(run_config["results-dir"]) / "dp"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "completed", out[-4000:]
+    history = json.loads((run / "history.json").read_text())
+    eps = [h["dp"]["epsilon"] for h in history[1:]]
+    assert eps[0] < eps[1] and status["dp"]["epsilon"] == eps[-1]
+    assert all(h["dp"]["clipping_norm"] == 0.1 and not h["nodes"]["train"]["failures"] for h in history[1:])
+    assert "celeba-fl: differential privacy dp=client-fixed: noise multiplier 0.5" in out
+    assert "fixedclipping_mod: parameters are clipped by value: 0.1000" in out  # the clients' own log lines
+    assert f"epsilon {eps[-1]:.3g}" in out
+    report = (run / "report.md").read_text()
+    assert f"after 2 rounds epsilon = {eps[-1]:.3g}" in report and "are not privatised" in report
+    parts = json.loads((run / "partitions.json").read_text())["partitions"]
+    assert all("celeb_ids" not in p and len(p["celeb_id_hashes"]) > 0 for p in parts)

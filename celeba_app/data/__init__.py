@@ -35,7 +35,8 @@ from __future__ import annotations
 from .bad_images import IMAGES_CHECK_VERSION
 from .client_parts import PARTS_VERSION, client_parts, describe_node, make_client_parts, parts_key, partition_summary
 from .fingerprint import dataset_fingerprint, datasets_cache_kwargs
-from .identities import check_clients_disjoint, check_clients_distinct, check_identity_disjoint
+from .identities import (check_clients_disjoint, check_clients_distinct, check_identity_disjoint, hide_identities,
+                         salted_hashes)
 from .loading import load_federated, local_train_split
 from .node import PARTITION_META, NodeData, cache_dir_for
 from .rows import SPLIT_NAMES, LabeledRows, make_part, split_rows
@@ -48,7 +49,7 @@ __all__ = [
     "clear_caches",
     "client_parts", "dataset_fingerprint", "datasets_cache_kwargs", "describe_node", "load_federated",
     "load_server", "local_train_split", "make_client_parts", "make_part", "partition_summary", "parts_key",
-    "server_identities", "server_part", "split_rows",
+    "server_identities", "server_part", "split_rows", "hide_identities", "salted_hashes",
 ]
 
 
