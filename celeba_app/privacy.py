@@ -6,12 +6,15 @@ Message-API wrappers (``flwr.serverapp.strategy``); the clipping of ``client-*``
 Flower's own client mod (client_app.py). Each round the wrapper clips every client's head
 update to L2 norm ``C`` (``dp-clipping-norm``; adaptive: the initial norm) and adds Gaussian
 noise of standard deviation ``noise_multiplier * C / m`` to the mean of the ``m`` heads the
-round aggregated. Two things the wrappers assume are made true here:
+round aggregated. What the guarantee needs around Flower 1.25's wrappers is made true here:
 
 * the mean is unweighted: each reply counts once, whatever its ``num-examples`` (FedAvg's
   example weights would give one client up to the whole mean, not ``1 / m`` of it);
 * ``m`` is the number of replies actually aggregated, not the number sampled, so a round with
-  failures gets the noise its own mean needs.
+  failures gets the noise its own mean needs;
+* the noise is that of the norm the round's updates were clipped to (Flower's adaptive
+  wrapper adapts the norm first);
+* an update of norm 0 is aggregated as it is (Flower's server-side clipping divides by it).
 
 The noise comes from numpy's global generator as Flower draws it, never seeded by the app: a
 seed in the run config would let anyone who reads it subtract the noise. DP runs are therefore
@@ -40,6 +43,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClippi
 
 from . import protocol as P
 from .config import ConfigError
+from .strategy import GroupMetrics
 
 #: what epsilon covers, in one sentence (report.md, the log)
 COVERS = ("epsilon covers the global heads the server releases after each round (client-level: "
@@ -145,19 +149,12 @@ class _FittedWrapper:
     the wrapped strategy; ``start`` runs the app's loop over the wrapper; the noise is scaled
     to the replies aggregated; the adaptive clipping norm is server state."""
 
-    SERVER_STATE = ("clipping_norm",)
-
     def __getattr__(self, name):  # only for what the wrapper itself does not define
         if name == "strategy":
             raise AttributeError(name)
         return getattr(self.strategy, name)
 
-    def start(self, grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
-              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None, **loop):
-        from .round_loop import RoundPolicy, run_rounds
-
-        policy = loop.pop("policy", None) or RoundPolicy(round_timeout=timeout)
-        return run_rounds(self, grid, initial_arrays, num_rounds, train_config, evaluate_config, policy=policy, **loop)
+    start = GroupMetrics.start  # the app's round loop, over the wrapper
 
     clipped_to: float | None = None  #: the clipping norm of the last aggregated round
 

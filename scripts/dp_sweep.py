@@ -255,11 +255,12 @@ def plot(summary: list[dict], path: Path) -> None:
 
 
 def write_doc(lines: list[str]) -> None:
+    """Replace the ``dp-sweep`` generated block of docs/RESULTS.md with ``lines``."""
     doc = ROOT / "docs" / "RESULTS.md"
     text = doc.read_text()
-    start, end = "<!-- dp-sweep:start -->", "<!-- dp-sweep:end -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"{doc} has no {start} ... {end} block")
+    start, end = "<!-- generated: dp-sweep -->", "<!-- /generated -->"
+    if start not in text:
+        raise SystemExit(f"{doc} has no {start} block")
     head, rest = text.split(start, 1)
     doc.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
 

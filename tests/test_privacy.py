@@ -116,6 +116,15 @@ def test_a_client_that_does_not_clip_is_refused():
     assert all(f["refused"] and "> the DP clipping norm 0.5" in f["reason"] for f in failures), failures
 
 
+def test_a_resumed_run_gets_back_the_adapted_clipping_norm():
+    strategy, _ = _dp_strategy(200, dp="client-adaptive")
+    strategy.clipping_norm = 0.123
+    state = strategy.server_state()
+    fresh, _ = _dp_strategy(200, dp="client-adaptive")
+    fresh.restore_server_state(state)
+    assert fresh.clipping_norm == pytest.approx(0.123)
+
+
 def test_the_client_mods_clip_the_reply_and_say_whether_they_did():
     sent = ArrayRecord({"w": torch.zeros(100)})
     for adaptive in (False, True):
@@ -220,3 +229,24 @@ def test_a_resume_that_changes_a_dp_key_is_refused(tmp_path):
     changed = RunConfig.from_run_config({"dp": "server-fixed", "dp-noise-multiplier": 1.5, "resume": "x"})
     with pytest.raises(ConfigError, match=r"differs from the saved one in dp-noise-multiplier \(1.0 saved, 1.5 now\)"):
         check_resume(tmp_path, changed, [])
+
+
+def test_a_resumed_run_continues_the_same_accountant():
+    """Stopped after round 1 of 3 and resumed (the checkpoint through torch.save, as
+    results.write_round keeps it): rounds 2 and 3 are charged as rounds 2 and 3."""
+    from test_round_loop import _saved
+
+    def fresh():
+        strategy, cfg = _dp_strategy(3, **{"dp": "client-fixed", "dp-clipping-norm": 1.0})
+        return strategy, privacy.budget_for(cfg, 3, num_train_images=1000)
+
+    strategy, budget = fresh()
+    _, written = run_loop(strategy, UntrustedGrid("none", None), rounds=1, nodes=HONEST, privacy=budget)
+    checkpoint = torch.load(_saved(written[-1][1]), weights_only=True)
+    checkpoint["history"] = written[-1][0]
+    strategy, budget = fresh()
+    _, rest = run_loop(strategy, UntrustedGrid("none", None), rounds=3, nodes=HONEST, privacy=budget,
+                       resume=checkpoint)
+    history = rest[-1][0]
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    assert [h["dp"]["epsilon"] for h in history[1:]] == [pytest.approx(budget.epsilon(r)) for r in (1, 2, 3)]
