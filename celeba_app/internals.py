@@ -87,6 +87,35 @@ def set_src_node_id(message: Any, node_id: int) -> None:
     message.metadata.__dict__["_src_node_id"] = node_id
 
 
+def differential_privacy():
+    """Flower's DP functions and constants module (``compute_clip_model_update``, ``get_norm``,
+    ``KEY_CLIPPING_NORM``, ``KEY_NORM_BIT``, ...): ``flwr.common.differential_privacy`` (and
+    ``..._constants``) in 1.25, ``flwr.supercore.differential_privacy`` in 1.42."""
+    try:
+        from flwr.supercore import differential_privacy as dp
+    except ImportError:  # flwr 1.25
+        import types
+
+        from flwr.common import differential_privacy as functions
+        from flwr.common import differential_privacy_constants as constants
+
+        dp = types.SimpleNamespace(**{k: v for module in (constants, functions) for k, v in vars(module).items()
+                                      if not k.startswith("__")})
+    return dp
+
+
+def set_task_identity(run_id: int = 1, node_id: int = 1, task_id: int = 1) -> None:
+    """Name the task this process runs, for in-process use of Flower's messages (tests,
+    benchmarks): from flwr 1.42 on, ``Message(...)`` outside a running task raises
+    ``RuntimeError: TaskIdentity.run_id is not set`` (``flwr.supercore.task_identity``).
+    Nothing to do on 1.25, which has no task identity."""
+    try:
+        from flwr.supercore.task_identity import TaskIdentity
+    except ImportError:  # flwr 1.25
+        return
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
+
+
 def wire_bytes(content: Any) -> int:
     """A RecordDict's size as Flower's protobuf encodes it (``flwr.common.serde``)."""
     from flwr.common.serde import recorddict_to_proto

@@ -197,7 +197,9 @@ class ServerSideFixedClipping(_FittedWrapper, DifferentialPrivacyServerSideFixed
     the head it received) is left as it is: flwr 1.25's clipping divides by the norm."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        from flwr.common.differential_privacy import compute_clip_model_update, get_norm
+        from .internals import differential_privacy
+
+        dp = differential_privacy()
 
         replies = [m for m in replies if not m.has_error()]
         if not replies:
@@ -208,8 +210,8 @@ class ServerSideFixedClipping(_FittedWrapper, DifferentialPrivacyServerSideFixed
         for reply in replies:
             for name, record in reply.content.array_records.items():
                 arrays = record.to_numpy_ndarrays()
-                if get_norm([a - c for a, c in zip(arrays, current, strict=True)]) > 0:
-                    compute_clip_model_update(param1=arrays, param2=current, clipping_norm=self.clipping_norm)
+                if dp.get_norm([a - c for a, c in zip(arrays, current, strict=True)]) > 0:
+                    dp.compute_clip_model_update(param1=arrays, param2=current, clipping_norm=self.clipping_norm)
                 reply.content[name] = ArrayRecord({k: Array(v) for k, v in zip(record.keys(), arrays, strict=True)})
         aggregated, measured = self.strategy.aggregate_train(server_round, replies)
         if aggregated:

@@ -69,6 +69,14 @@ def truncate_image(root: Path, split: str, row: int, keep: float = 0.6) -> bytes
     return whole
 
 
+@pytest.fixture(autouse=True, scope="session")
+def task_identity():
+    """Tests build Flower messages outside a running task: flwr >= 1.42 needs a task identity."""
+    from celeba_app.internals import set_task_identity
+
+    set_task_identity()
+
+
 @pytest.fixture(scope="session")
 def celeba_dir(tmp_path_factory) -> Path:
     from celeba_app.demo_data import make_celeba
