@@ -10,8 +10,8 @@ round aggregated. What the guarantee needs around Flower 1.25's wrappers is made
 
 * the mean is unweighted: each reply counts once, whatever its ``num-examples`` (FedAvg's
   example weights would give one client up to the whole mean, not ``1 / m`` of it);
-* ``m`` is the number of replies actually aggregated, not the number sampled, so a round with
-  failures gets the noise its own mean needs;
+* ``m`` is the number of replies actually aggregated (those with training rows), not the
+  number sampled, so a round with failures gets the noise its own mean needs;
 * the noise is that of the norm the round's updates were clipped to (Flower's adaptive
   wrapper adapts the norm first);
 * an update of norm 0 is aggregated as it is (Flower's server-side clipping divides by it).
@@ -162,7 +162,7 @@ class _FittedWrapper:
         replies = [m for m in replies if not m.has_error()]
         if not replies:
             return None, None
-        self.num_sampled_clients = len(replies)
+        self.num_sampled_clients = max(1, sum(P.reply_metrics(m.content)[P.NUM_EXAMPLES] > 0 for m in replies))
         self.clipped_to = self.clipping_norm
         return super().aggregate_train(server_round, replies)
 
@@ -204,7 +204,7 @@ class ServerSideFixedClipping(_FittedWrapper, DifferentialPrivacyServerSideFixed
         replies = [m for m in replies if not m.has_error()]
         if not replies:
             return None, None
-        self.num_sampled_clients = len(replies)
+        self.num_sampled_clients = max(1, sum(P.reply_metrics(m.content)[P.NUM_EXAMPLES] > 0 for m in replies))
         self.clipped_to = self.clipping_norm
         current = self.current_arrays.to_numpy_ndarrays()
         for reply in replies:

@@ -68,10 +68,11 @@ def sum_replies(contents: list[RecordDict]) -> MetricRecord:
 
 def _unit_weights(replies: list[Message]) -> list[Message]:
     """The replies' heads, each with weight 1 as its ``num-examples``: the unweighted mean of a
-    DP round (privacy.py), which counts every client once whatever its size."""
+    DP round (privacy.py), which counts every client once whatever its size; a client with no
+    training rows (its head unchanged) is not counted."""
     return [Message(RecordDict({P.ARRAYS: P.reply_arrays(m.content), P.METRICS: MetricRecord({P.NUM_EXAMPLES: 1})}),
                     dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type)
-            for m in replies if not m.has_error()]
+            for m in replies if not m.has_error() and P.reply_metrics(m.content)[P.NUM_EXAMPLES] > 0]
 
 
 def report_of(record: MetricRecord, where: str, min_group_size: int = MIN_GROUP_SIZE) -> dict:

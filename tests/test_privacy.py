@@ -251,3 +251,14 @@ def test_a_resumed_run_continues_the_same_accountant():
     history = rest[-1][0]
     assert [h["round"] for h in history] == [0, 1, 2, 3]
     assert [h["dp"]["epsilon"] for h in history[1:]] == [pytest.approx(budget.epsilon(r)) for r in (1, 2, 3)]
+
+
+def test_a_client_without_training_rows_does_not_dilute_the_mean():
+    """Its head comes back unchanged: counted, it would pull the mean towards the old head."""
+    strategy, _ = _dp_strategy(3, **{"dp-noise-multiplier": 0.0})
+    direction = torch.zeros(WIDTH)
+    direction[0] = 1.0
+    updates = {0: {"w": 0.3 * direction, "b": torch.zeros(1)}, 1: {"w": 0.1 * direction, "b": torch.zeros(1)}}
+    out, _, _ = _one_round(strategy, {"w": torch.zeros(WIDTH), "b": torch.zeros(1)}, update_of=updates.get,
+                           sizes=lambda pid: 0 if pid == 2 else 20, nodes=3)
+    assert out["w"][0].item() == pytest.approx(0.2, abs=1e-6) and strategy.num_sampled_clients == 2
