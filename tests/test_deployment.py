@@ -20,6 +20,21 @@ from flower_procs import (Ports, Procs, flwr_run_command, flwr_run_deployment, f
 pytestmark = pytest.mark.e2e  # real Flower processes: `pytest -m "not e2e"` skips them
 
 
+def _run_config(celeba_dir, weights_file, tmp_path, **overrides) -> dict:
+    """The tests' Deployment Engine run config: the tiny data, one local epoch, loopback timeouts."""
+    return {"dataset": str(celeba_dir), "weights": str(weights_file), **TINY, "local-epochs": 1,
+            "results-dir": str(tmp_path / "outputs"), "cache-dir": str(tmp_path / "cache"), **overrides}
+
+
+def _federation(procs, tmp_path, node_config=lambda i: {"partition-id": i, "num-partitions": 3}) -> Ports:
+    """A SuperLink and SuperNodes ``supernode-0..2`` (``node_config(i)``) on loopback; their ports."""
+    ports = Ports()
+    start_superlink(procs, ports, workdir=tmp_path)
+    for i in range(3):
+        start_supernode(procs, ports, f"supernode-{i}", node_config(i), workdir=tmp_path)
+    return ports
+
+
 def test_three_supernodes_train_the_simulations_head(celeba_dir, weights_file, tmp_path):
     parts = tmp_path / "parts"
     common = {"split": "noniid", "seed": 7}
@@ -80,9 +95,7 @@ def test_three_supernodes_train_the_simulations_head(celeba_dir, weights_file, t
 def test_refused_runs_end_with_one_line(celeba_dir, weights_file, tmp_path):
     """On the Deployment Engine a refusal must end the ServerApp and the run (flwr run
     --stream returns), with the app's one line in the stream."""
-    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), **TINY,
-                  "results-dir": str(tmp_path / "outputs"), "cache-dir": str(tmp_path / "cache"),
-                  "node-wait-timeout": 3.0}
+    run_config = _run_config(celeba_dir, weights_file, tmp_path, **{"node-wait-timeout": 3.0})
     with Procs(tmp_path / "logs") as procs:
         ports = Ports()
         start_superlink(procs, ports, workdir=tmp_path)
@@ -108,16 +121,11 @@ def test_refused_runs_end_with_one_line(celeba_dir, weights_file, tmp_path):
 
 
 def test_a_supernode_that_vanishes_mid_run_is_survived_and_reported(celeba_dir, weights_file, tmp_path):
-    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), **TINY,
-                  "num-server-rounds": 3, "local-epochs": 1, "results-dir": str(tmp_path / "outputs"),
-                  "cache-dir": str(tmp_path / "cache"), "run-name": "vanished", "min-nodes": 3,
-                  "node-wait-timeout": 60.0, "round-timeout": 45.0}
+    run_config = _run_config(celeba_dir, weights_file, tmp_path, **{
+        "num-server-rounds": 3, "run-name": "vanished", "min-nodes": 3, "node-wait-timeout": 60.0,
+        "round-timeout": 45.0})
     with Procs(tmp_path / "logs") as procs:
-        ports = Ports()
-        start_superlink(procs, ports, workdir=tmp_path)
-        for i in range(3):
-            start_supernode(procs, ports, f"supernode-{i}", {"partition-id": i, "num-partitions": 3},
-                            workdir=tmp_path)
+        ports = _federation(procs, tmp_path)
         cmd_name = "flwr-run"
         procs.start(cmd_name, flwr_run_command(run_config, "local-deployment", control_port=ports.control))
         assert procs.wait_for(cmd_name, "celeba-fl: round 1/3", 300), procs.logs()
@@ -139,18 +147,12 @@ def test_a_supernode_that_vanishes_mid_run_is_survived_and_reported(celeba_dir, 
 def test_a_supernode_that_restarts_takes_its_old_place(celeba_dir, weights_file, tmp_path):
     """A SuperNode killed after round 1 and started again gets a new node id: it is asked to
     describe itself, takes its old partition, and the last rounds train all three clients."""
-    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), **TINY,
-                  "num-server-rounds": 6, "local-epochs": 1, "results-dir": str(tmp_path / "outputs"),
-                  "cache-dir": str(tmp_path / "cache"), "run-name": "restarted", "min-nodes": 3,
-                  "node-wait-timeout": 60.0, "round-timeout": 45.0}
+    run_config = _run_config(celeba_dir, weights_file, tmp_path, **{
+        "num-server-rounds": 6, "run-name": "restarted", "min-nodes": 3, "node-wait-timeout": 60.0,
+        "round-timeout": 45.0})
     node = {"partition-id": 2, "num-partitions": 3, "cache-dir": str(tmp_path / "node-2-cache")}
     with Procs(tmp_path / "logs") as procs:
-        ports = Ports()
-        start_superlink(procs, ports, workdir=tmp_path)
-        for i in range(2):
-            start_supernode(procs, ports, f"supernode-{i}", {"partition-id": i, "num-partitions": 3},
-                            workdir=tmp_path)
-        start_supernode(procs, ports, "supernode-2", node, workdir=tmp_path)
+        ports = _federation(procs, tmp_path, lambda i: node if i == 2 else {"partition-id": i, "num-partitions": 3})
         procs.start("flwr-run", flwr_run_command(run_config, "local-deployment", control_port=ports.control))
         assert procs.wait_for("flwr-run", "celeba-fl: round 1/6", 300), procs.logs()
         procs.stop("supernode-2", grace=0)  # SIGTERM, then SIGKILL: it is gone
@@ -169,16 +171,10 @@ def test_a_supernode_stopped_before_the_run_is_left_out(celeba_dir, weights_file
     """A SuperNode killed just before ``flwr run`` is still listed by the SuperLink (until its
     heartbeat expires): asked to describe itself, it does not answer, and the run goes on with
     the two that did (min-nodes=2), saying which partition takes no part."""
-    run_config = {"dataset": str(celeba_dir), "weights": str(weights_file), **TINY,
-                  "num-server-rounds": 2, "local-epochs": 1, "results-dir": str(tmp_path / "outputs"),
-                  "cache-dir": str(tmp_path / "cache"), "run-name": "stale", "min-nodes": 2,
-                  "node-wait-timeout": 30.0, "round-timeout": 30.0}
+    run_config = _run_config(celeba_dir, weights_file, tmp_path, **{
+        "num-server-rounds": 2, "run-name": "stale", "min-nodes": 2, "node-wait-timeout": 30.0, "round-timeout": 30.0})
     with Procs(tmp_path / "logs") as procs:
-        ports = Ports()
-        start_superlink(procs, ports, workdir=tmp_path)
-        for i in range(3):
-            start_supernode(procs, ports, f"supernode-{i}", {"partition-id": i, "num-partitions": 3},
-                            workdir=tmp_path)
+        ports = _federation(procs, tmp_path)
         time.sleep(10)  # all three register with the SuperLink
         procs.stop("supernode-2", grace=0)
         result = flwr_run_deployment(procs, ports, run_config)
