@@ -415,9 +415,10 @@ def privacy_line(cfg: dict, history: list[dict]) -> str | None:
     eps = "infinite (no noise)" if last["epsilon"] is None else f"{last['epsilon']:.3g}"
     rounds = max(h["round"] for h in history if h.get("dp"))
     return (f"Differential privacy (dp={cfg['dp']!r}, client-level): noise multiplier {last['noise_multiplier']:.4g}, "
-            f"clipping norm {cfg.get('dp-clipping-norm')}"
-            + (" (adaptive)" if cfg["dp"] == "client-adaptive" else "")
-            + f", {last['sampling_rate']:.3g} of the clients sampled a round; after {rounds} rounds epsilon = {eps} "
+            f"clipping norm {cfg.get('dp-clipping-norm'):g}"
+            + (" (adaptive: the first)" if cfg["dp"] == "client-adaptive" else "")
+            + f", sampling rate {last['sampling_rate']:.3g} (the share of the clients each round samples); after "
+            f"{rounds} rounds epsilon = {eps} "
             f"at delta = {last['delta']:.3g} (dp-accounting's RDP accountant). {COVERS[0].upper() + COVERS[1:]}")
 
 

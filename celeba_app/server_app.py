@@ -247,9 +247,10 @@ def postprocess(run_dir: Path, cfg: RunConfig, clients_held_out: dict | None, st
 def log_budget(cfg: RunConfig, budget) -> None:
     """The DP settings and the epsilon the whole run will spend, before round 1."""
     solved = f" (solved for dp-target-epsilon={cfg.dp_target_epsilon:g})" if cfg.dp_target_epsilon else ""
-    log(INFO, "celeba-fl: differential privacy dp=%s: noise multiplier %.4g%s, clipping norm %g%s, %.3g of the nodes "
-        "sampled a round; after %d rounds epsilon %.3g at delta %.3g. %s", cfg.dp, budget.noise_multiplier, solved,
-        cfg.dp_clipping_norm, " (adaptive: the first)" if cfg.dp == "client-adaptive" else "", budget.sampling_rate,
+    log(INFO, "celeba-fl: differential privacy dp=%s: noise multiplier %.4g%s, clipping norm %g%s, sampling rate %.3g "
+        "(the share of the clients each round samples); after %d rounds epsilon %.3g at delta %.3g. %s", cfg.dp,
+        budget.noise_multiplier, solved, cfg.dp_clipping_norm,
+        " (adaptive: the first)" if cfg.dp == "client-adaptive" else "", budget.sampling_rate,
         cfg.num_server_rounds, budget.epsilon(cfg.num_server_rounds), budget.delta, privacy.COVERS)
 
 
