@@ -59,12 +59,11 @@ def federation_config(args, name: str) -> tuple[dict, int, int, float]:
 
 
 def identities(data: str) -> int:
-    import pyarrow.parquet as pq
+    """celeb_ids in the ``train`` split of ``data`` (data.check_identity_disjoint's count)."""
+    from celeba_app.config import RunConfig
+    from celeba_app.data import check_identity_disjoint
 
-    ids = set()
-    for path in sorted(Path(data).glob("train-*.parquet")):
-        ids |= set(pq.read_table(path, columns=["celeb_id"]).column("celeb_id").to_pylist())
-    return len(ids)
+    return check_identity_disjoint(RunConfig(dataset=str(Path(data).resolve())), 1)["train"]
 
 
 def run_one(federation, cfg_overrides: dict, rounds: int) -> dict:
