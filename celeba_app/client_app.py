@@ -36,10 +36,23 @@ from .data import LabeledRows, NodeData, client_parts, describe_node, hide_ident
 from .features import FeatureStore, feature_store
 from .metrics import flatten
 from .model import head_for, head_state
-from .privacy import client_clipping_mod
 from .task import evaluate_stats, group_balance_weights, pick_device, train_head
 
-app = ClientApp(mods=[client_clipping_mod])  # DP: Flower's clipping mods when the server asks (privacy.py)
+
+def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """ClientApp mod: Flower's own client-side clipping on the train messages whose config
+    carries the clipping norm (a ``client-*`` DP wrapper sent it): ``adaptiveclipping_mod``
+    when the config asks for the norm bit, else ``fixedclipping_mod``; other messages pass."""
+    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+    config = msg.content.config_records.get(P.CONFIG) if msg.metadata.message_type == "train" else None
+    if config is None or P.CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    mod = adaptiveclipping_mod if config.get(P.NORM_BIT, False) else fixedclipping_mod
+    return mod(msg, context, call_next)
+
+
+app = ClientApp(mods=[client_clipping_mod])  # DP: Flower's clipping mods when the server asks
 
 
 def refusals_as_errors(handler):

@@ -3,8 +3,8 @@ privacy budget they spend.
 
 The privacy unit is one client's whole data. ``dp`` (run config) picks one of Flower 1.25's
 Message-API wrappers (``flwr.serverapp.strategy``); the clipping of ``client-*`` modes is
-Flower's own client mod (client_app.py). Each round the wrapper clips every client's head
-update to L2 norm ``C`` (``dp-clipping-norm``; adaptive: the initial norm) and adds Gaussian
+Flower's own client mod (client_app.client_clipping_mod). Each round the wrapper clips every
+client's head update to L2 norm ``C`` (``dp-clipping-norm``; adaptive: the initial norm) and adds Gaussian
 noise of standard deviation ``noise_multiplier * C / m`` to the mean of the ``m`` heads the
 round aggregated. What the guarantee needs around Flower 1.25's wrappers is made true here:
 
@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClipping,
                                      DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping)
@@ -232,19 +232,6 @@ class ClientSideAdaptiveClipping(_FittedWrapper, DifferentialPrivacyClientSideAd
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         config[P.NORM_BIT] = True
         return super().configure_train(server_round, arrays, config, grid)
-
-
-def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:
-    """ClientApp mod: Flower's own client-side clipping on the train messages whose config
-    carries the clipping norm (a ``client-*`` DP wrapper sent it): ``adaptiveclipping_mod``
-    when the config asks for the norm bit, else ``fixedclipping_mod``; other messages pass."""
-    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-
-    config = msg.content.config_records.get(P.CONFIG) if msg.metadata.message_type == "train" else None
-    if config is None or P.CLIPPING_NORM not in config:
-        return call_next(msg, context)
-    mod = adaptiveclipping_mod if config.get(P.NORM_BIT, False) else fixedclipping_mod
-    return mod(msg, context, call_next)
 
 
 def wrap(cfg, strategy, budget: Budget, num_nodes: int):

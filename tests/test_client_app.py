@@ -1,6 +1,7 @@
 """The ClientApp's train/evaluate handlers, called as Flower calls them."""
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -69,3 +70,24 @@ def test_with_dp_the_query_reply_carries_salted_hashes_not_celeb_ids(run_config,
     assert "celeb_ids" not in entry and len(entry["celeb_id_hashes"]) > 0
     error = client_app.query(Message(P.query_content(None), dst_node_id=1, message_type="query"), ctx)
     assert "asks for this node's celeb_ids in the clear (no id-salt)" in error.reason
+
+
+def test_the_dp_clipping_mod_clips_the_reply_and_says_whether_it_did():
+    from flwr.app import MetricRecord
+
+    from celeba_app import protocol as P
+
+    sent = ArrayRecord({"w": torch.zeros(100)})
+    for adaptive in (False, True):
+        config = ConfigRecord({P.CLIPPING_NORM: 0.5, **({P.NORM_BIT: True} if adaptive else {})})
+        msg = Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type="train")
+
+        def trained(m, context):
+            return Message(RecordDict({"arrays": ArrayRecord({"w": torch.full((100,), 1.0)}),
+                                       "metrics": MetricRecord({"num-examples": 3})}), reply_to=m)
+        reply = client_app.client_clipping_mod(msg, None, trained)
+        w = reply.content["arrays"]["w"].numpy()
+        assert np.linalg.norm(w) == pytest.approx(0.5, rel=1e-5)
+        assert (P.CLIPPED in reply.content["metrics"]) == adaptive
+    query = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="query")
+    assert client_app.client_clipping_mod(query, None, lambda m, c: "passed") == "passed"

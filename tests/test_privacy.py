@@ -125,23 +125,6 @@ def test_a_resumed_run_gets_back_the_adapted_clipping_norm():
     assert fresh.clipping_norm == pytest.approx(0.123)
 
 
-def test_the_client_mods_clip_the_reply_and_say_whether_they_did():
-    sent = ArrayRecord({"w": torch.zeros(100)})
-    for adaptive in (False, True):
-        config = ConfigRecord({P.CLIPPING_NORM: 0.5, **({P.NORM_BIT: True} if adaptive else {})})
-        msg = Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type="train")
-
-        def trained(m, context):
-            return Message(RecordDict({"arrays": ArrayRecord({"w": torch.full((100,), 1.0)}),
-                                       "metrics": MetricRecord({"num-examples": 3})}), reply_to=m)
-        reply = privacy.client_clipping_mod(msg, None, trained)
-        w = reply.content["arrays"]["w"].numpy()
-        assert np.linalg.norm(w) == pytest.approx(0.5, rel=1e-5)
-        assert (P.CLIPPED in reply.content["metrics"]) == adaptive
-    query = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="query")
-    assert privacy.client_clipping_mod(query, None, lambda m, c: "passed") == "passed"
-
-
 def test_protocol_names_are_flowers():
     from celeba_app.internals import differential_privacy
 
