@@ -83,16 +83,14 @@ ATTACKS = {  # name: (message type, tamper)
 
 def main() -> None:
     from bench_robust import run
+    from inprocess import add_data_args, data_run_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "celeba-fl"))
+    add_data_args(parser)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    run_config = {"dataset": str(Path(args.data).resolve()), "weights": str(Path(args.weights).resolve()),
-                  "cache-dir": args.cache_dir}
+    run_config = data_run_config(args)
     clean = run(run_config, "fedavg", 0, args.rounds, args.clients)
     print(f"{args.clients} IID clients, {args.rounds} rounds; node 1 (partition 0) alters its replies. "
           f"Clean run: test accuracy {clean['accuracy']:.4f}\n")

@@ -56,10 +56,10 @@ def run(run_config: dict, strategy: str, attackers: int, rounds: int, clients: i
 
 
 def main() -> None:
+    from inprocess import add_data_args, data_run_config
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "celeba-fl"))
+    add_data_args(parser)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--attackers", type=int, default=5)
     parser.add_argument("--clients", type=int, default=50)
@@ -69,8 +69,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    run_config = {"dataset": str(Path(args.data).resolve()), "weights": str(Path(args.weights).resolve()),
-                  "cache-dir": args.cache_dir, "robust-malicious-nodes": args.attackers,
+    run_config = {**data_run_config(args), "robust-malicious-nodes": args.attackers,
                   "multikrum-select": args.clients - 2 * args.attackers}
     print(f"{args.clients} IID clients, {args.rounds} rounds, attackers send a constant head (bias {args.attack_bias:g}) "
           f"(robust-malicious-nodes={args.attackers}, multikrum-select={args.clients - 2 * args.attackers})\n")

@@ -21,28 +21,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 BIN = Path(sys.executable).parent
 
 
 def main() -> None:
+    from inprocess import add_data_args, data_run_config
     from untrusted_app import copy_app
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--weights", required=True)
+    add_data_args(ap)
     ap.add_argument("--sleep", type=float, default=45.0)
     ap.add_argument("--round-timeout", type=float, default=20.0)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "celeba-fl"))
     args = ap.parse_args()
+    data = " ".join(f"{k}='{v}'" for k, v in data_run_config(args).items())
     with tempfile.TemporaryDirectory() as tmp:
         app = copy_app(Path(tmp) / "app", {0: ("train", f"sleep {args.sleep:g}")})
         rows = []
         for cpus in (2, 1, 0.5):
             name = f"num-cpus-{cpus:g}"
-            rc = (f"num-server-rounds={args.rounds} dataset='{Path(args.data).resolve()}' "
-                  f"weights='{Path(args.weights).resolve()}' cache-dir='{Path(args.cache_dir).resolve()}' "
-                  f"results-dir='{tmp}/out' run-name='{name}' round-timeout={args.round_timeout}")
+            rc = (f"num-server-rounds={args.rounds} {data} results-dir='{tmp}/out' run-name='{name}' "
+                  f"round-timeout={args.round_timeout}")
             subprocess.run([str(BIN / "flwr"), "run", str(app), "local-simulation", "--federation-config",
                             f"options.num-supernodes=3 options.backend.client-resources.num-cpus={cpus}",
                             "--run-config", rc], capture_output=True, text=True, timeout=900)

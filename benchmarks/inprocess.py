@@ -12,7 +12,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def add_data_args(parser) -> None:
+    """``--data``, ``--weights`` and ``--cache-dir``: what every real-data benchmark and
+    experiment script reads (the paths of ../shared on this project's machines)."""
+    parser.add_argument("--data", required=True, help="a folder of CelebA parquet files, e.g. ../shared/data/celeba-10k")
+    parser.add_argument("--weights", required=True, help="a mobilenet_v2 state_dict file")
+    parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "celeba-fl"))
+
+
+def data_run_config(args) -> dict:
+    """``add_data_args``' values as run-config keys, the paths made absolute."""
+    return {"dataset": str(Path(args.data).resolve()), "weights": str(Path(args.weights).resolve()),
+            "cache-dir": str(Path(args.cache_dir).resolve())}
 
 
 @dataclass

@@ -50,8 +50,9 @@ MARGINAL = ("Male", "Young", "Pale_Skin")
 
 def federation_config(args, name: str) -> tuple[dict, int, int, float]:
     """(run config, clients, rounds, clipping norm) of federation ``name``."""
-    base = {"dataset": str(Path(args.data).resolve()), "weights": str(Path(args.weights).resolve()),
-            "cache-dir": str(Path(args.cache_dir).resolve()), "fraction-evaluate": 0.0}
+    from inprocess import data_run_config
+
+    base = {**data_run_config(args), "fraction-evaluate": 0.0}
     if name == "iid50":
         return {**base, "split": "iid"}, 50, args.rounds_iid, args.clip_iid
     return ({**base, "split": "celebrity", "fraction-train": args.celebrity_fraction}, identities(args.data),
@@ -278,10 +279,10 @@ def write_doc(lines: list[str]) -> None:
 
 
 def main() -> None:
+    from inprocess import add_data_args
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "celeba-fl"))
+    add_data_args(parser)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "dp-sweep"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epsilons", default="inf,8,3,1")
