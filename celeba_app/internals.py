@@ -1,12 +1,12 @@
 """The one door to private or moved names of Flower, flwr-datasets and datasets.
 
-Written against flwr 1.25.x, flwr-datasets 0.5.x and datasets 3.1 (``WRITTEN_AGAINST``).
-Everything else in the app uses only their public APIs (``flwr.app``, ``flwr.serverapp``,
-``flwr.clientapp``, ``flwr_datasets.FederatedDataset``, ``datasets.Dataset``). Each name here
-says what it relies on; ``tests/test_internals.py`` checks each against the installed versions,
-so an upgrade that moves one fails there, by name, before anything else does. Known moves in
-later Flower (1.42): ``flwr.common.exit`` is ``flwr.supercore.exit``, ``InMemoryGrid`` is in
-``flwr.superlink.grid``, ``Run`` in ``flwr.supercore.run``, and ``get_flwr_dir`` is gone.
+Two Flower lines are supported (``SUPPORTED_LINES``): flwr 1.25.x with flwr-datasets 0.5 and
+datasets 3.1 (the default install), and flwr 1.42.x with flwr-datasets 0.6 and datasets 4
+(``requirements/flower-1.42.txt``). ``FLOWER_LINE`` names the installed one. Everything else in
+the app uses only their public APIs (``flwr.app``, ``flwr.serverapp``, ``flwr.clientapp``,
+``flwr_datasets.FederatedDataset``, ``datasets.Dataset``); where a name moved between the
+lines, the branch is here. ``tests/test_internals.py`` checks each name against the installed
+versions, so an upgrade that moves one fails there, by name, before anything else does.
 """
 
 from __future__ import annotations
@@ -14,6 +14,22 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
+
+from importlib import metadata as _metadata
+
+#: The supported Flower lines: the version prefix of each package they are tested with.
+SUPPORTED_LINES = {
+    "1.25": {"flwr": "1.25", "flwr-datasets": "0.5", "datasets": "3.1"},
+    "1.42": {"flwr": "1.42", "flwr-datasets": "0.6", "datasets": "4."},
+}
+#: The installed line: flwr's major.minor ("1.25", "1.42"; another is not supported).
+FLOWER_LINE = ".".join(_metadata.version("flwr").split(".")[:2])
+WRITTEN_AGAINST = SUPPORTED_LINES.get(FLOWER_LINE, SUPPORTED_LINES["1.25"])
+
+
+#: On flwr 1.25 only (``CLIENTAPP_RUNTIME_AVAILABLE``): flwr 1.42's SuperNode runtime API is
+#: HTTP and its ClientApp helpers (``pull_clientappinputs``, ``flwr.proto.appio_pb2``) are gone.
+CLIENTAPP_RUNTIME_AVAILABLE = FLOWER_LINE == "1.25"
 
 #: Imported by name from here by long_running_clientapp.py, on first use (``__getattr__``, so
 #: that importing this module stays cheap): the steps of flwr-clientapp
@@ -42,16 +58,14 @@ def __getattr__(name: str) -> Any:
 
 from flwr.common.constant import ErrorCode  # noqa: E402,F401 - error codes of error replies
 
-try:  # flwr 1.25; later Flower: flwr.supercore.exit
+if FLOWER_LINE == "1.25":
     from flwr.common.exit import add_exit_handler  # noqa: E402,F401
-except ImportError:  # pragma: no cover - newer Flower
+else:  # flwr 1.42: flwr.supercore.exit
     from flwr.supercore.exit import add_exit_handler  # noqa: E402,F401
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from flwr_datasets import FederatedDataset
-
-WRITTEN_AGAINST = {"flwr": "1.25", "flwr-datasets": "0.5", "datasets": "3.1"}
 
 #: The Simulation Engine's thread that takes messages from the in-memory LinkState: Python
 #: names a thread after its target, flwr/server/superlink/fleet/vce/vce_api.py's function.
@@ -136,6 +150,19 @@ def parse_run_config_args(overrides: list[str]) -> dict:
     from flwr.common.config import parse_config_args
 
     return parse_config_args(overrides)
+
+
+def write_superlink_connections(project_dir: Path) -> list[str]:
+    """flwr >= 1.26: write each ``[tool.flwr.federations]`` entry of ``project_dir``'s
+    pyproject.toml into ``$FLWR_HOME/config.toml`` as a SuperLink connection, and its default,
+    with the first half of Flower's own migration (``flwr.cli.config_migration``'s
+    ``_migrate_pyproject_toml_to_flower_config``: ``options`` without ``address`` become the
+    local SuperLink, relative ``root-certificates`` absolute). Its second half, which comments the
+    section out of pyproject.toml, is not called. Returns the connection names written."""
+    from flwr.cli.config_migration import _migrate_pyproject_toml_to_flower_config
+
+    names, _ = _migrate_pyproject_toml_to_flower_config(project_dir, None)
+    return names
 
 
 # --------------------------------------------------------------------------- the ClientAppIo API

@@ -19,6 +19,9 @@ Usage (per node)::
         --clientappio-api-address 127.0.0.1:9094 --node-config "partition-id=0 num-partitions=3"
     celeba-clientapp --clientappio-api-address 127.0.0.1:9094
 
+On flwr 1.25 only: 1.42's SuperNode speaks HTTP to its ClientApps, and ``main`` refuses there
+in one line (``NOT_ON_THIS_LINE``).
+
 Like ``flwr-clientapp``, it speaks to the SuperNode without TLS: run it on the SuperNode's
 host, on a loopback address. It exits (code 1, one line) when the SuperNode's API stays
 unreachable for ``--unreachable-timeout`` seconds (default 60), e.g. after its SuperNode ended.
@@ -27,6 +30,7 @@ unreachable for ``--unreachable-timeout`` seconds (default 60), e.g. after its S
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from logging import ERROR, INFO
 
@@ -35,9 +39,18 @@ from flwr.app.error import Error
 from flwr.common import Message
 from flwr.common.logger import log
 
-from .internals import (ErrorCode, HeartbeatSender, ListAppsToLaunchRequest, LoadClientAppError, RequestTokenRequest,
-                        RunNotRunningException, clientappio_stub, fab_install_dir, get_load_client_app_fn, install_from_fab,
-                        make_app_heartbeat_fn_grpc, pull_clientappinputs, push_clientappoutputs)
+from . import internals
+from .internals import ErrorCode
+
+if internals.CLIENTAPP_RUNTIME_AVAILABLE:  # flwr 1.25: the ClientAppIo gRPC API and its helpers
+    from .internals import (HeartbeatSender, ListAppsToLaunchRequest, LoadClientAppError, RequestTokenRequest,
+                            RunNotRunningException, clientappio_stub, fab_install_dir, get_load_client_app_fn,
+                            install_from_fab, make_app_heartbeat_fn_grpc, pull_clientappinputs, push_clientappoutputs)
+
+#: What celeba-clientapp prints, and exits 2 with, on a Flower line without the ClientAppIo gRPC API.
+NOT_ON_THIS_LINE = (f"celeba-clientapp: flwr {internals.FLOWER_LINE} is not supported; accepted: flwr 1.25 "
+                    "(on flwr 1.42 start the SuperNode without --isolation process: its default subprocess "
+                    "isolation runs each message in a new flwr-clientapp process; README 'On Flower 1.42')")
 
 
 class LongRunningClientApp:
@@ -150,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unreachable-timeout", type=float, default=60.0,
                         help="seconds to keep retrying an unreachable SuperNode before exiting (default 60)")
     args = parser.parse_args(argv)
+    if not internals.CLIENTAPP_RUNTIME_AVAILABLE:
+        print(NOT_ON_THIS_LINE, file=sys.stderr)
+        return 2
     for flag in ("poll_interval", "unreachable_timeout"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}: accepted: a number of seconds > 0")

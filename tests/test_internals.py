@@ -12,14 +12,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from celeba_app import internals
 
 
-def test_the_installed_versions_are_the_ones_it_was_written_against():
+ON_1_25 = internals.FLOWER_LINE == "1.25"
+needs_clientappio_grpc = pytest.mark.skipif(not internals.CLIENTAPP_RUNTIME_AVAILABLE,
+                                            reason="flwr 1.25's ClientAppIo gRPC API")
+
+
+def test_the_installed_versions_are_one_supported_flower_line():
+    assert internals.FLOWER_LINE in internals.SUPPORTED_LINES
+    assert internals.WRITTEN_AGAINST is internals.SUPPORTED_LINES[internals.FLOWER_LINE]
     for package, version in internals.WRITTEN_AGAINST.items():
         assert metadata.version(package).startswith(version), package
 
 
 def test_the_simulation_grid_is_known_by_its_class_name():
-    from flwr.server.grid.inmemory_grid import InMemoryGrid
-    from flwr.server.grid.grpc_grid import GrpcGrid
+    if ON_1_25:
+        from flwr.server.grid.grpc_grid import GrpcGrid
+        from flwr.server.grid.inmemory_grid import InMemoryGrid
+    else:  # flwr 1.42
+        from flwr.superlink.grid import HttpGrid as GrpcGrid  # the Deployment Engine's grid
+        from flwr.superlink.grid import InMemoryGrid
 
     assert internals.is_simulation_grid(InMemoryGrid.__new__(InMemoryGrid))
     assert not internals.is_simulation_grid(GrpcGrid.__new__(GrpcGrid))
@@ -77,6 +88,7 @@ def test_the_project_config_and_overrides_parse_as_flwr_run_does(tmp_path):
     assert internals.parse_run_config_args(["split='noniid' lr=0.5"]) == {"split": "noniid", "lr": 0.5}
 
 
+@needs_clientappio_grpc
 def test_the_clientapp_runtime_names_resolve_with_the_arguments_used():
     for name in internals.CLIENTAPP_RUNTIME:
         assert getattr(internals, name) is not None, name
@@ -90,6 +102,7 @@ def test_the_clientapp_runtime_names_resolve_with_the_arguments_used():
         internals.no_such_name  # noqa: B018
 
 
+@needs_clientappio_grpc
 def test_the_clientappio_stub_retries_for_the_given_time(tmp_path):
     channel, stub = internals.clientappio_stub("127.0.0.1:1", unreachable_timeout=0.5)
     try:
@@ -101,7 +114,10 @@ def test_the_clientappio_stub_retries_for_the_given_time(tmp_path):
 
 
 def test_add_exit_handler_is_flowers():
-    from flwr.common import exit as flwr_exit
+    if ON_1_25:
+        from flwr.common import exit as flwr_exit
+    else:  # flwr 1.42
+        from flwr.supercore import exit as flwr_exit
 
     assert internals.add_exit_handler is flwr_exit.add_exit_handler
 

@@ -6,7 +6,11 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
+from celeba_app import internals
 from celeba_app import long_running_clientapp as lr
+
+needs_clientappio_grpc = pytest.mark.skipif(not internals.CLIENTAPP_RUNTIME_AVAILABLE,
+                                            reason="celeba-clientapp speaks flwr 1.25's ClientAppIo gRPC API")
 
 
 class FakeHeartbeat:
@@ -59,6 +63,7 @@ def served(monkeypatch):
     server.close()
 
 
+@needs_clientappio_grpc
 def test_every_message_is_answered_in_this_process_and_a_raising_app_gives_an_error_reply(served):
     server, inbox, state = served
     inbox += [3, -1, 5]
@@ -72,15 +77,24 @@ def test_every_message_is_answered_in_this_process_and_a_raising_app_gives_an_er
     assert server.handled == 3
 
 
+@needs_clientappio_grpc
 def test_a_poll_interval_that_is_not_positive_is_refused(capsys):
     with pytest.raises(SystemExit):
         lr.main(["--clientappio-api-address", "127.0.0.1:1", "--poll-interval", "0"])
     assert "--poll-interval=0.0: accepted: a number of seconds > 0" in capsys.readouterr().err
 
 
+@needs_clientappio_grpc
 def test_it_exits_with_one_line_when_its_supernode_is_unreachable(caplog):
     from flower_procs import free_port
 
     code = lr.main(["--clientappio-api-address", f"127.0.0.1:{free_port()}", "--unreachable-timeout", "1"])
     assert code == 1
     assert "the SuperNode's ClientAppIo API at 127.0.0.1:" in caplog.text and "UNAVAILABLE" in caplog.text
+
+
+@pytest.mark.skipif(internals.CLIENTAPP_RUNTIME_AVAILABLE, reason="flwr 1.25 has the ClientAppIo gRPC API")
+def test_on_a_line_without_the_clientappio_grpc_api_it_refuses_in_one_line(capsys):
+    assert lr.main(["--clientappio-api-address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [lr.NOT_ON_THIS_LINE] and f"flwr {internals.FLOWER_LINE} is not supported" in err[0]
