@@ -130,17 +130,20 @@ def main(grid: Grid, context: Context) -> None:
     if budget is not None:
         log_budget(cfg, budget)
     last_round = resume["round"] if resume else None
-    interrupted: str | None = None  # set by a signal (see on_signal)
+    interrupted = False  # set by a signal (see on_signal)
     finished = False
+
+    def interrupted_reason() -> str:
+        return (f"interrupted by a signal (Ctrl-C, SIGTERM or flwr stop) after round {last_round}; "
+                f"resume with: {resume_command(user_cfg, run_dir.name)}")
 
     def on_signal() -> None:
         """Flower's handler for SIGINT/SIGTERM/SIGQUIT (Ctrl-C, ``flwr stop``) calls this
         before the process exits: status.json says ``failed`` and why, not ``running``."""
         nonlocal interrupted
-        if not finished and interrupted is None:
-            interrupted = (f"interrupted by a signal (Ctrl-C, SIGTERM or flwr stop) after round {last_round}; "
-                           f"resume with: {resume_command(user_cfg, run_dir.name)}")
-            write_status(run_dir, "failed", last_round, interrupted)
+        if not finished and not interrupted:
+            interrupted = True
+            write_status(run_dir, "failed", last_round, interrupted_reason())
 
     add_exit_handler(on_signal)
     history_log = HistoryLog(run_dir)
@@ -160,8 +163,8 @@ def main(grid: Grid, context: Context) -> None:
             write_round(run_dir, history, checkpoint, history_log)
             last_history = history
             last_round = checkpoint["round"]
-            if interrupted:  # the round ended while the process was stopping: still failed
-                write_status(run_dir, "failed", last_round, interrupted)
+            if interrupted:  # the round ended while the process was stopping: still failed, resumable after it
+                write_status(run_dir, "failed", last_round, interrupted_reason())
 
         best = BestRound(cfg.selection_metric, cfg.early_stopping_patience)
         result = strategy.start(
@@ -201,7 +204,7 @@ def main(grid: Grid, context: Context) -> None:
         finished = True
         if tracker:
             tracker.close("KILLED" if interrupted else "FAILED")
-        reason = interrupted or (
+        reason = interrupted_reason() if interrupted else (
             "stopped by the user (flwr stop)" if type(exc).__name__ == "RunNotRunningException"
             else f"{type(exc).__name__}: {exc}")
         recorded = write_status(run_dir, "failed", last_round, reason,
