@@ -28,6 +28,7 @@ from typing import Any
 
 from .atomic import atomic_write
 from .config import ConfigError, RunConfig
+from .flwr_home import run_command
 
 PACKAGES = ("flwr", "flwr-datasets", "datasets", "torch", "torchvision",
             "onnxruntime", "numpy")
@@ -101,12 +102,13 @@ def _toml(value) -> str:
 
 def resume_command(cfg: RunConfig, run_name: str) -> str:
     """The command that resumes run ``run_name`` of ``cfg`` (as the user wrote it, not resolved):
-    ``flwr run . --run-config "<every key that differs from the defaults> resume='<run_name>'"``."""
+    ``flwr run . --run-config "<every key that differs from the defaults> resume='<run_name>'"``
+    (``celeba-flwr run .`` on Flower 1.42: ``flwr_home.run_command``)."""
     defaults = RunConfig().as_dict()
     keep = {k: v for k, v in cfg.as_dict().items()
             if k not in ("resume", "run-name") and k in defaults and v != defaults[k]}
     overrides = " ".join(f"{k}={_toml(v)}" for k, v in keep.items())
-    return f'flwr run . --run-config "{overrides + " " if overrides else ""}resume=\'{run_name}\'"'
+    return f'{run_command()} --run-config "{overrides + " " if overrides else ""}resume=\'{run_name}\'"'
 
 
 def check_resume(run_dir: Path, cfg: RunConfig, partitions: list[dict]) -> None:

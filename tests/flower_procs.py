@@ -59,9 +59,12 @@ class Procs:
     def __exit__(self, *exc) -> None:
         self.stop_all()
 
-    def start(self, name: str, cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+        """``cmd`` in its own process group, output to ``<name>.log``; ``env``: its environment
+        (this one's if None), with this venv first on PATH and unbuffered Python."""
         out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1",
+               "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         proc = subprocess.Popen(cmd, cwd=cwd or ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                                 preexec_fn=_default_sigint)
