@@ -12,6 +12,8 @@ simulation over the same partitions of the whole dataset. Prints wall times, per
 times and the max abs difference between the two final heads. Every process it starts is
 ended by process group, also on failure. ``--kill-node-after-round K`` ends the last SuperNode
 once round K is logged and prints how long the run took to finish and what report.md says.
+On flwr 1.42 the same (``celeba-flwr``; SuperNodes in their default subprocess isolation; not
+``--long-running-clientapp`` or ``--kill-node-after-round``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from flower_procs import (BIN, Ports, Procs, flwr_run_command, flwr_run_deployment, overrides,  # noqa: E402
-                          start_superlink, start_supernode)
+from flower_procs import (BIN, ON_1_42, Ports, Procs, flwr_env, flwr_run_command, flwr_run_deployment,  # noqa: E402
+                          overrides, project_copy, start_superlink, start_supernode)
 
 
 def rounds_line(run: Path) -> str:
@@ -56,6 +58,8 @@ def main() -> int:
     parser.add_argument("--long-running-clientapp", action="store_true",
                         help="SuperNodes in --isolation process, each served by one celeba-clientapp process")
     args = parser.parse_args()
+    if ON_1_42 and (args.long_running_clientapp or args.kill_node_after_round):
+        parser.error("--long-running-clientapp and --kill-node-after-round: accepted on flwr 1.25 only")
     # SIGTERM (timeout, kill) ends the processes started below too: Procs' with-block runs on SystemExit
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     data, weights = Path(args.data).resolve(), Path(args.weights).resolve()
@@ -105,11 +109,19 @@ def main() -> int:
     if args.skip_simulation:
         return 0
     t0 = time.time()
-    sim = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "local-simulation", "--federation-config",
-                          f"options.num-supernodes={args.nodes}", "--run-config", overrides({
-                              **common, "dataset": str(data), "results-dir": str(work / "sim"),
-                              "run-name": "simulated", "cache-dir": str(work / "sim-cache")})],
-                         cwd=ROOT, capture_output=True, text=True)
+    sim_config = overrides({**common, "dataset": str(data), "results-dir": str(work / "sim"),
+                            "run-name": "simulated", "cache-dir": str(work / "sim-cache")})
+    if ON_1_42:  # celeba-flwr in a project copy, with its own FLWR_HOME and local SuperLink, ended after
+        project = project_copy(work / "sim-project")
+        env = flwr_env(project)
+        sim = subprocess.run([str(BIN / "celeba-flwr"), "run", ".", "local-simulation", "--stream",
+                              "--federation-config", f"num-supernodes={args.nodes} client-resources-num-cpus=2",
+                              "--run-config", sim_config], cwd=project, env=env, capture_output=True, text=True)
+        subprocess.run([str(BIN / "celeba-flwr"), "stop-superlink"], cwd=project, env=env, capture_output=True)
+    else:
+        sim = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "local-simulation", "--federation-config",
+                              f"options.num-supernodes={args.nodes}", "--run-config", sim_config],
+                             cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
     sim_run = work / "sim" / "simulated"
     if not (sim_run / "head.pt").exists():

@@ -18,6 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of this venv
 
+from celeba_app.flwr_home import migrates_federations  # noqa: E402
+
+#: Flower 1.42 (or any line that moves federations out of pyproject.toml): one SuperLink HTTP
+#: API (``--port``), SuperNodes' own API on ``--port``, ``celeba-flwr run`` in a project copy.
+ON_1_42 = migrates_federations()
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -112,15 +118,44 @@ class Procs:
 
 
 class Ports:
-    """The SuperLink's three APIs on free loopback ports."""
+    """The SuperLink's three APIs on free loopback ports (flwr 1.42: its one HTTP API on ``control``)."""
 
     def __init__(self) -> None:
         self.serverappio, self.fleet, self.control = free_port(), free_port(), free_port()
 
     def superlink_args(self) -> list[str]:
+        if ON_1_42:
+            return ["--port", str(self.control)]
         return ["--serverappio-api-address", f"127.0.0.1:{self.serverappio}",
                 "--fleet-api-address", f"127.0.0.1:{self.fleet}",
                 "--control-api-address", f"127.0.0.1:{self.control}"]
+
+    @property
+    def fleet_address(self) -> str:
+        """Where SuperNodes connect."""
+        return f"127.0.0.1:{self.control if ON_1_42 else self.fleet}"
+
+
+def project_copy(dest: Path, deployment_port: int | None = None) -> Path:
+    """For ``celeba-flwr`` (flwr 1.42): a project folder in ``dest`` (created) with this
+    project's pyproject.toml, its ``local-deployment`` at ``deployment_port`` if given, and a
+    link to the ``celeba_app`` package."""
+    dest = Path(dest)
+    dest.mkdir(parents=True)
+    text = (ROOT / "pyproject.toml").read_text()
+    if deployment_port is not None:
+        text = text.replace('address = "127.0.0.1:9093"\ninsecure = true',
+                            f'address = "127.0.0.1:{deployment_port}"\ninsecure = true')
+    (dest / "pyproject.toml").write_text(text)
+    (dest / "celeba_app").symlink_to(ROOT / "celeba_app")
+    return dest
+
+
+def flwr_env(project: Path) -> dict:
+    """This environment with ``project``'s own FLWR_HOME and local SuperLink ports, so that
+    nothing of the user's Flower is touched."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(project / ".flwr"),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
 
 
 def start_superlink(procs: Procs, ports: Ports, workdir: Path, extra: list[str] = (),
@@ -132,6 +167,9 @@ def start_superlink(procs: Procs, ports: Ports, workdir: Path, extra: list[str] 
     args = list(extra) or ["--insecure"]
     proc = procs.start(name, [str(BIN / "flower-superlink"), *args, *ports.superlink_args()],
                        cwd=workdir)
+    if ON_1_42:
+        assert procs.wait_for(name, "Application startup complete", 60), procs.logs()
+        return proc
     assert procs.wait_for(name, "Flower Deployment Runtime: Starting Control API", 60) or \
         procs.wait_for(name, "Starting Control API", 1), procs.logs()
     return proc
@@ -145,8 +183,12 @@ def start_supernode(procs: Procs, ports: Ports, name: str, node_config: dict, wo
     process (started here as ``<name>-clientapp``) answers all its messages.
     """
     args = list(extra) or ["--insecure"]
+    if ON_1_42:  # its own API is HTTP on --port; no celeba-clientapp there
+        assert not long_running, "celeba-clientapp is flwr 1.25 only"
+        return procs.start(name, [str(BIN / "flower-supernode"), *args, "--superlink", ports.fleet_address,
+                                  "--port", str(free_port()), "--node-config", overrides(node_config)], cwd=workdir)
     appio = f"127.0.0.1:{free_port()}"
-    cmd = [str(BIN / "flower-supernode"), *args, "--superlink", f"127.0.0.1:{ports.fleet}",
+    cmd = [str(BIN / "flower-supernode"), *args, "--superlink", ports.fleet_address,
            "--clientappio-api-address", appio, "--node-config", overrides(node_config)]
     if long_running:
         cmd += ["--isolation", "process"]
@@ -190,9 +232,17 @@ def flwr_run_simulation(run_config: dict, supernodes: int, timeout: float = 420,
 
 def flwr_run_deployment(procs: Procs, ports: Ports, run_config: dict, federation: str = "local-deployment",
                         name: str = "flwr-run", timeout: float = 600) -> subprocess.CompletedProcess:
-    """``flwr run . <federation> --stream`` against this test's SuperLink; waits for it to end."""
-    cmd = flwr_run_command(run_config, federation, control_port=ports.control)
-    proc = procs.start(name, cmd)
+    """``flwr run . <federation> --stream`` against this test's SuperLink; waits for it to end.
+    On flwr 1.42: ``celeba-flwr run . local-deployment --stream`` in a project copy (in the
+    log folder) whose ``local-deployment`` is this SuperLink."""
+    if ON_1_42:
+        assert federation == "local-deployment", federation
+        project = project_copy(procs.log_dir / f"{name}-project", deployment_port=ports.control)
+        cmd = [str(BIN / "celeba-flwr"), "run", ".", federation, "--stream", "--run-config", overrides(run_config)]
+        proc = procs.start(name, cmd, cwd=project, env=flwr_env(project))
+    else:
+        cmd = flwr_run_command(run_config, federation, control_port=ports.control)
+        proc = procs.start(name, cmd)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

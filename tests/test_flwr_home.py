@@ -4,7 +4,6 @@ never rewritten; on 1.42, a real simulation killed and resumed, and a Deployment
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from celeba_app import flwr_home, internals
-from flower_procs import BIN, ROOT, Procs, free_port, overrides
+from flower_procs import BIN, ROOT, Ports, Procs, flwr_env, flwr_run_deployment, overrides, project_copy, \
+    start_superlink, start_supernode
 
 ON_1_42 = flwr_home.migrates_federations()
 needs_1_42 = pytest.mark.skipif(not ON_1_42, reason="Flower 1.42's config migration")
@@ -52,10 +52,7 @@ def test_on_flower_1_25_it_has_nothing_to_do(capsys):
 
 @needs_1_42
 def test_config_toml_is_written_from_pyproject_which_stays_byte_identical(tmp_path, monkeypatch):
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(ROOT / "pyproject.toml", project / "pyproject.toml")
-    (project / "celeba_app").symlink_to(ROOT / "celeba_app")
+    project = project_copy(tmp_path / "project")
     before = sha256(project / "pyproject.toml")
     monkeypatch.delenv("FLWR_HOME", raising=False)
     monkeypatch.chdir(project)
@@ -95,25 +92,6 @@ def test_outside_the_project_folder_it_refuses_in_one_line(tmp_path, monkeypatch
 
 
 # --------------------------------------------------------------------------- real runs on Flower 1.42
-def _project(tmp_path: Path, deployment_port: int | None = None) -> Path:
-    """This project's pyproject.toml (its local-deployment at ``deployment_port``) and package."""
-    project = tmp_path / "project"
-    project.mkdir()
-    text = (ROOT / "pyproject.toml").read_text()
-    if deployment_port is not None:
-        text = text.replace('address = "127.0.0.1:9093"\ninsecure = true',
-                            f'address = "127.0.0.1:{deployment_port}"\ninsecure = true')
-    (project / "pyproject.toml").write_text(text)
-    (project / "celeba_app").symlink_to(ROOT / "celeba_app")
-    return project
-
-
-def _env(project: Path) -> dict:
-    """Its own FLWR_HOME and local SuperLink ports, so that nothing of the user's is touched."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(project / ".flwr"),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
-
-
 def _alive(pid: int) -> bool:
     """True while process ``pid`` runs (a zombie has ended)."""
     try:
@@ -130,8 +108,8 @@ def _celeba_flwr(procs: Procs, name: str, project: Path, env: dict, args: list[s
 @pytest.mark.flower142
 @needs_1_42
 def test_a_simulation_on_1_42_is_killed_resumed_and_leaves_pyproject_byte_identical(run_config, tmp_path):
-    project = _project(tmp_path)
-    env, before = _env(project), sha256(project / "pyproject.toml")
+    project = project_copy(tmp_path / "project")
+    env, before = flwr_env(project), sha256(project / "pyproject.toml")
     rounds = 20  # enough for flwr stop to land mid-run
     run_config.update({"run-name": "on142", "num-server-rounds": rounds})
     run = Path(run_config["results-dir"]) / "on142"
@@ -175,25 +153,20 @@ def test_a_simulation_on_1_42_is_killed_resumed_and_leaves_pyproject_byte_identi
 @needs_1_42
 def test_a_deployment_engine_run_on_1_42(run_config, tmp_path):
     """A SuperLink (one HTTP API on --port) and two SuperNodes in their default subprocess isolation."""
-    port = free_port()
-    project = _project(tmp_path, deployment_port=port)
-    env, before = _env(project), sha256(project / "pyproject.toml")
     run_config.update({"run-name": "deployed142", "min-nodes": 2})
     with Procs(tmp_path / "logs") as procs:
-        procs.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(port)],
-                    cwd=project, env=env)
+        ports = Ports()
+        start_superlink(procs, ports, workdir=tmp_path)
         for i in range(2):
-            procs.start(f"supernode-{i}", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
-                                           f"127.0.0.1:{port}", "--port", str(free_port()), "--node-config",
-                                           overrides({"partition-id": i, "num-partitions": 2})],
-                        cwd=project, env=env)
-        _celeba_flwr(procs, "flwr-run", project, env,
-                     ["run", ".", "local-deployment", "--stream", "--run-config", overrides(run_config)])
-        procs.procs["flwr-run"].wait(timeout=600)
-        out = procs.log("flwr-run")
+            start_supernode(procs, ports, f"supernode-{i}", {"partition-id": i, "num-partitions": 2}, workdir=tmp_path)
+        done = flwr_run_deployment(procs, ports, run_config)
+        project = procs.log_dir / "flwr-run-project"
+        pyproject = (ROOT / "pyproject.toml").read_text().replace(
+            'address = "127.0.0.1:9093"\ninsecure = true', f'address = "127.0.0.1:{ports.control}"\ninsecure = true')
+    out = done.stdout
     run = Path(run_config["results-dir"]) / "deployed142"
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "completed", out[-4000:]
     assert json.loads((run / "config.json").read_text())["num_clients"] == 2
     assert "celeba-fl: round 2/2" in out and "2/2 clients" in out
-    assert sha256(project / "pyproject.toml") == before
+    assert (project / "pyproject.toml").read_text() == pyproject  # not rewritten

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from celeba_app.config import ConfigError, RunConfig
+from celeba_app.flwr_home import run_command
 from celeba_app.results import (HistoryLog, check_resume, create_run_dir, load_checkpoint, read_history, read_status,
                                 run_dir_for,
                                 write_round, write_run_start, write_status)
@@ -170,9 +171,10 @@ def test_the_resume_command_repeats_what_differs_from_the_defaults():
 
     cfg = RunConfig.from_run_config({"split": "noniid", "learning-rate": 0.01, "augment-hflip": True,
                                      "run-name": "r7", "resume": "old"})
-    assert resume_command(cfg, "r7") == ("flwr run . --run-config \"split='noniid' learning-rate=0.01 "
+    run = run_command()  # flwr run . (1.25) | celeba-flwr run . (1.42)
+    assert resume_command(cfg, "r7") == (f"{run} --run-config \"split='noniid' learning-rate=0.01 "
                                          "augment-hflip=true resume='r7'\"")
-    assert resume_command(RunConfig(), "x") == "flwr run . --run-config \"resume='x'\""
+    assert resume_command(RunConfig(), "x") == f"{run} --run-config \"resume='x'\""
 
 
 @pytest.mark.parametrize("damage", [b"", b"not a torch file at all", "truncated"])

@@ -8,6 +8,7 @@ import pytest
 from flwr.app import Context, Error, RecordDict
 
 from celeba_app import server_app
+from celeba_app.flwr_home import run_command
 from celeba_app.server_app import RunRefused
 from celeba_app.round_loop import NoClientTrained
 from celeba_app.internals import set_src_node_id
@@ -108,7 +109,7 @@ def test_a_signal_during_a_round_leaves_failed_and_why_in_status_json(run_config
     status = json.loads(path.read_text())
     assert status["state"] == "failed" and status["last_completed_round"] == 0
     assert status["reason"].startswith("interrupted by a signal (Ctrl-C, SIGTERM or flwr stop) after round 0; "
-                                       "resume with: flwr run . --run-config \""), status
+                                       f"resume with: {run_command()} --run-config \""), status
     command = status["reason"].split("resume with: ", 1)[1]
     assert command.endswith(" resume='signalled'\"") and "run-name=" not in command
     for key in ("dataset", "weights", "image-size", "results-dir", "min-nodes"):  # what differs from pyproject
