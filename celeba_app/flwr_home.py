@@ -26,6 +26,8 @@ flwr 1.25, which keeps federations in pyproject.toml, every subcommand is ``flwr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -104,7 +106,8 @@ def prepare(project_dir: Path, home: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     os.environ["FLWR_HOME"] = str(home)
     (home / "config.toml").unlink(missing_ok=True)  # generated: nothing in it outlives pyproject.toml
-    internals.write_superlink_connections(project_dir)
+    with contextlib.redirect_stdout(io.StringIO()):  # Flower's "Created default configuration" on every run
+        internals.write_superlink_connections(project_dir)
 
     app = home / STAGED_APP_DIR
     shutil.rmtree(app, ignore_errors=True)
@@ -218,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             rest = rest[1:]
         from flwr.cli.flower_config import read_superlink_connection  # noqa: PLC0415 - flwr >= 1.26 only
 
-        connection = read_superlink_connection(_connection(rest, project_dir) or None)
+        name = _connection(rest, project_dir)
+        with open(home / "config.toml", "rb") as f:
+            known = sorted(k for k, v in tomllib.load(f)["superlink"].items() if isinstance(v, dict))
+        if name not in known:
+            raise UsageError(f"federation {name!r} is not known; accepted: {', '.join(known)} "
+                             "(pyproject.toml's [tool.flwr.federations] and Flower's own)")
+        connection = read_superlink_connection(name)
         if str(connection.address).startswith(":local"):
             check_local_superlink(home)
     except UsageError as exc:

@@ -84,6 +84,18 @@ def test_on_flower_1_42_a_resume_command_names_celeba_flwr():
 
 
 @needs_1_42
+def test_an_unknown_federation_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    project = project_copy(tmp_path / "project")
+    monkeypatch.setenv("FLWR_HOME", str(project / ".flwr"))
+    monkeypatch.chdir(project)
+    assert flwr_home.main(["run", ".", "local-simulatoin", "--stream"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["celeba-flwr: federation 'local-simulatoin' is not known; accepted: local, local-deployment, "
+                   "local-deployment-tls, local-simulation, local-simulation-gpu, supergrid "
+                   "(pyproject.toml's [tool.flwr.federations] and Flower's own)"]
+
+
+@needs_1_42
 def test_outside_the_project_folder_it_refuses_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert flwr_home.main(["run", "."]) == 2
