@@ -196,13 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if args else 2
     command, rest = args[0], args[1:]
+    if command == "run" and rest[:1] in (["."], [str(project_dir)]):
+        rest = rest[1:]  # the app is this folder (1.25) or its staged copy (1.42)
     if not migrates_federations():
         if command in ("config", "stop-superlink"):
             print(f"celeba-flwr: flwr {internals.FLOWER_LINE} keeps federations in pyproject.toml; "
                   f"'{command}' is not needed: use flwr directly")
             return 0
-        if command == "run" and rest[:1] in (["."], [str(project_dir)]):
-            rest = rest[1:]
         return subprocess.call(["flwr", command, *(["."] if command == "run" else []), *rest])
     home = flwr_home(project_dir)
     try:
@@ -217,8 +217,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command != "run":
             return subprocess.call(["flwr", command, *rest], cwd=home)
-        if rest[:1] in (["."], [str(project_dir)]):
-            rest = rest[1:]
         from flwr.cli.flower_config import read_superlink_connection  # noqa: PLC0415 - flwr >= 1.26 only
 
         name = _connection(rest, project_dir)

@@ -24,7 +24,6 @@ SUPPORTED_LINES = {
 }
 #: The installed line: flwr's major.minor ("1.25", "1.42"; another is not supported).
 FLOWER_LINE = ".".join(_metadata.version("flwr").split(".")[:2])
-WRITTEN_AGAINST = SUPPORTED_LINES.get(FLOWER_LINE, SUPPORTED_LINES["1.25"])
 
 
 #: On flwr 1.25 only (``CLIENTAPP_RUNTIME_AVAILABLE``): flwr 1.42's SuperNode runtime API is
